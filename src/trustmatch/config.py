@@ -1,0 +1,281 @@
+"""Typed run configuration: shipped YAML files, user YAML files and ``key=value`` overrides.
+
+Every key is a dataclass field, so a typo or a wrong type is caught before any work starts and
+reported in one line that names the key and the closest valid one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from trustmatch.errors import UserError
+
+METHODS = ("supervised", "fixmatch", "flexmatch", "freematch", "softmatch")
+
+
+@dataclass
+class DataConfig:
+    name: str = "digits"
+    root: str | None = None  # dataset directory (torchvision layout) or labeled image folder
+    download: bool = False  # only on request: nothing is fetched unless this is true
+    labels_per_class: int = 4
+    val_per_class: int = 5  # labeled validation split held out of the training pool
+    image_size: int | None = None  # None: the dataset's native size
+    unlabeled_dir: str | None = None  # folders: a folder of unlabeled images
+    test_dir: str | None = None  # folders: optional labeled test folder
+    test_fraction: float = 0.2  # digits / folders without a test folder: stratified test split
+    include_labeled_in_unlabeled: bool = False  # USB puts labeled images in the unlabeled pool too
+
+
+@dataclass
+class ModelConfig:
+    name: str = "cnn"
+    bn_momentum: float = 0.001  # USB's WRN momentum (PyTorch convention: weight of the new batch)
+    dropout: float = 0.0
+
+
+@dataclass
+class MethodConfig:
+    name: str = "fixmatch"
+    lambda_u: float = 1.0
+    tau: float = 0.95  # FixMatch / FlexMatch confidence threshold
+    threshold_warmup: bool = True  # FlexMatch: count unused samples in the normaliser
+    ema_m: float = 0.999  # FreeMatch / SoftMatch statistics
+    saf_weight: float = 0.01  # FreeMatch self-adaptive fairness weight (0 disables)
+    n_sigma: float = 2.0  # SoftMatch
+    dist_align: bool = True  # SoftMatch uniform distribution alignment
+    pseudo_label_from: str = "raw"  # SoftMatch: take yhat from 'raw' (USB) or 'aligned' probabilities
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    batch_size: int = 64  # labeled batch
+    uratio: int = 7  # unlabeled batch = uratio * batch_size
+    lr: float = 0.03
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 5e-4
+    ema: float = 0.999  # model EMA for evaluation (buffers copied from the live model)
+    eval_every: int = 250
+    eval_batch_size: int = 512
+    log_every: int = 50
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    amp: bool = True  # bfloat16/float16 autocast where the device supports it (CUDA)
+    channels_last: bool = True  # on CUDA only
+    compile: bool = False
+    threads: int | None = None  # torch intra-op threads on CPU (None: torch's default)
+
+
+@dataclass
+class Config:
+    description: str = ""
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def shipped_configs() -> dict[str, Path]:
+    """Name -> path of the YAML configs shipped inside the package."""
+    folder = resources.files("trustmatch") / "configs"
+    paths = [Path(str(p)) for p in folder.iterdir() if str(p).endswith(".yaml")]
+    return {p.stem: p for p in paths if not p.stem.startswith("_")}  # "_name": shared bases only
+
+
+def _all_keys(cls: type = Config, prefix: str = "") -> list[str]:
+    keys = []
+    for name, hint in typing.get_type_hints(cls).items():
+        if dataclasses.is_dataclass(hint):
+            keys += _all_keys(hint, f"{prefix}{name}.")
+        else:
+            keys.append(prefix + name)
+    return keys
+
+
+def _unknown_key(key: str) -> UserError:
+    close = difflib.get_close_matches(key, _all_keys(), n=1, cutoff=0.5)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return UserError(f"unknown config key {key!r}{hint} (see `trustmatch list --keys`)")
+
+
+def _coerce(key: str, value: Any, hint: Any) -> Any:
+    """Convert a YAML or command-line value to the field's type, or say which key is wrong."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            return None
+        return _coerce(key, value, args[0])
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.lower() in ("true", "yes", "1")
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif hint is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+    type_name = getattr(hint, "__name__", str(hint))
+    raise UserError(f"config key {key!r} expects {type_name}, got {value!r}")
+
+
+def _merge(target: Any, values: dict[str, Any], prefix: str = "") -> None:
+    if not isinstance(values, dict):
+        raise UserError(f"config section {prefix.rstrip('.') or '<root>'!r} must be a mapping, got {values!r}")
+    hints = typing.get_type_hints(type(target))
+    for name, value in values.items():
+        key = prefix + str(name)
+        if name not in hints:
+            while isinstance(value, dict) and value:  # name the full key the user wrote
+                name, value = next(iter(value.items()))
+                key = f"{key}.{name}"
+            raise _unknown_key(key)
+        if dataclasses.is_dataclass(hints[name]):
+            _merge(getattr(target, name), value, key + ".")
+        else:
+            setattr(target, name, _coerce(key, value, hints[name]))
+
+
+def _validate(cfg: Config) -> None:
+    checks = [
+        (cfg.method.name in METHODS, "method.name", f"one of {', '.join(METHODS)}"),
+        (cfg.data.labels_per_class >= 1, "data.labels_per_class", "at least 1"),
+        (cfg.data.val_per_class >= 0, "data.val_per_class", "0 or more"),
+        (0.0 < cfg.data.test_fraction < 1.0, "data.test_fraction", "between 0 and 1"),
+        (cfg.data.image_size is None or cfg.data.image_size >= 8, "data.image_size", "at least 8 pixels"),
+        (cfg.train.steps >= 1, "train.steps", "at least 1"),
+        (cfg.train.batch_size >= 1, "train.batch_size", "at least 1"),
+        (cfg.train.uratio >= 1, "train.uratio", "at least 1"),
+        (cfg.train.lr > 0, "train.lr", "positive"),
+        (cfg.train.eval_every >= 1, "train.eval_every", "at least 1"),
+        (cfg.train.log_every >= 1, "train.log_every", "at least 1"),
+        (0.0 <= cfg.train.ema < 1.0, "train.ema", "in [0, 1)"),
+        (0.0 < cfg.method.tau <= 1.0, "method.tau", "in (0, 1]"),
+        (0.0 <= cfg.method.ema_m < 1.0, "method.ema_m", "in [0, 1)"),
+        (cfg.method.n_sigma > 0, "method.n_sigma", "positive"),
+        (cfg.method.pseudo_label_from in ("raw", "aligned"), "method.pseudo_label_from", "'raw' or 'aligned'"),
+    ]
+    for ok, key, expected in checks:
+        if not ok:
+            value = _get(cfg, key)
+            raise UserError(f"config key {key!r} must be {expected}, got {value!r}")
+
+
+def _get(cfg: Config, key: str) -> Any:
+    obj: Any = cfg
+    for part in key.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """Turn ``a.b=value`` strings into a nested mapping (values stay strings: typed on merge)."""
+    nested: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise UserError(f"override {item!r} is not key=value (for example train.steps=2000)")
+        key, value = item.split("=", 1)
+        node = nested
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise UserError(f"override {item!r} sets a key inside a value")
+        node[parts[-1]] = yaml.safe_load(value) if value.strip() else ""
+    return nested
+
+
+def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in top.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def read_config_file(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A YAML config with its ``base:`` chain merged in (a shipped name or a path beside it)."""
+    data = read_yaml(path)
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    base_path = path.parent / base if (path.parent / base).is_file() else resolve_config_path(str(base))
+    if base_path.resolve() in seen:
+        raise UserError(f"config file {path} has a circular 'base:' chain through {base_path}")
+    return _deep_merge(read_config_file(base_path, seen + (path.resolve(),)), data)
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as e:
+        raise UserError(f"cannot read config file {path}: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        raise UserError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"config file {path} must hold a mapping of keys, not {type(data).__name__}")
+    return data
+
+
+def resolve_config_path(name_or_path: str) -> Path:
+    shipped = shipped_configs()
+    if name_or_path in shipped:
+        return shipped[name_or_path]
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise UserError(f"config file {path} does not exist")
+        return path
+    close = difflib.get_close_matches(name_or_path, shipped, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    raise UserError(f"no shipped config named {name_or_path!r}{hint} (see `trustmatch list`)")
+
+
+def from_dict(values: dict[str, Any]) -> Config:
+    cfg = Config()
+    _merge(cfg, values)
+    _validate(cfg)
+    return cfg
+
+
+def load_config(name_or_path: str, overrides: list[str] | None = None) -> Config:
+    """A shipped config name or a YAML path, with ``key=value`` overrides applied on top."""
+    cfg = Config()
+    _merge(cfg, read_config_file(resolve_config_path(name_or_path)))
+    _merge(cfg, parse_overrides(overrides or []))
+    _validate(cfg)
+    return cfg
+
+
+def all_keys() -> list[str]:
+    return _all_keys()
