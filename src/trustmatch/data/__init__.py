@@ -1,0 +1,19 @@
+"""Datasets: embedded digits, torchvision-format benchmarks, the user's folders; the SSL split."""
+
+from __future__ import annotations
+
+from trustmatch.config import DataConfig
+from trustmatch.data import digits, folders, torchvision_sets  # noqa: F401  (register loaders)
+from trustmatch.data.base import DATASETS, ImageSet, SourceData
+from trustmatch.data.split import SSLData, make_ssl_split
+
+__all__ = ["DATASETS", "ImageSet", "SourceData", "SSLData", "load_ssl_data"]
+
+
+def load_ssl_data(cfg: DataConfig, seed: int) -> SSLData:
+    """Load the configured dataset and split it into labeled / unlabeled / validation / test."""
+    source = DATASETS.get(cfg.name)(cfg)
+    return make_ssl_split(
+        source, cfg.labels_per_class, cfg.val_per_class, cfg.test_fraction, seed,
+        cfg.include_labeled_in_unlabeled,
+    )
