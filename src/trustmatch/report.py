@@ -1,0 +1,93 @@
+"""PNG plots of calibration and training progress.
+
+Figures are built with ``matplotlib.figure.Figure`` on an Agg canvas, never through
+pyplot, so nothing touches global backend state or pyplot's figure registry (no
+display is needed and nothing leaks). Files are written atomically, so a reader
+never sees a half-written PNG.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import PercentFormatter
+
+__all__ = ["reliability_diagram", "training_curves"]
+
+_DPI = 120
+
+
+def _save_png(fig: Figure, path: Path) -> Path:
+    """Render ``fig`` to a temp file beside ``path`` and rename it into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            FigureCanvasAgg(fig).print_png(handle)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    finally:
+        fig.clear()
+    return path
+
+
+def reliability_diagram(bins: dict, path: Path, title: str, ece: float | None = None) -> Path:
+    """Plot per-bin accuracy against confidence, as returned by ``metrics.calibration_bins``.
+
+    Top panel: accuracy bars, the diagonal, and the gap to mean bin confidence shaded.
+    Bottom panel: sample count per bin, to show which bars rest on little data.
+    """
+    lower, upper = bins["lower"], bins["upper"]
+    centers = [(lo + hi) / 2 for lo, hi in zip(lower, upper)]
+    widths = [hi - lo for lo, hi in zip(lower, upper)]
+    accuracy, confidence = bins["accuracy"], bins["confidence"]
+    gap = [c - a for a, c in zip(accuracy, confidence)]
+
+    fig = Figure(figsize=(5, 6), dpi=_DPI)
+    top, bottom = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    top.bar(centers, accuracy, width=widths, color="tab:blue", edgecolor="black", label="accuracy")
+    top.bar(centers, gap, bottom=accuracy, width=widths, color="tab:red", alpha=0.3,
+            edgecolor="tab:red", hatch="//", label="gap to confidence")
+    top.plot([0, 1], [0, 1], linestyle="--", color="gray", label="perfect calibration")
+    top.set(xlim=(0, 1), ylim=(0, 1), ylabel="accuracy")
+    top.set_title(title if ece is None else f"{title}\nECE = {100 * ece:.2f}%")
+    top.legend(loc="upper left")
+
+    bottom.bar(centers, bins["count"], width=widths, color="gray", edgecolor="black")
+    bottom.set(xlabel="confidence", ylabel="count")
+    fig.tight_layout()
+    return _save_png(fig, path)
+
+
+def _series(history: Sequence[dict], split: str, key: str) -> tuple[list[int], list[float]]:
+    """(steps, values) of ``key`` for the entries that evaluated ``split``."""
+    points = [(entry["step"], entry[split][key]) for entry in history if split in entry]
+    return [s for s, _ in points], [v for _, v in points]
+
+
+def training_curves(history: list[dict], path: Path) -> Path:
+    """Plot val/test accuracy and ECE-15 against step, to spot calibration drifting as accuracy rises."""
+    if not history:
+        raise ValueError("training_curves needs at least one history entry")
+    fig = Figure(figsize=(10, 4), dpi=_DPI)
+    panels = fig.subplots(1, 2)
+    for ax, key, label in zip(panels, ("accuracy", "ece_15"), ("accuracy", "ECE (15 bins)")):
+        for split, style in (("val", "-o"), ("test", "--s")):
+            steps, values = _series(history, split, key)
+            if steps:
+                ax.plot(steps, values, style, markersize=3, label=split)
+        if ax.lines:
+            ax.legend()
+        ax.yaxis.set_major_formatter(PercentFormatter(xmax=1.0))
+        ax.set(xlabel="step", ylabel=label, title=label)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return _save_png(fig, path)
