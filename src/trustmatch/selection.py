@@ -1,0 +1,258 @@
+"""Pseudo-label selectors: weak-view probabilities -> (pseudo-labels, per-element weights).
+
+One interface serves every method and every task. Probabilities carry the class dimension at
+dim 1 — ``[N, K]`` for classification, ``[B, K, H, W]`` for segmentation — and labels and
+weights come back with that dimension removed. The stateful selectors are ``nn.Module`` s so
+their statistics travel with ``state_dict`` (checkpoints) and ``.to(device)``; in multi-process
+training their statistics are averaged across processes before they update.
+
+The pure functions (``fixed_threshold``, ``flexmatch_class_thresholds``, ``softmatch_weights``,
+``freematch_fairness_loss`` ...) are public so a user's own training loop can use them directly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from trustmatch.config import MethodConfig
+from trustmatch.engine import distributed as dist
+from trustmatch.registry import Registry
+
+
+@dataclass
+class Selection:
+    """Hard pseudo-labels and the weight of each element in the unlabeled loss."""
+
+    labels: Tensor  # int64, probs.shape without dim 1
+    weights: Tensor  # float, same shape; 0 = ignored, 1 = fully trusted
+    probs: Tensor  # the probabilities the decision was taken on (after any alignment)
+
+    @property
+    def selected_fraction(self) -> float:
+        return float((self.weights > 0).float().mean())
+
+
+# ----------------------------------------------------------------------------- pure functions
+
+
+def fixed_threshold(probs: Tensor, tau: float) -> Selection:
+    """FixMatch: yhat = argmax p, w = 1[max p >= tau]."""
+    conf, labels = probs.max(dim=1)
+    return Selection(labels, (conf >= tau).to(probs.dtype), probs)
+
+
+def flexmatch_class_thresholds(
+    stored: Tensor, num_classes: int, tau: float, warmup: bool = True
+) -> Tensor:
+    """FlexMatch's class thresholds T_c = M(beta_c) * tau with M(x) = x / (2 - x).
+
+    ``stored`` holds every unlabeled sample's last confident prediction (-1 = none yet).
+    sigma_c counts samples stored as c; beta_c = sigma_c / max(max_c sigma_c, N_unused) with
+    threshold warm-up, sigma_c / max_c sigma_c without.
+    """
+    sigma = torch.bincount(stored[stored >= 0], minlength=num_classes).to(torch.float64)
+    denom = sigma.max()
+    if warmup:
+        denom = torch.maximum(denom, (stored < 0).sum().to(torch.float64))
+    beta = sigma / denom.clamp_min(1.0)
+    return (beta / (2.0 - beta) * tau).to(torch.float32)
+
+
+def freematch_class_thresholds(global_tau: Tensor, class_probs: Tensor) -> Tensor:
+    """FreeMatch's tau_t(c) = p~_t(c) / max_c' p~_t(c') * tau_t."""
+    return class_probs / class_probs.max() * global_tau
+
+
+def align_to_uniform(probs: Tensor, mean_probs: Tensor) -> Tensor:
+    """SoftMatch's uniform alignment: p <- normalise(p * (1/K) / p~), class dim 1."""
+    shape = [1, -1] + [1] * (probs.ndim - 2)
+    aligned = probs / mean_probs.view(shape)
+    return aligned / aligned.sum(dim=1, keepdim=True)
+
+
+def softmatch_weights(conf: Tensor, mu: Tensor, var: Tensor, n_sigma: float) -> Tensor:
+    """SoftMatch's truncated Gaussian: exp(-(c - mu)^2 / (2 var / n_sigma^2)) below mu, else 1."""
+    gap = (conf - mu).clamp(max=0.0)
+    return torch.exp(-gap.square() / (2.0 * var / n_sigma**2))
+
+
+def freematch_fairness_loss(
+    strong_logits: Tensor, mask: Tensor, class_probs: Tensor, label_hist: Tensor
+) -> Tensor:
+    """FreeMatch's self-adaptive fairness loss (Wang et al., ICLR 2023, Eq. 11).
+
+        L_f = -H( SumNorm(p~_t / h~_t), SumNorm(p_bar / h_bar) ),   H(a, b) = -sum_c a_c log b_c
+
+    p~_t, h~_t: EMA of the mean weak-view probabilities and of the weak-view pseudo-label
+    histogram; p_bar: mean strong-view probabilities of the selected samples; h_bar: histogram
+    of their strong-view predictions. Minimising L_f maximises the cross-entropy between the two
+    rescaled distributions, which pushes strong-view predictions to spread over classes. A class
+    absent from a histogram gets scale 0 (not infinity). Only p_bar carries gradient.
+    """
+    selected = mask > 0
+    if not bool(selected.any()):
+        return strong_logits.sum() * 0.0
+    probs = strong_logits[selected].float().softmax(dim=1)
+    num_classes = probs.shape[1]
+    hist = torch.bincount(probs.argmax(dim=1), minlength=num_classes).to(probs.dtype)
+    p_bar = _sum_norm(probs.mean(dim=0) * _safe_inverse(hist / hist.sum()))
+    target = _sum_norm(class_probs.to(probs.dtype) * _safe_inverse(label_hist.to(probs.dtype)))
+    return (target * torch.log(p_bar + 1e-12)).sum()
+
+
+def _safe_inverse(x: Tensor) -> Tensor:
+    return torch.where(x > 0, 1.0 / x.clamp_min(1e-12), torch.zeros_like(x)).detach()
+
+
+def _sum_norm(x: Tensor) -> Tensor:
+    return x / x.sum()
+
+
+# ----------------------------------------------------------------------------- selectors
+
+
+class Selector(nn.Module):
+    """Base class: ``select(probs, indices)`` -> Selection; state lives in buffers."""
+
+    def select(self, probs: Tensor, indices: Tensor | None = None) -> Selection:
+        raise NotImplementedError
+
+    def auxiliary_loss(self, strong_logits: Tensor, selection: Selection) -> Tensor | None:
+        """An extra unlabeled loss some methods add (FreeMatch's fairness term)."""
+        return None
+
+    def stats(self) -> dict[str, float]:
+        """Scalars worth logging (current thresholds, EMA statistics)."""
+        return {}
+
+
+class FixMatchSelector(Selector):
+    def __init__(self, tau: float) -> None:
+        super().__init__()
+        self.tau = tau
+
+    def select(self, probs: Tensor, indices: Tensor | None = None) -> Selection:
+        return fixed_threshold(probs, self.tau)
+
+
+class FlexMatchSelector(Selector):
+    """Curriculum pseudo-labeling: per-class thresholds from per-sample learning status."""
+
+    def __init__(self, tau: float, num_classes: int, num_unlabeled: int, warmup: bool = True) -> None:
+        super().__init__()
+        self.tau, self.num_classes, self.warmup = tau, num_classes, warmup
+        self.register_buffer("stored", torch.full((num_unlabeled,), -1, dtype=torch.long))
+
+    def thresholds(self) -> Tensor:
+        return flexmatch_class_thresholds(self.stored, self.num_classes, self.tau, self.warmup)
+
+    def select(self, probs: Tensor, indices: Tensor | None = None) -> Selection:
+        if indices is None or probs.ndim != 2:
+            raise ValueError("FlexMatch keeps per-sample state: it needs [N, K] probabilities and dataset indices")
+        conf, labels = probs.max(dim=1)
+        weights = (conf >= self.thresholds()[labels]).to(probs.dtype)
+        confident = conf > self.tau
+        idx, lab = dist.all_gather_cat(indices[confident]), dist.all_gather_cat(labels[confident])
+        self.stored[idx] = lab
+        return Selection(labels, weights, probs)
+
+    def stats(self) -> dict[str, float]:
+        t = self.thresholds()
+        return {"threshold_mean": float(t.mean()), "unused_fraction": float((self.stored < 0).float().mean())}
+
+
+class FreeMatchSelector(Selector):
+    """Self-adaptive global and local thresholds from EMAs of the model's confidence."""
+
+    def __init__(self, num_classes: int, momentum: float, fairness_weight: float) -> None:
+        super().__init__()
+        self.m, self.fairness_weight = momentum, fairness_weight
+        uniform = torch.full((num_classes,), 1.0 / num_classes)
+        self.register_buffer("global_tau", torch.tensor(1.0 / num_classes))
+        self.register_buffer("class_probs", uniform.clone())
+        self.register_buffer("label_hist", uniform.clone())
+
+    def select(self, probs: Tensor, indices: Tensor | None = None) -> Selection:
+        conf, labels = probs.max(dim=1)
+        num_classes = probs.shape[1]
+        flat = probs.movedim(1, -1).reshape(-1, num_classes)
+        hist = torch.bincount(labels.flatten(), minlength=num_classes).to(probs.dtype)
+        mean_conf, mean_probs, hist = dist.all_reduce_mean(conf.mean(), flat.mean(0), hist / hist.sum())
+        self.global_tau.lerp_(mean_conf.to(self.global_tau.dtype), 1 - self.m)
+        self.class_probs.lerp_(mean_probs.to(self.class_probs.dtype), 1 - self.m)
+        self.label_hist.lerp_(hist.to(self.label_hist.dtype), 1 - self.m)
+        thresholds = freematch_class_thresholds(self.global_tau, self.class_probs)
+        return Selection(labels, (conf >= thresholds[labels]).to(probs.dtype), probs)
+
+    def auxiliary_loss(self, strong_logits: Tensor, selection: Selection) -> Tensor | None:
+        if self.fairness_weight == 0:
+            return None
+        logits = strong_logits.movedim(1, -1).reshape(-1, strong_logits.shape[1])
+        loss = freematch_fairness_loss(logits, selection.weights.flatten(), self.class_probs, self.label_hist)
+        return self.fairness_weight * loss
+
+    def stats(self) -> dict[str, float]:
+        return {"global_tau": float(self.global_tau)}
+
+
+class SoftMatchSelector(Selector):
+    """Soft weights from a truncated Gaussian fitted (by EMA) to the batch confidence."""
+
+    def __init__(
+        self, num_classes: int, momentum: float, n_sigma: float, dist_align: bool, label_from: str
+    ) -> None:
+        super().__init__()
+        self.m, self.n_sigma, self.dist_align, self.label_from = momentum, n_sigma, dist_align, label_from
+        self.register_buffer("class_probs", torch.full((num_classes,), 1.0 / num_classes))
+        self.register_buffer("mu", torch.tensor(1.0 / num_classes))
+        self.register_buffer("var", torch.tensor(1.0))
+
+    def select(self, probs: Tensor, indices: Tensor | None = None) -> Selection:
+        num_classes = probs.shape[1]
+        aligned = probs
+        if self.dist_align:
+            (mean_probs,) = dist.all_reduce_mean(probs.movedim(1, -1).reshape(-1, num_classes).mean(0))
+            self.class_probs.lerp_(mean_probs.to(self.class_probs.dtype), 1 - self.m)
+            aligned = align_to_uniform(probs, self.class_probs.to(probs.dtype))
+        conf = aligned.amax(dim=1)
+        batch_mu, batch_var = dist.all_reduce_mean_var(conf.flatten())
+        self.mu.lerp_(batch_mu.to(self.mu.dtype), 1 - self.m)
+        self.var.lerp_(batch_var.to(self.var.dtype), 1 - self.m)
+        labels = (probs if self.label_from == "raw" else aligned).argmax(dim=1)
+        weights = softmatch_weights(conf, self.mu, self.var, self.n_sigma)
+        return Selection(labels, weights.to(probs.dtype), aligned)
+
+    def stats(self) -> dict[str, float]:
+        return {"mu": float(self.mu), "var": float(self.var)}
+
+
+SelectorFactory = Callable[[MethodConfig, int, int], Selector]
+SELECTORS: Registry[SelectorFactory] = Registry("method")
+
+
+@SELECTORS.register("fixmatch")
+def _fixmatch(cfg: MethodConfig, num_classes: int, num_unlabeled: int) -> Selector:
+    return FixMatchSelector(cfg.tau)
+
+
+@SELECTORS.register("flexmatch")
+def _flexmatch(cfg: MethodConfig, num_classes: int, num_unlabeled: int) -> Selector:
+    return FlexMatchSelector(cfg.tau, num_classes, num_unlabeled, cfg.threshold_warmup)
+
+
+@SELECTORS.register("freematch")
+def _freematch(cfg: MethodConfig, num_classes: int, num_unlabeled: int) -> Selector:
+    return FreeMatchSelector(num_classes, cfg.ema_m, cfg.saf_weight)
+
+
+@SELECTORS.register("softmatch")
+def _softmatch(cfg: MethodConfig, num_classes: int, num_unlabeled: int) -> Selector:
+    return SoftMatchSelector(num_classes, cfg.ema_m, cfg.n_sigma, cfg.dist_align, cfg.pseudo_label_from)
+
+
+def build_selector(cfg: MethodConfig, num_classes: int, num_unlabeled: int) -> Selector:
+    return SELECTORS.get(cfg.name)(cfg, num_classes, num_unlabeled)
