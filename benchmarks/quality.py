@@ -1,0 +1,99 @@
+"""Quality benchmark: methods x seeds on digits and Fashion-MNIST; accuracy, ECE-15, NLL, time.
+
+    python benchmarks/quality.py --suite digits --seeds 0 1 2
+    python benchmarks/quality.py --suite fashionmnist --seeds 0 1 2
+
+Each run is an ordinary ``trustmatch train`` run (its directory is kept under --runs); the script
+writes every run's final metrics and the mean ± std table to JSON and prints the table as
+Markdown, ready for the README. Finished runs are reused, so an interrupted benchmark continues.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from trustmatch.config import load_config
+from trustmatch.engine.trainer import Trainer
+
+SUITES = {
+    "digits": "digits-{method}",
+    "fashionmnist": "fashionmnist-{method}-40",
+}
+METHODS = ["supervised", "fixmatch", "flexmatch", "freematch", "softmatch"]
+COLUMNS = [("accuracy", "accuracy"), ("ece_15", "ECE-15"), ("nll", "NLL"), ("wall_time_s", "wall time (s)")]
+
+
+def run_one(config: str, seed: int, runs: Path, overrides: list[str]) -> dict:
+    run_dir = runs / f"{config}-seed{seed}"
+    metrics_path = run_dir / "metrics.json"
+    if metrics_path.exists():
+        done = json.loads(metrics_path.read_text())
+        if done.get("final"):
+            return done
+    cfg = load_config(config, [f"seed={seed}", *overrides])
+    if (run_dir / "last.pt").exists():
+        return Trainer.resume(run_dir, progress=False).fit()
+    trainer = Trainer(cfg, run_dir, progress=False)
+    return trainer.fit()
+
+
+def summarise(values: list[float]) -> dict[str, float]:
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0}
+
+
+def table(rows: dict[str, dict], seeds: int) -> str:
+    head = "| method | " + " | ".join(label for _, label in COLUMNS) + " |"
+    lines = [head, "|" + "---|" * (len(COLUMNS) + 1)]
+    for method, stats in rows.items():
+        cells = []
+        for key, _ in COLUMNS:
+            m, s = stats[key]["mean"], stats[key]["std"]
+            cells.append(f"{m:.0f} ± {s:.0f}" if key == "wall_time_s" else f"{m:.4f} ± {s:.4f}")
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + f"\n\n(mean ± std over {seeds} seeds; final EMA model on the test split)"
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--suite", choices=sorted(SUITES), default="digits")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
+    p.add_argument("--runs", type=Path, default=Path("runs/benchmark"))
+    p.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    p.add_argument("overrides", nargs="*", help="key=value overrides applied to every run")
+    args = p.parse_args()
+
+    results, rows = [], {}
+    for method in args.methods:
+        config = SUITES[args.suite].format(method=method)
+        finals = []
+        for seed in args.seeds:
+            start = time.perf_counter()
+            metrics = run_one(config, seed, args.runs, args.overrides)
+            final = {**metrics["final"], "wall_time_s": metrics["wall_time_s"]}
+            finals.append(final)
+            results.append({"config": config, "seed": seed, "final": metrics["final"], "best": metrics["best"],
+                            "wall_time_s": metrics["wall_time_s"]})
+            print(f"{config} seed {seed}: acc {final['accuracy']:.4f} ece15 {final['ece_15']:.4f} "
+                  f"nll {final['nll']:.4f} ({time.perf_counter() - start:.0f}s)", flush=True)
+        rows[method] = {key: summarise([f[key] for f in finals]) for key, _ in COLUMNS}
+
+    md = table(rows, len(args.seeds))
+    print(md)
+    args.out.mkdir(parents=True, exist_ok=True)
+    out = args.out / f"quality-{args.suite}.json"
+    payload = {"suite": args.suite, "seeds": args.seeds, "overrides": args.overrides, "cpu_count": os.cpu_count(),
+               "python": sys.version.split()[0], "summary": rows, "runs": results, "markdown": md}
+    out.write_text(json.dumps(payload, indent=2))
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

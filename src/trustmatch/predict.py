@@ -1,0 +1,60 @@
+"""Pseudo-labels for a user's images: one CSV row per image with class, confidence and top-3."""
+
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+
+import numpy as np
+import torch
+from torchvision.datasets.folder import IMG_EXTENSIONS
+
+from trustmatch.data.folders import decode_image
+from trustmatch.data.views import Views
+from trustmatch.engine.checkpoint import atomic_write_bytes
+from trustmatch.engine.inference import predict_logits
+from trustmatch.errors import UserError
+from trustmatch.runs import load_run_model
+
+
+def collect_images(inputs: list[Path]) -> list[Path]:
+    """Image files named directly, or found recursively in the folders named."""
+    files: list[Path] = []
+    for item in inputs:
+        if item.is_dir():
+            found = sorted(p for p in item.rglob("*") if p.is_file() and p.suffix.lower() in IMG_EXTENSIONS)
+            if not found:
+                raise UserError(f"folder {item} holds no images (extensions: {', '.join(IMG_EXTENSIONS)})")
+            files += found
+        elif item.is_file():
+            files.append(item)
+        else:
+            raise UserError(f"{item} does not exist: pass image files or folders of images")
+    return files
+
+
+def predict_to_csv(run_dir: Path, inputs: list[Path], out: Path, checkpoint: str = "best",
+                   batch_size: int = 256) -> int:
+    """Write predictions for every image to ``out``; returns the number of rows."""
+    model, meta = load_run_model(run_dir, checkpoint)
+    files = collect_images(inputs)
+    mode = "L" if meta["channels"] == 1 else "RGB"
+    images = torch.from_numpy(np.stack([decode_image(p, meta["image_size"], mode) for p in files]))
+    views = Views(tuple(meta["mean"]), tuple(meta["std"]), hflip=False)
+    probs = predict_logits(model, images, views.plain, torch.device("cpu"), batch_size).softmax(dim=1)
+    classes = meta["classes"]
+    top = probs.topk(min(3, probs.shape[1]), dim=1)
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    header = ["path", "class", "confidence"]
+    for k in range(top.indices.shape[1]):
+        header += [f"top{k + 1}_class", f"top{k + 1}_confidence"]
+    writer.writerow(header)
+    for path, values, indices in zip(files, top.values.tolist(), top.indices.tolist()):
+        row = [str(path), classes[indices[0]], f"{values[0]:.6f}"]
+        for v, i in zip(values, indices):
+            row += [classes[i], f"{v:.6f}"]
+        writer.writerow(row)
+    atomic_write_bytes(out, lambda f: f.write(buffer.getvalue().encode()))
+    return len(files)
