@@ -128,3 +128,24 @@ def test_fixmatch_far_above_supervised_on_digits(tmp_path: Path) -> None:
     fixmatch = Trainer(load_config("digits-fixmatch"), tmp_path / "fix", progress=False).fit()
     assert fixmatch["final"]["accuracy"] > 0.9
     assert fixmatch["final"]["accuracy"] > supervised["final"]["accuracy"] + 0.05
+
+
+@pytest.mark.slow
+def test_torchrun_two_cpu_processes(tmp_path: Path) -> None:
+    """Two gloo processes train one run: one run directory, selector state reduced over both."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "trustmatch", "train",
+           "digits-flexmatch", "--out", str(tmp_path / "run"), "--quiet", *TINY]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.count("run directory:") == 1
+    saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert saved["final"]["n"] == saved["split"]["test"]  # sharded evaluation gathered every sample
+    state = load_checkpoint(tmp_path / "run" / "last.pt")
+    assert state["step"] == 6
+    # each process took its own share of every global batch: 6 steps x 8 labeled x 2 processes
+    assert state["lb_stream"]["position"] == 6 * 8 * 2 and state["ulb_stream"]["position"] == 6 * 16 * 2

@@ -62,6 +62,10 @@ def _train(args: argparse.Namespace) -> int:
         out = args.out or Path("runs") / f"{Path(args.config).stem}-seed{cfg.seed}"
         trainer = Trainer(cfg, out, progress=not args.quiet)
     metrics = trainer.fit()
+    from trustmatch.engine import distributed
+
+    if not distributed.is_main():  # under torchrun, one report
+        return 0
     final, best = metrics["final"], metrics["best"]
     print(
         f"done in {metrics['wall_time_s']:.0f}s: final test acc {final['accuracy']:.4f}, ECE-15 {final['ece_15']:.4f}; "

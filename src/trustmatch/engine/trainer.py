@@ -76,6 +76,8 @@ class Trainer:
         self.cfg, self.run_dir, self.progress = cfg, Path(run_dir), progress
         self.device = resolve_device(cfg.train.device)
         dist.init_from_env(self.device)
+        if not resume and dist.is_main():
+            self._prepare_run_dir()  # before the data load: a clash is reported at once
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
         torch.manual_seed(cfg.seed + dist.rank())
@@ -116,10 +118,8 @@ class Trainer:
         self.best: dict[str, Any] | None = None
         self.elapsed = 0.0
         self._test_logits: torch.Tensor | None = None
-        if resume:
-            self._restore(load_checkpoint(self.run_dir / "last.pt", self.device))
-        elif dist.is_main():
-            self._prepare_run_dir()
+        if resume:  # on the CPU: RNG states must stay there; load_state_dict moves the rest
+            self._restore(load_checkpoint(self.run_dir / "last.pt"))
         self.writer = self._tensorboard()
 
     # ------------------------------------------------------------------ run directory and state
