@@ -112,6 +112,9 @@ def _unknown_key(key: str) -> UserError:
     return UserError(f"unknown config key {key!r}{hint} (see `trustmatch list --keys`)")
 
 
+_BOOL_WORDS = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
+
+
 def _coerce(key: str, value: Any, hint: Any) -> Any:
     """Convert a YAML or command-line value to the field's type, or say which key is wrong."""
     origin = typing.get_origin(hint)
@@ -123,27 +126,14 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
     if hint is bool:
         if isinstance(value, bool):
             return value
-        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
-            return value.lower() in ("true", "yes", "1")
-    elif hint is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, str):
+        if isinstance(value, str) and value.lower() in _BOOL_WORDS:
+            return _BOOL_WORDS[value.lower()]
+    elif hint in (int, float, str) and isinstance(value, (str, int, float)) and not isinstance(value, bool):
+        if not (hint is int and isinstance(value, float)):  # never truncate 2.5 to 2 silently
             try:
-                return int(value)
+                return hint(value)
             except ValueError:
                 pass
-    elif hint is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-    elif hint is str:
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            return str(value)
     type_name = getattr(hint, "__name__", str(hint))
     raise UserError(f"config key {key!r} expects {type_name}, got {value!r}")
 

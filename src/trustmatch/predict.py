@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
-from trustmatch.data.folders import decode_image
+from trustmatch.data.folders import decode_image, image_files
 from trustmatch.data.views import Views
 from trustmatch.engine.checkpoint import atomic_write_bytes
 from trustmatch.engine.inference import predict_logits
@@ -23,9 +23,9 @@ def collect_images(inputs: list[Path]) -> list[Path]:
     files: list[Path] = []
     for item in inputs:
         if item.is_dir():
-            found = sorted(p for p in item.rglob("*") if p.is_file() and p.suffix.lower() in IMG_EXTENSIONS)
+            found = image_files(item)
             if not found:
-                raise UserError(f"folder {item} holds no images (extensions: {', '.join(IMG_EXTENSIONS)})")
+                raise UserError(f"folder {item} holds no images (extensions: {' '.join(IMG_EXTENSIONS)})")
             files += found
         elif item.is_file():
             files.append(item)

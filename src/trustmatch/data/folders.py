@@ -78,7 +78,7 @@ def _classes(root: Path) -> list[str]:
     return classes
 
 
-def _image_files(folder: Path) -> list[Path]:
+def image_files(folder: Path) -> list[Path]:
     """Image files under ``folder``, recursively and in a stable sorted order; hidden entries skipped."""
     found = []
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
@@ -94,7 +94,7 @@ def _image_files(folder: Path) -> list[Path]:
 def _labeled_files(root: Path, classes: list[str]) -> list[tuple[Path, int]]:
     samples = []
     for index, name in enumerate(classes):
-        files = _image_files(root / name)
+        files = image_files(root / name)
         if not files:
             raise UserError(
                 f"class folder {root / name} holds no images ({EXTENSIONS}): add images or remove the folder"
@@ -118,7 +118,7 @@ def _test_files(test_root: Path, classes: list[str]) -> list[tuple[Path, int]]:
 
 
 def _unlabeled_files(folder: Path) -> list[Path]:
-    files = _image_files(folder)
+    files = image_files(folder)
     if not files:
         raise UserError(f"data.unlabeled_dir={folder} holds no images ({EXTENSIONS}); add images or unset it")
     return files
