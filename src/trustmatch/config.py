@@ -50,7 +50,7 @@ class MethodConfig:
     tau: float = 0.95  # FixMatch / FlexMatch confidence threshold
     threshold_warmup: bool = True  # FlexMatch: count unused samples in the normaliser
     ema_m: float = 0.999  # FreeMatch / SoftMatch statistics
-    saf_weight: float = 0.01  # FreeMatch self-adaptive fairness weight (0 disables)
+    saf_weight: float = 0.001  # FreeMatch fairness weight w_f: USB's published configs (0 disables)
     n_sigma: float = 2.0  # SoftMatch
     dist_align: bool = True  # SoftMatch uniform distribution alignment
     pseudo_label_from: str = "raw"  # SoftMatch: take yhat from 'raw' (USB) or 'aligned' probabilities

@@ -247,6 +247,8 @@ class Trainer:
             total=t.steps, initial=self.step, disable=not (self.progress and dist.is_main()),
             desc=f"{self.cfg.method.name} on {self.cfg.data.name}", unit="step", dynamic_ncols=True,
         )
+        if dist.is_main():
+            bar.write(f"{self.cfg.data.name}: {self.data.summary()}; run directory {self.run_dir}")
         sums: dict[str, torch.Tensor] = {}
         count = 0
         start = time.perf_counter() - self.elapsed
