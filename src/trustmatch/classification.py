@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from trustmatch.selection import Selection, Selector
+from trustmatch.selection import Selector
 
 
 @dataclass
@@ -33,7 +33,6 @@ class Batch:
 class StepResult:
     loss: Tensor
     logs: dict[str, Tensor]
-    selection: Selection | None = None
 
 
 def supervised_step(model: nn.Module, batch: Batch) -> StepResult:
@@ -65,4 +64,4 @@ def weak_to_strong_step(model: nn.Module, batch: Batch, selector: Selector, lamb
             logs["pl_acc"] = correct.mean()
             used = selection.weights[known]
             logs["pl_acc_selected"] = (correct * used).sum() / used.sum().clamp_min(1e-12)
-    return StepResult(loss, logs, selection)
+    return StepResult(loss, logs)

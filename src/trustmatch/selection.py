@@ -29,11 +29,6 @@ class Selection:
 
     labels: Tensor  # int64, probs.shape without dim 1
     weights: Tensor  # float, same shape; 0 = ignored, 1 = fully trusted
-    probs: Tensor  # the probabilities the decision was taken on (after any alignment)
-
-    @property
-    def selected_fraction(self) -> float:
-        return float((self.weights > 0).float().mean())
 
 
 # ----------------------------------------------------------------------------- pure functions
@@ -42,7 +37,7 @@ class Selection:
 def fixed_threshold(probs: Tensor, tau: float) -> Selection:
     """FixMatch: yhat = argmax p, w = 1[max p >= tau]."""
     conf, labels = probs.max(dim=1)
-    return Selection(labels, (conf >= tau).to(probs.dtype), probs)
+    return Selection(labels, (conf >= tau).to(probs.dtype))
 
 
 def flexmatch_class_thresholds(
@@ -158,7 +153,7 @@ class FlexMatchSelector(Selector):
         confident = conf > self.tau
         idx, lab = dist.all_gather_cat(indices[confident]), dist.all_gather_cat(labels[confident])
         self.stored[idx] = lab
-        return Selection(labels, weights, probs)
+        return Selection(labels, weights)
 
     def stats(self) -> dict[str, float]:
         t = self.thresholds()
@@ -186,7 +181,7 @@ class FreeMatchSelector(Selector):
         self.class_probs.lerp_(mean_probs.to(self.class_probs.dtype), 1 - self.m)
         self.label_hist.lerp_(hist.to(self.label_hist.dtype), 1 - self.m)
         thresholds = freematch_class_thresholds(self.global_tau, self.class_probs)
-        return Selection(labels, (conf >= thresholds[labels]).to(probs.dtype), probs)
+        return Selection(labels, (conf >= thresholds[labels]).to(probs.dtype))
 
     def auxiliary_loss(self, strong_logits: Tensor, selection: Selection) -> Tensor | None:
         if self.fairness_weight == 0:
@@ -224,7 +219,7 @@ class SoftMatchSelector(Selector):
         self.var.lerp_(batch_var.to(self.var.dtype), 1 - self.m)
         labels = (probs if self.label_from == "raw" else aligned).argmax(dim=1)
         weights = softmatch_weights(conf, self.mu, self.var, self.n_sigma)
-        return Selection(labels, weights.to(probs.dtype), aligned)
+        return Selection(labels, weights.to(probs.dtype))
 
     def stats(self) -> dict[str, float]:
         return {"mu": float(self.mu), "var": float(self.var)}
