@@ -46,3 +46,10 @@ def test_truncated_and_missing_checkpoints(tmp_path: Path) -> None:
         load_checkpoint(path)
     with pytest.raises(UserError, match="does not exist"):
         load_checkpoint(tmp_path / "nope.pt")
+
+
+def test_weights_that_do_not_fit_the_model_are_one_line(tmp_path: Path) -> None:
+    from trustmatch.engine.checkpoint import load_weights
+
+    with pytest.raises(UserError, match="does not fit the model"):
+        load_weights(torch.nn.Linear(3, 2), {"weight": torch.zeros(5, 5)}, tmp_path / "best.pt")

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from trustmatch.engine.checkpoint import load_checkpoint
+from trustmatch.engine.checkpoint import load_checkpoint, load_weights
 from trustmatch.errors import UserError
 from trustmatch.models import build_model
 
@@ -24,12 +24,13 @@ def load_run_model(
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise UserError(f"run directory {run_dir} does not exist")
-    state = load_checkpoint(run_dir / f"{which}.pt", device)
+    path = run_dir / f"{which}.pt"
+    state = load_checkpoint(path, device)
     weights = state["model"] if which == "best" else state["ema"]
     cfg = state["config"]
     model = build_model(
         cfg["model"]["name"], len(state["classes"]), state["channels"],
         bn_momentum=cfg["model"]["bn_momentum"], dropout=cfg["model"]["dropout"],
     ).to(device)
-    model.load_state_dict(weights)
+    load_weights(model, weights, path)
     return model.eval(), state

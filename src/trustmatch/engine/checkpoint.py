@@ -42,6 +42,19 @@ def save_checkpoint(state: dict[str, Any], path: Path) -> None:
     atomic_write_bytes(path, lambda f: torch.save(state, f))
 
 
+def load_weights(module: Any, state: dict[str, Any], path: Path) -> None:
+    """``module.load_state_dict`` with a one-line error when the checkpoint does not fit the model."""
+    try:
+        module.load_state_dict(state)
+    except (RuntimeError, ValueError, KeyError) as e:
+        lines = str(e).strip().splitlines()
+        detail = lines[-1].strip()[:160] if lines else type(e).__name__
+        raise UserError(
+            f"checkpoint {path} does not fit the model its config builds ({detail}); "
+            "was it written by another trustmatch version or edited?"
+        ) from None
+
+
 def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     if not path.is_file():
         raise UserError(f"checkpoint {path} does not exist: is this a trustmatch run directory?")

@@ -26,7 +26,7 @@ from trustmatch.data.sampler import IndexStream
 from trustmatch.data.split import SSLData
 from trustmatch.data.views import Views
 from trustmatch.engine import distributed as dist
-from trustmatch.engine.checkpoint import atomic_write_bytes, load_checkpoint, save_checkpoint
+from trustmatch.engine.checkpoint import atomic_write_bytes, load_checkpoint, load_weights, save_checkpoint
 from trustmatch.engine.ema import ModelEMA
 from trustmatch.engine.inference import autocast_for, predict_logits
 from trustmatch.errors import UserError
@@ -119,7 +119,7 @@ class Trainer:
         self.elapsed = 0.0
         self._test_logits: torch.Tensor | None = None
         if resume:  # on the CPU: RNG states must stay there; load_state_dict moves the rest
-            self._restore(load_checkpoint(self.run_dir / "last.pt"))
+            self._restore(self.run_dir / "last.pt")
         self.writer = self._tensorboard()
 
     # ------------------------------------------------------------------ run directory and state
@@ -177,14 +177,13 @@ class Trainer:
             state["cuda_rng"] = torch.cuda.get_rng_state(self.device)
         return state
 
-    def _restore(self, state: dict[str, Any]) -> None:
+    def _restore(self, path: Path) -> None:
+        state = load_checkpoint(path)
         self.step = int(state["step"])
-        self.model.load_state_dict(state["model"])
-        self.ema.load_state_dict(state["ema"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        if self.selector is not None:
-            self.selector.load_state_dict(state["selector"])
+        for module, key in [(self.model, "model"), (self.ema, "ema"), (self.optimizer, "optimizer"),
+                            (self.scheduler, "scheduler"), (self.selector, "selector")]:
+            if module is not None:
+                load_weights(module, state[key], path)
         self.lb_stream.load_state_dict(state["lb_stream"])
         self.ulb_stream.load_state_dict(state["ulb_stream"])
         self.aug_rng.set_state(state["aug_rng"])
