@@ -78,18 +78,36 @@ def main() -> int:
             metrics = run_one(config, seed, args.runs, args.overrides)
             final = {**metrics["final"], "wall_time_s": metrics["wall_time_s"]}
             finals.append(final)
-            results.append({"config": config, "seed": seed, "final": metrics["final"], "best": metrics["best"],
-                            "wall_time_s": metrics["wall_time_s"]})
-            print(f"{config} seed {seed}: acc {final['accuracy']:.4f} ece15 {final['ece_15']:.4f} "
-                  f"nll {final['nll']:.4f} ({time.perf_counter() - start:.0f}s)", flush=True)
+            results.append(
+                {
+                    "config": config,
+                    "seed": seed,
+                    "final": metrics["final"],
+                    "best": metrics["best"],
+                    "wall_time_s": metrics["wall_time_s"],
+                }
+            )
+            print(
+                f"{config} seed {seed}: acc {final['accuracy']:.4f} ece15 {final['ece_15']:.4f} "
+                f"nll {final['nll']:.4f} ({time.perf_counter() - start:.0f}s)",
+                flush=True,
+            )
         rows[method] = {key: summarise([f[key] for f in finals]) for key, _ in COLUMNS}
 
     md = table(rows, len(args.seeds))
     print(md)
     args.out.mkdir(parents=True, exist_ok=True)
     out = args.out / f"quality-{args.suite}.json"
-    payload = {"suite": args.suite, "seeds": args.seeds, "overrides": args.overrides, "cpu_count": os.cpu_count(),
-               "python": sys.version.split()[0], "summary": rows, "runs": results, "markdown": md}
+    payload = {
+        "suite": args.suite,
+        "seeds": args.seeds,
+        "overrides": args.overrides,
+        "cpu_count": os.cpu_count(),
+        "python": sys.version.split()[0],
+        "summary": rows,
+        "runs": results,
+        "markdown": md,
+    }
     out.write_text(json.dumps(payload, indent=2))
     print(f"wrote {out}")
     return 0

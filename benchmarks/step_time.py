@@ -37,8 +37,14 @@ def _synthetic(cfg: DataConfig) -> SourceData:
     n = 5000
     images = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g)
     labels = torch.arange(n) % 10
-    return SourceData(ImageSet(images, labels), ImageSet(images[:500], labels[:500]),
-                      [str(c) for c in range(10)], (0.5,) * 3, (0.25,) * 3, hflip=True)
+    return SourceData(
+        ImageSet(images, labels),
+        ImageSet(images[:500], labels[:500]),
+        [str(c) for c in range(10)],
+        (0.5,) * 3,
+        (0.25,) * 3,
+        hflip=True,
+    )
 
 
 def _sync(device: torch.device) -> None:
@@ -65,16 +71,27 @@ def time_method(method: str, args: argparse.Namespace, root: Path) -> dict:
         data=DataConfig(name="synthetic-cifar", labels_per_class=4, val_per_class=0),
         model=ModelConfig(name=args.model),
         method=MethodConfig(name=method),
-        train=TrainConfig(steps=10**6, batch_size=64, uratio=7, device=args.device, compile=args.compile,
-                          amp=not args.no_amp, channels_last=not args.no_channels_last),
+        train=TrainConfig(
+            steps=10**6,
+            batch_size=64,
+            uratio=7,
+            device=args.device,
+            compile=args.compile,
+            amp=not args.no_amp,
+            channels_last=not args.no_channels_last,
+        ),
     )
     trainer = Trainer(cfg, root / method, progress=False)
     batch = trainer.next_batch()
     with_data = _median_ms(trainer.train_step, trainer.device, args.repeats, args.warmup)
     model_only = _median_ms(lambda: trainer.optimize(batch), trainer.device, args.repeats, args.warmup)
     views_only = _median_ms(trainer.next_batch, trainer.device, args.repeats, args.warmup)
-    return {"method": method, "with_data_ms": round(with_data, 1), "model_only_ms": round(model_only, 1),
-            "batch_and_views_ms": round(views_only, 1)}
+    return {
+        "method": method,
+        "with_data_ms": round(with_data, 1),
+        "model_only_ms": round(model_only, 1),
+        "batch_and_views_ms": round(views_only, 1),
+    }
 
 
 def main() -> int:
@@ -95,15 +112,25 @@ def main() -> int:
         for method in args.methods:
             row = time_method(method, args, Path(tmp))
             rows.append(row)
-            print(f"{method:<11} with data {row['with_data_ms']:9.1f} ms | model only {row['model_only_ms']:9.1f} ms"
-                  f" | batch + views {row['batch_and_views_ms']:7.1f} ms", flush=True)
+            print(
+                f"{method:<11} with data {row['with_data_ms']:9.1f} ms | model only {row['model_only_ms']:9.1f} ms"
+                f" | batch + views {row['batch_and_views_ms']:7.1f} ms",
+                flush=True,
+            )
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     payload = {
-        "benchmark": "step_time", "model": args.model, "shape": "64 labeled + 448 unlabeled x 2 views, 32 px",
+        "benchmark": "step_time",
+        "model": args.model,
+        "shape": "64 labeled + 448 unlabeled x 2 views, 32 px",
         "device": torch.cuda.get_device_name() if device.startswith("cuda") else platform.processor() or "cpu",
-        "torch": torch.__version__, "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
-        "compile": args.compile, "amp": not args.no_amp, "channels_last": not args.no_channels_last,
-        "repeats": args.repeats, "results": rows,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "compile": args.compile,
+        "amp": not args.no_amp,
+        "channels_last": not args.no_channels_last,
+        "repeats": args.repeats,
+        "results": rows,
     }
     args.out.mkdir(parents=True, exist_ok=True)
     out = args.out / f"step_time-{'cuda' if device.startswith('cuda') else device}.json"

@@ -11,9 +11,18 @@ from trustmatch.errors import UserError
 
 def test_every_shipped_config_loads_and_describes_itself() -> None:
     configs = shipped_configs()
-    for required in ["digits-supervised", "digits-fixmatch", "digits-flexmatch", "digits-freematch",
-                     "digits-softmatch", "fashionmnist-fixmatch-40", "cifar10-fixmatch-40",
-                     "cifar100-fixmatch-400", "svhn-fixmatch-40", "stl10-fixmatch-40"]:
+    for required in [
+        "digits-supervised",
+        "digits-fixmatch",
+        "digits-flexmatch",
+        "digits-freematch",
+        "digits-softmatch",
+        "fashionmnist-fixmatch-40",
+        "cifar10-fixmatch-40",
+        "cifar100-fixmatch-400",
+        "svhn-fixmatch-40",
+        "stl10-fixmatch-40",
+    ]:
         assert required in configs
     for name in configs:
         cfg = load_config(name)
@@ -29,8 +38,9 @@ def test_published_settings() -> None:
 
 
 def test_overrides_are_typed() -> None:
-    cfg = load_config("digits-fixmatch", ["train.steps=10", "method.tau=0.9", "data.image_size=none",
-                                          "train.amp=false"])
+    cfg = load_config(
+        "digits-fixmatch", ["train.steps=10", "method.tau=0.9", "data.image_size=none", "train.amp=false"]
+    )
     assert cfg.train.steps == 10 and cfg.method.tau == 0.9 and cfg.data.image_size is None
     assert cfg.train.amp is False
     assert parse_overrides(["a.b=1", "a.c=x"]) == {"a": {"b": 1, "c": "x"}}

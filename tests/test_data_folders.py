@@ -39,8 +39,11 @@ def test_class_layout_labels_paths_and_stats(tmp_path: Path) -> None:
     src = DATASETS.get("folder")(DataConfig(name="folder", root=str(root)))
     assert src.classes == ["cat", "dog"]
     assert src.train.labels.tolist() == [0, 0, 1] and src.train.labels.dtype == torch.int64
-    assert src.train.paths == [str(root / "cat" / "a.png"), str(root / "cat" / "nested" / "b.jpg"),
-                               str(root / "dog" / "c.png")]
+    assert src.train.paths == [
+        str(root / "cat" / "a.png"),
+        str(root / "cat" / "nested" / "b.jpg"),
+        str(root / "dog" / "c.png"),
+    ]
     assert src.train.images.shape == (3, 3, 32, 32) and src.train.images.dtype == torch.uint8
     assert src.train.images[0, :, 5, 7].tolist() == list(RED) and src.train.images[2, :, 0, 0].tolist() == list(BLUE)
     assert src.test is None and src.extra_unlabeled is None and src.hflip

@@ -62,12 +62,23 @@ def _write_cifar10(root: Path, per_batch: int = 2) -> dict[str, np.ndarray]:
     train, labels = _images(5 * per_batch, 3, 32), RNG.integers(0, 10, 5 * per_batch)
     for b in range(5):
         part = slice(b * per_batch, (b + 1) * per_batch)
-        batch = {"batch_label": f"training batch {b + 1} of 5", "labels": labels[part].tolist(),
-                 "data": train[part].reshape(per_batch, 3072), "filenames": [f"img{i}.png" for i in range(per_batch)]}
+        batch = {
+            "batch_label": f"training batch {b + 1} of 5",
+            "labels": labels[part].tolist(),
+            "data": train[part].reshape(per_batch, 3072),
+            "filenames": [f"img{i}.png" for i in range(per_batch)],
+        }
         _py2_pickle(base / f"data_batch_{b + 1}", batch)
     test, test_labels = _images(3, 3, 32), [9, 0, 4]
-    _py2_pickle(base / "test_batch", {"batch_label": "testing batch 1 of 1", "labels": test_labels,
-                                      "data": test.reshape(3, 3072), "filenames": ["a.png", "b.png", "c.png"]})
+    _py2_pickle(
+        base / "test_batch",
+        {
+            "batch_label": "testing batch 1 of 1",
+            "labels": test_labels,
+            "data": test.reshape(3, 3072),
+            "filenames": ["a.png", "b.png", "c.png"],
+        },
+    )
     names = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
     _py2_pickle(base / "batches.meta", {"num_cases_per_batch": per_batch, "label_names": names, "num_vis": 3072})
     return {"train": train, "labels": labels, "test": test, "test_labels": np.array(test_labels)}
@@ -78,12 +89,21 @@ def _write_cifar100(root: Path) -> dict[str, np.ndarray]:
     data = {}
     for split, n in (("train", 6), ("test", 2)):
         images, fine = _images(n, 3, 32), RNG.integers(0, 100, n)
-        _py2_pickle(base / split, {"filenames": [f"{i}.png" for i in range(n)], "batch_label": split,
-                                   "fine_labels": fine.tolist(), "coarse_labels": (fine // 5).tolist(),
-                                   "data": images.reshape(n, 3072)})
+        _py2_pickle(
+            base / split,
+            {
+                "filenames": [f"{i}.png" for i in range(n)],
+                "batch_label": split,
+                "fine_labels": fine.tolist(),
+                "coarse_labels": (fine // 5).tolist(),
+                "data": images.reshape(n, 3072),
+            },
+        )
         data[split], data[f"{split}_labels"] = images, fine
-    _py2_pickle(base / "meta", {"fine_label_names": [f"fine{i}" for i in range(100)],
-                                "coarse_label_names": [f"coarse{i}" for i in range(20)]})
+    _py2_pickle(
+        base / "meta",
+        {"fine_label_names": [f"fine{i}" for i in range(100)], "coarse_label_names": [f"coarse{i}" for i in range(20)]},
+    )
     return data
 
 
@@ -253,8 +273,11 @@ def test_fashionmnist_defaults_to_debian_folder(tmp_path: Path, monkeypatch: pyt
 
 
 def test_real_debian_fashionmnist() -> None:
-    if not all((tvs.DEBIAN_FASHION_MNIST / f"{p}-{k}-ubyte.gz").is_file()
-               for p in ("train", "t10k") for k in ("images-idx3", "labels-idx1")):
+    if not all(
+        (tvs.DEBIAN_FASHION_MNIST / f"{p}-{k}-ubyte.gz").is_file()
+        for p in ("train", "t10k")
+        for k in ("images-idx3", "labels-idx1")
+    ):
         pytest.skip(f"Debian's dataset-fashion-mnist is not installed in {tvs.DEBIAN_FASHION_MNIST}")
     src = tvs.load_fashionmnist(DataConfig(name="fashionmnist"))
     assert src.train.images.shape == (60000, 1, 28, 28) and src.test.images.shape == (10000, 1, 28, 28)

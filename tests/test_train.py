@@ -25,8 +25,15 @@ def _trainer(method: str, out: Path, *extra: str) -> Trainer:
 def test_every_method_writes_a_complete_run_directory(tmp_path: Path, method: str) -> None:
     metrics = _trainer(method, tmp_path / "run").fit()
     run = tmp_path / "run"
-    for name in ["config.yaml", "metrics.json", "last.pt", "best.pt", "reliability_best.png",
-                 "reliability_final.png", "curves.png"]:
+    for name in [
+        "config.yaml",
+        "metrics.json",
+        "last.pt",
+        "best.pt",
+        "reliability_best.png",
+        "reliability_final.png",
+        "curves.png",
+    ]:
         assert (run / name).is_file(), name
     saved = json.loads((run / "metrics.json").read_text())
     assert METRIC_KEYS <= set(saved["final"]) and METRIC_KEYS <= set(saved["best"])
@@ -114,8 +121,20 @@ def test_bad_inputs_exit_2_with_one_line(tmp_path: Path, capsys: pytest.CaptureF
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and fragment in err, err
     (folder / "dog" / "broken.jpg").unlink()
-    assert main(["train", "digits-fixmatch", "--out", str(tmp_path / "x"), "data.name=folder",
-                 f"data.root={folder}", "--quiet"]) == 2
+    assert (
+        main(
+            [
+                "train",
+                "digits-fixmatch",
+                "--out",
+                str(tmp_path / "x"),
+                "data.name=folder",
+                f"data.root={folder}",
+                "--quiet",
+            ]
+        )
+        == 2
+    )
     assert "dog" in capsys.readouterr().err
     assert main(["predict", str(tmp_path / "nowhere"), str(folder)]) == 2
     assert main(["train", "--resume", str(tmp_path / "nowhere")]) == 2
@@ -138,8 +157,21 @@ def test_torchrun_two_cpu_processes(tmp_path: Path) -> None:
     import sys
 
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "trustmatch", "train",
-           "digits-flexmatch", "--out", str(tmp_path / "run"), "--quiet", *TINY]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "trustmatch",
+        "train",
+        "digits-flexmatch",
+        "--out",
+        str(tmp_path / "run"),
+        "--quiet",
+        *TINY,
+    ]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.count("run directory:") == 1

@@ -33,7 +33,9 @@ def evaluate_run(run_dir: Path, checkpoint: str = "best", split: str = "test") -
     text = json.dumps(result, indent=2)
     atomic_write_bytes(run_dir / f"{stem}.json", lambda f: f.write(text.encode()))
     reliability_diagram(
-        reliability_bins(logits, images.labels), run_dir / f"{stem}.png",
-        f"{checkpoint} checkpoint (step {meta['step']}), {split} split", metrics["ece_15"],
+        reliability_bins(logits, images.labels),
+        run_dir / f"{stem}.png",
+        f"{checkpoint} checkpoint (step {meta['step']}), {split} split",
+        metrics["ece_15"],
     )
     return result

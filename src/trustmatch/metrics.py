@@ -95,8 +95,7 @@ def _log_probs(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
     """Validate (logits, labels) and return float64 (log-probabilities, labels) on one device."""
     if logits.ndim != 2 or labels.ndim != 1 or labels.shape[0] != logits.shape[0]:
         raise ValueError(
-            "expected logits [N, K] and labels [N], "
-            f"got shapes {tuple(logits.shape)} and {tuple(labels.shape)}"
+            f"expected logits [N, K] and labels [N], got shapes {tuple(logits.shape)} and {tuple(labels.shape)}"
         )
     if logits.shape[0] == 0:
         raise ValueError("metrics need at least one sample, got N=0")

@@ -34,8 +34,9 @@ def collect_images(inputs: list[Path]) -> list[Path]:
     return files
 
 
-def predict_to_csv(run_dir: Path, inputs: list[Path], out: Path, checkpoint: str = "best",
-                   batch_size: int = 256) -> int:
+def predict_to_csv(
+    run_dir: Path, inputs: list[Path], out: Path, checkpoint: str = "best", batch_size: int = 256
+) -> int:
     """Write predictions for every image to ``out``; returns the number of rows."""
     model, meta = load_run_model(run_dir, checkpoint)
     files = collect_images(inputs)

@@ -54,8 +54,17 @@ def reliability_diagram(bins: dict, path: Path, title: str, ece: float | None = 
     fig = Figure(figsize=(5, 6), dpi=_DPI)
     top, bottom = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1]})
     top.bar(centers, accuracy, width=widths, color="tab:blue", edgecolor="black", label="accuracy")
-    top.bar(centers, gap, bottom=accuracy, width=widths, color="tab:red", alpha=0.3,
-            edgecolor="tab:red", hatch="//", label="gap to confidence")
+    top.bar(
+        centers,
+        gap,
+        bottom=accuracy,
+        width=widths,
+        color="tab:red",
+        alpha=0.3,
+        edgecolor="tab:red",
+        hatch="//",
+        label="gap to confidence",
+    )
     top.plot([0, 1], [0, 1], linestyle="--", color="gray", label="perfect calibration")
     top.set(xlim=(0, 1), ylim=(0, 1), ylabel="accuracy")
     top.set_title(title if ece is None else f"{title}\nECE = {100 * ece:.2f}%")

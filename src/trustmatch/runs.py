@@ -29,8 +29,11 @@ def load_run_model(
     weights = state["model"] if which == "best" else state["ema"]
     cfg = state["config"]
     model = build_model(
-        cfg["model"]["name"], len(state["classes"]), state["channels"],
-        bn_momentum=cfg["model"]["bn_momentum"], dropout=cfg["model"]["dropout"],
+        cfg["model"]["name"],
+        len(state["classes"]),
+        state["channels"],
+        bn_momentum=cfg["model"]["bn_momentum"],
+        dropout=cfg["model"]["dropout"],
     ).to(device)
     load_weights(model, weights, path)
     return model.eval(), state

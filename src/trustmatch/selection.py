@@ -40,9 +40,7 @@ def fixed_threshold(probs: Tensor, tau: float) -> Selection:
     return Selection(labels, (conf >= tau).to(probs.dtype))
 
 
-def flexmatch_class_thresholds(
-    stored: Tensor, num_classes: int, tau: float, warmup: bool = True
-) -> Tensor:
+def flexmatch_class_thresholds(stored: Tensor, num_classes: int, tau: float, warmup: bool = True) -> Tensor:
     """FlexMatch's class thresholds T_c = M(beta_c) * tau with M(x) = x / (2 - x).
 
     ``stored`` holds every unlabeled sample's last confident prediction (-1 = none yet).
@@ -75,9 +73,7 @@ def softmatch_weights(conf: Tensor, mu: Tensor, var: Tensor, n_sigma: float) -> 
     return torch.exp(-gap.square() / (2.0 * var / n_sigma**2))
 
 
-def freematch_fairness_loss(
-    strong_logits: Tensor, mask: Tensor, class_probs: Tensor, label_hist: Tensor
-) -> Tensor:
+def freematch_fairness_loss(strong_logits: Tensor, mask: Tensor, class_probs: Tensor, label_hist: Tensor) -> Tensor:
     """FreeMatch's self-adaptive fairness loss (Wang et al., ICLR 2023, Eq. 11).
 
         L_f = -H( SumNorm(p~_t / h~_t), SumNorm(p_bar / h_bar) ),   H(a, b) = -sum_c a_c log b_c
@@ -197,9 +193,7 @@ class FreeMatchSelector(Selector):
 class SoftMatchSelector(Selector):
     """Soft weights from a truncated Gaussian fitted (by EMA) to the batch confidence."""
 
-    def __init__(
-        self, num_classes: int, momentum: float, n_sigma: float, dist_align: bool, label_from: str
-    ) -> None:
+    def __init__(self, num_classes: int, momentum: float, n_sigma: float, dist_align: bool, label_from: str) -> None:
         super().__init__()
         self.m, self.n_sigma, self.dist_align, self.label_from = momentum, n_sigma, dist_align, label_from
         self.register_buffer("class_probs", torch.full((num_classes,), 1.0 / num_classes))

@@ -14,6 +14,10 @@ def load_ssl_data(cfg: DataConfig, seed: int) -> SSLData:
     """Load the configured dataset and split it into labeled / unlabeled / validation / test."""
     source = DATASETS.get(cfg.name)(cfg)
     return make_ssl_split(
-        source, cfg.labels_per_class, cfg.val_per_class, cfg.test_fraction, seed,
+        source,
+        cfg.labels_per_class,
+        cfg.val_per_class,
+        cfg.test_fraction,
+        seed,
         cfg.include_labeled_in_unlabeled,
     )

@@ -76,7 +76,11 @@ def _check_class_sizes(labels: torch.Tensor, classes: list[str], need: int, labe
 
 
 def make_ssl_split(
-    source: SourceData, labels_per_class: int, val_per_class: int, test_fraction: float, seed: int,
+    source: SourceData,
+    labels_per_class: int,
+    val_per_class: int,
+    test_fraction: float,
+    seed: int,
     include_labeled_in_unlabeled: bool = False,
 ) -> SSLData:
     """Pick labeled and validation samples per class with ``seed``; the rest is unlabeled."""

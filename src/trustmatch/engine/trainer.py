@@ -88,17 +88,18 @@ class Trainer:
         self.amp = cfg.train.amp and self.cuda
 
         model = build_model(
-            cfg.model.name, self.data.num_classes, self.data.labeled.images.shape[1],
-            bn_momentum=cfg.model.bn_momentum, dropout=cfg.model.dropout,
+            cfg.model.name,
+            self.data.num_classes,
+            self.data.labeled.images.shape[1],
+            bn_momentum=cfg.model.bn_momentum,
+            dropout=cfg.model.dropout,
         ).to(self.device)
         if self.channels_last:
             model = model.to(memory_format=torch.channels_last)
         self.model = model
         self.ema = ModelEMA(model, cfg.train.ema)
         self.optimizer = build_optimizer(model, cfg)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda k: cosine_factor(k, cfg.train.steps)
-        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda k: cosine_factor(k, cfg.train.steps))
         self.selector: Selector | None = None
         if cfg.method.name != "supervised":
             self.selector = build_selector(cfg.method, self.data.num_classes, len(self.data.unlabeled)).to(self.device)
@@ -180,8 +181,13 @@ class Trainer:
     def _restore(self, path: Path) -> None:
         state = load_checkpoint(path)
         self.step = int(state["step"])
-        for module, key in [(self.model, "model"), (self.ema, "ema"), (self.optimizer, "optimizer"),
-                            (self.scheduler, "scheduler"), (self.selector, "selector")]:
+        for module, key in [
+            (self.model, "model"),
+            (self.ema, "ema"),
+            (self.optimizer, "optimizer"),
+            (self.scheduler, "scheduler"),
+            (self.selector, "selector"),
+        ]:
             if module is not None:
                 load_weights(module, state[key], path)
         self.lb_stream.load_state_dict(state["lb_stream"])
@@ -243,8 +249,12 @@ class Trainer:
         t = self.cfg.train
         end = t.steps if stop_at is None else min(stop_at, t.steps)
         bar = tqdm(
-            total=t.steps, initial=self.step, disable=not (self.progress and dist.is_main()),
-            desc=f"{self.cfg.method.name} on {self.cfg.data.name}", unit="step", dynamic_ncols=True,
+            total=t.steps,
+            initial=self.step,
+            disable=not (self.progress and dist.is_main()),
+            desc=f"{self.cfg.method.name} on {self.cfg.data.name}",
+            unit="step",
+            dynamic_ncols=True,
         )
         if dist.is_main():
             bar.write(f"{self.cfg.data.name}: {self.data.summary()}; run directory {self.run_dir}")
@@ -285,8 +295,14 @@ class Trainer:
     def evaluate(self, split: str) -> tuple[dict[str, float], torch.Tensor]:
         images = getattr(self.data, split)
         logits = predict_logits(
-            self.ema.module, images.images, self.views.plain, self.device, self.cfg.train.eval_batch_size,
-            self.amp, self.channels_last, shard=True,
+            self.ema.module,
+            images.images,
+            self.views.plain,
+            self.device,
+            self.cfg.train.eval_batch_size,
+            self.amp,
+            self.channels_last,
+            shard=True,
         )
         return classification_metrics(logits, images.labels), logits
 
@@ -313,8 +329,10 @@ class Trainer:
             best_state = {**self._meta(), "step": self.step, "model": self.ema.state_dict()}
             save_checkpoint(best_state, self.run_dir / "best.pt")
             reliability_diagram(
-                reliability_bins(logits, self.data.test.labels), self.run_dir / "reliability_best.png",
-                f"best (step {self.step}, chosen on validation)", test["ece_15"],
+                reliability_bins(logits, self.data.test.labels),
+                self.run_dir / "reliability_best.png",
+                f"best (step {self.step}, chosen on validation)",
+                test["ece_15"],
             )
         save_checkpoint(self._state(), self.run_dir / "last.pt")
         self._write_metrics(final=None)
@@ -324,8 +342,10 @@ class Trainer:
         logits = self._test_logits if self._test_logits is not None else self.evaluate("test")[1]
         if dist.is_main():
             reliability_diagram(
-                reliability_bins(logits, self.data.test.labels), self.run_dir / "reliability_final.png",
-                f"final EMA model (step {self.step})", final["ece_15"],
+                reliability_bins(logits, self.data.test.labels),
+                self.run_dir / "reliability_final.png",
+                f"final EMA model (step {self.step})",
+                final["ece_15"],
             )
             training_curves(self.history, self.run_dir / "curves.png")
             self._write_metrics(final=final)
@@ -346,8 +366,10 @@ class Trainer:
             "best": {**best.get("test", {}), "step": best.get("step"), "val": best.get("val", {})} if best else None,
             "history": self.history,
             "split": {
-                "labeled": len(self.data.labeled), "unlabeled": len(self.data.unlabeled),
-                "val": len(self.data.val), "test": len(self.data.test),
+                "labeled": len(self.data.labeled),
+                "unlabeled": len(self.data.unlabeled),
+                "val": len(self.data.val),
+                "test": len(self.data.test),
             },
         }
 
