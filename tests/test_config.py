@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from trustmatch.cli import main
-from trustmatch.config import load_config, parse_overrides, shipped_configs
+from trustmatch.config import all_keys, load_config, parse_overrides, shipped_configs
 from trustmatch.errors import UserError
 
 
@@ -86,4 +86,6 @@ def test_cli_list(capsys: pytest.CaptureFixture[str]) -> None:
     line = next(row for row in out.splitlines() if row.startswith("digits-fixmatch "))
     assert "FixMatch" in line
     assert main(["list", "--keys"]) == 0
-    assert "method.tau" in capsys.readouterr().out.split()
+    rows = {row.split()[0]: row for row in capsys.readouterr().out.splitlines()}
+    assert set(rows) == set(all_keys())
+    assert "0.95" in rows["method.tau"] and "threshold" in rows["method.tau"]

@@ -92,10 +92,13 @@ def _predict(args: argparse.Namespace) -> int:
 
 
 def _list(args: argparse.Namespace) -> int:
-    from trustmatch.config import all_keys, read_yaml, shipped_configs
+    from trustmatch.config import describe_keys, read_yaml, shipped_configs
 
     if args.keys:
-        print("\n".join(all_keys()))
+        rows = describe_keys()
+        key_width, default_width = (max(len(r[i]) for r in rows) for i in (0, 1))
+        for key, default, help in rows:
+            print(f"{key:<{key_width}}  {default:<{default_width}}  {help}")
         return 0
     configs = shipped_configs()
     width = max(map(len, configs))

@@ -22,64 +22,73 @@ from trustmatch.errors import UserError
 METHODS = ("supervised", "fixmatch", "flexmatch", "freematch", "softmatch")
 
 
+def opt(default: Any, help: str) -> Any:
+    """A config field with its one-line help (shown by ``trustmatch list --keys``)."""
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class DataConfig:
-    name: str = "digits"
-    root: str | None = None  # dataset directory (torchvision layout) or labeled image folder
-    download: bool = False  # only on request: nothing is fetched unless this is true
-    labels_per_class: int = 4
-    val_per_class: int = 5  # labeled validation split held out of the training pool
-    image_size: int | None = None  # None: the dataset's native size
-    unlabeled_dir: str | None = None  # folders: a folder of unlabeled images
-    test_dir: str | None = None  # folders: optional labeled test folder
-    test_fraction: float = 0.2  # digits / folders without a test folder: stratified test split
-    include_labeled_in_unlabeled: bool = False  # USB puts labeled images in the unlabeled pool too
+    name: str = opt("digits", "dataset: digits, fashionmnist, mnist, cifar10, cifar100, svhn, stl10, folder")
+    root: str | None = opt(None, "dataset directory (torchvision layout) or labeled image folder")
+    download: bool = opt(False, "only on request: nothing is fetched unless this is true")
+    labels_per_class: int = opt(4, "labeled images per class drawn from the training pool")
+    val_per_class: int = opt(5, "labeled validation split held out of the training pool")
+    image_size: int | None = opt(
+        None, "square side images are resized to (None: the dataset's native size; folders: 32)"
+    )
+    unlabeled_dir: str | None = opt(None, "folder dataset: a folder of unlabeled images, searched recursively")
+    test_dir: str | None = opt(None, "folder dataset: optional test folder with the same class subfolders")
+    test_fraction: float = opt(0.2, "share held out as a fixed, stratified test split when the dataset has none")
+    include_labeled_in_unlabeled: bool = opt(False, "also use the labeled images as unlabeled ones (USB does)")
 
 
 @dataclass
 class ModelConfig:
-    name: str = "cnn"
-    bn_momentum: float = 0.001  # USB's WRN momentum (PyTorch convention: weight of the new batch)
-    dropout: float = 0.0
+    name: str = opt("cnn", "network: cnn, wrn_28_2, wrn_28_8, wrn_37_2")
+    bn_momentum: float = opt(
+        0.001, "BatchNorm momentum (PyTorch convention); 0.001 as USB for 2^20-step runs, ~0.1 for short ones"
+    )
+    dropout: float = opt(0.0, "dropout rate inside the network")
 
 
 @dataclass
 class MethodConfig:
-    name: str = "fixmatch"
-    lambda_u: float = 1.0
-    tau: float = 0.95  # FixMatch / FlexMatch confidence threshold
-    threshold_warmup: bool = True  # FlexMatch: count unused samples in the normaliser
-    ema_m: float = 0.999  # FreeMatch / SoftMatch statistics
-    saf_weight: float = 0.001  # FreeMatch fairness weight w_f: USB's published configs (0 disables)
-    n_sigma: float = 2.0  # SoftMatch
-    dist_align: bool = True  # SoftMatch uniform distribution alignment
-    pseudo_label_from: str = "raw"  # SoftMatch: take yhat from 'raw' (USB) or 'aligned' probabilities
+    name: str = opt("fixmatch", "supervised, fixmatch, flexmatch, freematch or softmatch")
+    lambda_u: float = opt(1.0, "weight of the unlabeled loss")
+    tau: float = opt(0.95, "FixMatch / FlexMatch confidence threshold")
+    threshold_warmup: bool = opt(True, "FlexMatch: count unused samples in the normaliser")
+    ema_m: float = opt(0.999, "EMA momentum of the FreeMatch / SoftMatch statistics")
+    saf_weight: float = opt(0.001, "FreeMatch fairness weight w_f: USB's published configs (0 disables)")
+    n_sigma: float = opt(2.0, "SoftMatch: width of the truncated Gaussian in standard deviations")
+    dist_align: bool = opt(True, "SoftMatch uniform distribution alignment")
+    pseudo_label_from: str = opt("raw", "SoftMatch: take yhat from 'raw' (USB) or 'aligned' probabilities")
 
 
 @dataclass
 class TrainConfig:
-    steps: int = 1000
-    batch_size: int = 64  # labeled batch
-    uratio: int = 7  # unlabeled batch = uratio * batch_size
-    lr: float = 0.03
-    momentum: float = 0.9
-    nesterov: bool = True
-    weight_decay: float = 5e-4
-    ema: float = 0.999  # model EMA for evaluation (buffers copied from the live model)
-    eval_every: int = 250
-    eval_batch_size: int = 512
-    log_every: int = 50
-    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
-    amp: bool = True  # bfloat16/float16 autocast where the device supports it (CUDA)
-    channels_last: bool = True  # on CUDA only
-    compile: bool = False
-    threads: int | None = None  # torch intra-op threads on CPU (None: torch's default)
+    steps: int = opt(1000, "optimisation steps (the cosine schedule spans them)")
+    batch_size: int = opt(64, "labeled images per step (per process under torchrun)")
+    uratio: int = opt(7, "unlabeled batch = uratio * batch_size")
+    lr: float = opt(0.03, "SGD learning rate at step 0")
+    momentum: float = opt(0.9, "SGD momentum")
+    nesterov: bool = opt(True, "Nesterov momentum")
+    weight_decay: float = opt(5e-4, "weight decay on conv/linear weights (not BatchNorm, not biases)")
+    ema: float = opt(0.999, "model EMA for evaluation (buffers copied from the live model)")
+    eval_every: int = opt(250, "steps between evaluations (and last.pt saves)")
+    eval_batch_size: int = opt(512, "batch size for evaluation")
+    log_every: int = opt(50, "steps between logged training averages")
+    device: str = opt("auto", "auto | cpu | cuda | cuda:N | mps")
+    amp: bool = opt(True, "bfloat16 autocast (CUDA only)")
+    channels_last: bool = opt(True, "channels-last memory format (CUDA only)")
+    compile: bool = opt(False, "torch.compile the training model")
+    threads: int | None = opt(None, "torch intra-op threads on CPU (None: torch's default)")
 
 
 @dataclass
 class Config:
-    description: str = ""
-    seed: int = 0
+    description: str = opt("", "one line shown by `trustmatch list`")
+    seed: int = opt(0, "fixes the labeled/validation split, the initialisation and the data order")
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
@@ -269,3 +278,16 @@ def load_config(name_or_path: str, overrides: list[str] | None = None) -> Config
 
 def all_keys() -> list[str]:
     return _all_keys()
+
+
+def describe_keys(cls: type = Config, prefix: str = "", defaults: Any = None) -> list[tuple[str, str, str]]:
+    """(key, default, help) for every config key, for ``trustmatch list --keys``."""
+    defaults = cls() if defaults is None else defaults
+    rows = []
+    for f in dataclasses.fields(cls):
+        hint = typing.get_type_hints(cls)[f.name]
+        if dataclasses.is_dataclass(hint):
+            rows += describe_keys(hint, f"{prefix}{f.name}.", getattr(defaults, f.name))
+        else:
+            rows.append((prefix + f.name, repr(getattr(defaults, f.name)), f.metadata.get("help", "")))
+    return rows
