@@ -12,6 +12,7 @@ from trustmatch.cli import main
 from trustmatch.config import load_config
 from trustmatch.engine.checkpoint import load_checkpoint
 from trustmatch.engine.trainer import Trainer, cosine_factor
+from trustmatch.errors import UserError
 
 TINY = ["train.steps=6", "train.eval_every=3", "train.log_every=2", "train.batch_size=8", "train.uratio=2"]
 METRIC_KEYS = {"accuracy", "ece_15", "ece_10", "mce_15", "nll", "brier"}
@@ -181,3 +182,46 @@ def test_torchrun_two_cpu_processes(tmp_path: Path) -> None:
     assert state["step"] == 6
     # each process took its own share of every global batch: 6 steps x 8 labeled x 2 processes
     assert state["lb_stream"]["position"] == 6 * 8 * 2 and state["ulb_stream"]["position"] == 6 * 16 * 2
+
+
+DDP_RESUME_SCRIPT = """
+import sys
+from pathlib import Path
+
+import torch
+
+from trustmatch.config import load_config
+from trustmatch.engine import distributed as dist
+from trustmatch.engine.trainer import Trainer
+
+out, overrides = Path(sys.argv[1]), sys.argv[2:]
+cfg = load_config("digits-softmatch", overrides)
+straight = Trainer(cfg, out / "straight", progress=False)
+straight.fit()
+Trainer(cfg, out / "stopped", progress=False).fit(stop_at=4)
+dist.barrier()
+resumed = Trainer.resume(out / "stopped", progress=False)
+resumed.fit()
+pairs = zip(straight.model.state_dict().values(), resumed.model.state_dict().values())
+(out / f"rank{dist.rank()}").write_text(str(all(torch.equal(a, b) for a, b in pairs)))
+"""
+
+
+@pytest.mark.slow
+def test_torchrun_resume_is_bit_exact(tmp_path: Path) -> None:
+    """Stopped and resumed under torchrun, each process gets its own RNG streams back."""
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "ddp_resume.py"
+    script.write_text(DDP_RESUME_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script), str(tmp_path), *TINY]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (tmp_path / "rank0").read_text() == "True" and (tmp_path / "rank1").read_text() == "True"
+    state = load_checkpoint(tmp_path / "stopped" / "last.pt")
+    assert len(state["rng"]) == 2 and not torch.equal(state["rng"][0]["aug"], state["rng"][1]["aug"])
+    with pytest.raises(UserError, match="written by 2 process"):
+        Trainer.resume(tmp_path / "stopped", progress=False)

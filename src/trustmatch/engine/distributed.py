@@ -7,6 +7,7 @@ per-sample state must then be computed from all processes' data, which these hel
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import torch
 import torch.distributed as td
@@ -79,6 +80,15 @@ def all_gather_cat(x: Tensor) -> Tensor:
     gathered = [torch.empty_like(padded) for _ in sizes]
     td.all_gather(gathered, padded)
     return torch.cat([g[: int(s.item())] for g, s in zip(gathered, sizes)])
+
+
+def all_gather_objects(obj: Any) -> list[Any]:
+    """Every process's ``obj``, indexed by rank (``[obj]`` in a single process)."""
+    if not is_distributed():
+        return [obj]
+    out: list[Any] = [None] * world_size()
+    td.all_gather_object(out, obj)
+    return out
 
 
 def barrier() -> None:

@@ -157,7 +157,14 @@ class Trainer:
             "version": CHECKPOINT_VERSION,
         }
 
-    def _state(self) -> dict[str, Any]:
+    def _rng_state(self) -> dict[str, torch.Tensor]:
+        state = {"aug": self.aug_rng.get_state(), "torch": torch.get_rng_state()}
+        if self.cuda:
+            state["cuda"] = torch.cuda.get_rng_state(self.device)
+        return state
+
+    def _state(self, rng: list[dict[str, torch.Tensor]]) -> dict[str, Any]:
+        """The whole run; ``rng`` holds every process's RNG streams, indexed by rank."""
         state = {
             **self._meta(),
             "step": self.step,
@@ -168,14 +175,11 @@ class Trainer:
             "selector": self.selector.state_dict() if self.selector is not None else {},
             "lb_stream": self.lb_stream.state_dict(),
             "ulb_stream": self.ulb_stream.state_dict(),
-            "aug_rng": self.aug_rng.get_state(),
-            "torch_rng": torch.get_rng_state(),
+            "rng": rng,
             "history": self.history,
             "best": self.best,
             "elapsed": self.elapsed,
         }
-        if self.cuda:
-            state["cuda_rng"] = torch.cuda.get_rng_state(self.device)
         return state
 
     def _restore(self, path: Path) -> None:
@@ -192,10 +196,16 @@ class Trainer:
                 load_weights(module, state[key], path)
         self.lb_stream.load_state_dict(state["lb_stream"])
         self.ulb_stream.load_state_dict(state["ulb_stream"])
-        self.aug_rng.set_state(state["aug_rng"])
-        torch.set_rng_state(state["torch_rng"])
-        if self.cuda and "cuda_rng" in state:
-            torch.cuda.set_rng_state(state["cuda_rng"], self.device)
+        if len(state["rng"]) != dist.world_size():
+            raise UserError(
+                f"{path} was written by {len(state['rng'])} process(es): resume it with the same number "
+                f"(this is {dist.world_size()}), so every process gets its own data and RNG streams back"
+            )
+        rng = state["rng"][dist.rank()]
+        self.aug_rng.set_state(rng["aug"])
+        torch.set_rng_state(rng["torch"])
+        if self.cuda and "cuda" in rng:
+            torch.cuda.set_rng_state(rng["cuda"], self.device)
         self.history, self.best, self.elapsed = state["history"], state["best"], float(state["elapsed"])
 
     @classmethod
@@ -276,8 +286,9 @@ class Trainer:
         bar.close()
         if self.step < t.steps:
             self.elapsed = time.perf_counter() - start
+            rng = dist.all_gather_objects(self._rng_state())
             if dist.is_main():
-                save_checkpoint(self._state(), self.run_dir / "last.pt")
+                save_checkpoint(self._state(rng), self.run_dir / "last.pt")
             return self.metrics(final=None)
         return self._finish()
 
@@ -315,6 +326,7 @@ class Trainer:
         improved = self.best is None or not val or _val_score(val) > _val_score(self.best["val"])
         if improved:
             self.best = entry
+        rng = dist.all_gather_objects(self._rng_state())  # collective: before the main-only part
         if not dist.is_main():
             return
         bar.write(
@@ -334,7 +346,7 @@ class Trainer:
                 f"best (step {self.step}, chosen on validation)",
                 test["ece_15"],
             )
-        save_checkpoint(self._state(), self.run_dir / "last.pt")
+        save_checkpoint(self._state(rng), self.run_dir / "last.pt")
         self._write_metrics(final=None)
 
     def _finish(self) -> dict[str, Any]:
