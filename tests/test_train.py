@@ -225,3 +225,34 @@ def test_torchrun_resume_is_bit_exact(tmp_path: Path) -> None:
     assert len(state["rng"]) == 2 and not torch.equal(state["rng"][0]["aug"], state["rng"][1]["aug"])
     with pytest.raises(UserError, match="written by 2 process"):
         Trainer.resume(tmp_path / "stopped", progress=False)
+
+
+def test_folder_dataset_trains_and_predicts(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The README's own-images path: class folders, an unlabeled folder, RGB, then predict."""
+    rng = np.random.default_rng(0)
+    colours = {"red": (200, 30, 30), "blue": (30, 30, 200)}
+    for split, count in (("labeled", 8), ("test", 3)):
+        for name, colour in colours.items():
+            (tmp_path / split / name).mkdir(parents=True)
+            for i in range(count):
+                pixels = np.clip(np.array(colour) + rng.integers(-20, 20, (10, 14, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(pixels).save(tmp_path / split / name / f"{i}.png")
+    (tmp_path / "unlabeled" / "batch1").mkdir(parents=True)
+    for i in range(6):
+        Image.new("RGB", (9, 9), colours["red" if i % 2 else "blue"]).save(
+            tmp_path / "unlabeled" / "batch1" / f"{i}.jpg"
+        )
+    config = tmp_path / "mine.yaml"
+    config.write_text(
+        f"base: digits-fixmatch\ndata:\n  name: folder\n  root: {tmp_path / 'labeled'}\n"
+        f"  unlabeled_dir: {tmp_path / 'unlabeled'}\n  test_dir: {tmp_path / 'test'}\n  image_size: 12\n"
+        "  labels_per_class: 2\n  val_per_class: 1\n"
+    )
+    run = tmp_path / "run"
+    assert main(["train", str(config), "--out", str(run), "--quiet", *TINY]) == 0
+    saved = json.loads((run / "metrics.json").read_text())
+    assert saved["split"] == {"labeled": 4, "unlabeled": 16, "val": 2, "test": 6}  # 10 left in the pool + 6 unlabeled
+    out = tmp_path / "preds.csv"
+    assert main(["predict", str(run), str(tmp_path / "unlabeled"), "--out", str(out)]) == 0
+    rows = out.read_text().splitlines()[1:]
+    assert len(rows) == 6 and {row.split(",")[1] for row in rows} <= {"blue", "red"}
