@@ -9,9 +9,9 @@ from typing import Any
 from trustmatch.config import from_dict
 from trustmatch.data import load_ssl_data
 from trustmatch.data.views import Views
-from trustmatch.engine.checkpoint import atomic_write_bytes
 from trustmatch.engine.inference import predict_logits
 from trustmatch.engine.trainer import resolve_device
+from trustmatch.fileio import atomic_write_bytes
 from trustmatch.metrics import classification_metrics, reliability_bins
 from trustmatch.report import reliability_diagram
 from trustmatch.runs import load_run_model

@@ -12,9 +12,9 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from trustmatch.data.folders import decode_image, image_files
 from trustmatch.data.views import Views
-from trustmatch.engine.checkpoint import atomic_write_bytes
 from trustmatch.engine.inference import predict_logits
 from trustmatch.errors import UserError
+from trustmatch.fileio import atomic_write_bytes
 from trustmatch.runs import load_run_model
 
 

@@ -8,14 +8,14 @@ never sees a half-written PNG.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import PercentFormatter
+
+from trustmatch.fileio import atomic_write_bytes
 
 __all__ = ["reliability_diagram", "training_curves"]
 
@@ -25,15 +25,8 @@ _DPI = 120
 def _save_png(fig: Figure, path: Path) -> Path:
     """Render ``fig`` to a temp file beside ``path`` and rename it into place."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "wb") as handle:
-            FigureCanvasAgg(fig).print_png(handle)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+        atomic_write_bytes(path, FigureCanvasAgg(fig).print_png)
     finally:
         fig.clear()
     return path

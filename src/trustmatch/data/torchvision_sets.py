@@ -19,10 +19,9 @@ import gzip
 import hashlib
 import os
 import shutil
-import tempfile
 import zlib
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import IO, Any, TypeVar
 
 import numpy as np
 import torch
@@ -32,6 +31,7 @@ from torchvision.transforms.v2 import functional as TF
 from trustmatch.config import DataConfig
 from trustmatch.data.base import DATASETS, ImageSet, SourceData
 from trustmatch.errors import UserError
+from trustmatch.fileio import atomic_write_bytes
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 RESIZE_CHUNK = 4096  # images resized per call: bounds the float scratch memory on 100k-image sets
@@ -234,20 +234,18 @@ def _unpack_flat(source: Path, cls: type[tvd.MNIST], name: str) -> Path:
 
 
 def _gunzip(gz: Path, target: Path) -> None:
-    """Decompress to a temporary file renamed into place, so a concurrent run never reads half a file.
+    """Decompress atomically, so a concurrent run never reads half a file.
 
-    The copy takes the source's mtime, which is how a later run knows it is current.
+    The copy then takes the source's mtime, which is how a later run knows it is current.
     """
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
-    try:
-        with gzip.open(gz, "rb") as src, os.fdopen(fd, "wb") as dst:
+
+    def write(dst: IO[bytes]) -> None:
+        with gzip.open(gz, "rb") as src:
             shutil.copyfileobj(src, dst, length=1 << 20)
-        stat = gz.stat()
-        os.utime(tmp, ns=(stat.st_atime_ns, stat.st_mtime_ns))
-        os.replace(tmp, target)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+
+    atomic_write_bytes(target, write)
+    stat = gz.stat()
+    os.utime(target, ns=(stat.st_atime_ns, stat.st_mtime_ns))
 
 
 def _idx_root(cfg: DataConfig, name: str, cls: type[tvd.MNIST]) -> tuple[Path, Path]:

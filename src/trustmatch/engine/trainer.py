@@ -26,10 +26,11 @@ from trustmatch.data.sampler import IndexStream
 from trustmatch.data.split import SSLData
 from trustmatch.data.views import Views
 from trustmatch.engine import distributed as dist
-from trustmatch.engine.checkpoint import atomic_write_bytes, load_checkpoint, load_weights, save_checkpoint
+from trustmatch.engine.checkpoint import load_checkpoint, load_weights, save_checkpoint
 from trustmatch.engine.ema import ModelEMA
 from trustmatch.engine.inference import autocast_for, predict_logits
 from trustmatch.errors import UserError
+from trustmatch.fileio import atomic_write_bytes
 from trustmatch.metrics import classification_metrics, reliability_bins
 from trustmatch.models import build_model
 from trustmatch.report import reliability_diagram, training_curves
