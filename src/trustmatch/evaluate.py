@@ -11,7 +11,7 @@ from trustmatch.data import load_ssl_data
 from trustmatch.data.views import Views
 from trustmatch.engine.inference import predict_logits
 from trustmatch.engine.trainer import resolve_device
-from trustmatch.fileio import atomic_write_bytes
+from trustmatch.fileio import atomic_write_text
 from trustmatch.metrics import classification_metrics, reliability_bins
 from trustmatch.report import reliability_diagram
 from trustmatch.runs import load_run_model
@@ -31,7 +31,7 @@ def evaluate_run(run_dir: Path, checkpoint: str = "best", split: str = "test") -
     result = {"checkpoint": checkpoint, "step": int(meta["step"]), "split": split, **metrics}
     stem = f"evaluation-{checkpoint}-{split}"
     text = json.dumps(result, indent=2)
-    atomic_write_bytes(run_dir / f"{stem}.json", lambda f: f.write(text.encode()))
+    atomic_write_text(run_dir / f"{stem}.json", text)
     reliability_diagram(
         reliability_bins(logits, images.labels),
         run_dir / f"{stem}.png",

@@ -27,3 +27,8 @@ def atomic_write_bytes(path: Path, write: Callable[[IO[bytes]], Any]) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """``atomic_write_bytes`` for UTF-8 text (configs, metrics, CSV)."""
+    atomic_write_bytes(path, lambda f: f.write(text.encode()))

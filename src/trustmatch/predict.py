@@ -14,7 +14,7 @@ from trustmatch.data.folders import decode_image, image_files
 from trustmatch.data.views import Views
 from trustmatch.engine.inference import predict_logits
 from trustmatch.errors import UserError
-from trustmatch.fileio import atomic_write_bytes
+from trustmatch.fileio import atomic_write_text
 from trustmatch.runs import load_run_model
 
 
@@ -57,5 +57,5 @@ def predict_to_csv(
         for v, i in zip(values, indices):
             row += [classes[i], f"{v:.6f}"]
         writer.writerow(row)
-    atomic_write_bytes(out, lambda f: f.write(buffer.getvalue().encode()))
+    atomic_write_text(out, buffer.getvalue())
     return len(files)

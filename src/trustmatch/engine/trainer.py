@@ -30,7 +30,7 @@ from trustmatch.engine.checkpoint import load_checkpoint, load_weights, save_che
 from trustmatch.engine.ema import ModelEMA
 from trustmatch.engine.inference import autocast_for, predict_logits
 from trustmatch.errors import UserError
-from trustmatch.fileio import atomic_write_bytes
+from trustmatch.fileio import atomic_write_text
 from trustmatch.metrics import classification_metrics, reliability_bins
 from trustmatch.models import build_model
 from trustmatch.report import reliability_diagram, training_curves
@@ -134,7 +134,7 @@ class Trainer:
             )
         self.run_dir.mkdir(parents=True, exist_ok=True)
         text = yaml.safe_dump(self.cfg.to_dict(), sort_keys=False)
-        atomic_write_bytes(self.run_dir / "config.yaml", lambda f: f.write(text.encode()))
+        atomic_write_text(self.run_dir / "config.yaml", text)
 
     def _tensorboard(self) -> Any:
         if not dist.is_main():
@@ -388,7 +388,7 @@ class Trainer:
 
     def _write_metrics(self, final: dict[str, float] | None) -> None:
         text = json.dumps(self.metrics(final), indent=2)
-        atomic_write_bytes(self.run_dir / "metrics.json", lambda f: f.write(text.encode()))
+        atomic_write_text(self.run_dir / "metrics.json", text)
 
 
 def _val_score(val: dict[str, float]) -> tuple[float, float]:
