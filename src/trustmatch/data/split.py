@@ -6,6 +6,7 @@ which is held out of the labeled pool (unlike USB, which selects on the test set
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -39,12 +40,12 @@ class SSLData:
         )
 
 
-def stratified_pick(labels: torch.Tensor, per_class: int, generator: torch.Generator) -> torch.Tensor:
-    """Indices of ``per_class`` random samples of each class (sorted by class, then random)."""
+def stratified_pick(labels: torch.Tensor, count: Callable[[int], int], generator: torch.Generator) -> torch.Tensor:
+    """Indices of ``count(class size)`` random samples of each class (grouped by class, then random)."""
     picked = []
     for c in torch.unique(labels).tolist():
         members = torch.nonzero(labels == c).flatten()
-        picked.append(members[torch.randperm(len(members), generator=generator)[:per_class]])
+        picked.append(members[torch.randperm(len(members), generator=generator)[: count(len(members))]])
     return torch.cat(picked) if picked else torch.empty(0, dtype=torch.long)
 
 
@@ -56,12 +57,7 @@ def _complement(n: int, taken: torch.Tensor) -> torch.Tensor:
 
 def _carve_test(train: ImageSet, fraction: float) -> tuple[ImageSet, ImageSet]:
     g = torch.Generator().manual_seed(TEST_SPLIT_SEED)
-    test_idx = []
-    for c in torch.unique(train.labels).tolist():
-        members = torch.nonzero(train.labels == c).flatten()
-        k = max(1, round(fraction * len(members)))
-        test_idx.append(members[torch.randperm(len(members), generator=g)[:k]])
-    test = torch.cat(test_idx).sort().values
+    test = stratified_pick(train.labels, lambda n: max(1, round(fraction * n)), g).sort().values
     return train.subset(_complement(len(train), test)), train.subset(test)
 
 
@@ -89,9 +85,9 @@ def make_ssl_split(
         train, test = _carve_test(train, test_fraction)
     _check_class_sizes(train.labels, source.classes, labels_per_class + val_per_class, labels_per_class)
     g = torch.Generator().manual_seed(seed)
-    val_idx = stratified_pick(train.labels, val_per_class, g)
+    val_idx = stratified_pick(train.labels, lambda n: val_per_class, g)
     rest = _complement(len(train), val_idx)
-    lab_idx = rest[stratified_pick(train.labels[rest], labels_per_class, g)]
+    lab_idx = rest[stratified_pick(train.labels[rest], lambda n: labels_per_class, g)]
     unl_idx = rest if include_labeled_in_unlabeled else _complement(len(train), torch.cat([val_idx, lab_idx]))
     unlabeled = train.subset(unl_idx)
     if source.extra_unlabeled is not None:
