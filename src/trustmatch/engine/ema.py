@@ -22,8 +22,7 @@ class ModelEMA:
         ema_params = list(self.module.parameters())
         live_params = [p.detach() for p in model.parameters()]
         torch._foreach_lerp_(ema_params, live_params, 1.0 - self.decay)
-        for ema_buf, buf in zip(self.module.buffers(), model.buffers()):
-            ema_buf.copy_(buf)
+        torch._foreach_copy_(list(self.module.buffers()), list(model.buffers()))
 
     def state_dict(self) -> dict:
         return self.module.state_dict()
