@@ -191,7 +191,7 @@ from pathlib import Path
 import torch
 
 from trustmatch.config import load_config
-from trustmatch.engine import distributed as dist
+from trustmatch import distributed as dist
 from trustmatch.engine.trainer import Trainer
 
 out, overrides = Path(sys.argv[1]), sys.argv[2:]

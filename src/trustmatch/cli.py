@@ -62,7 +62,7 @@ def _train(args: argparse.Namespace) -> int:
         out = args.out or Path("runs") / f"{Path(args.config).stem}-seed{cfg.seed}"
         trainer = Trainer(cfg, out, progress=not args.quiet)
     metrics = trainer.fit()
-    from trustmatch.engine import distributed
+    from trustmatch import distributed
 
     if not distributed.is_main():  # under torchrun, one report
         return 0

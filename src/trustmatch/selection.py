@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from trustmatch.config import MethodConfig
-from trustmatch.engine import distributed as dist
+from trustmatch import distributed as dist
 from trustmatch.registry import Registry
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from trustmatch.engine import distributed as dist
+from trustmatch import distributed as dist
 
 
 class IndexStream:

@@ -8,7 +8,7 @@ from contextlib import nullcontext
 import torch
 from torch import Tensor, nn
 
-from trustmatch.engine import distributed as dist
+from trustmatch import distributed as dist
 
 
 def autocast_for(device: torch.device, enabled: bool):

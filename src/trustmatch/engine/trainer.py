@@ -25,7 +25,7 @@ from trustmatch.data import load_ssl_data
 from trustmatch.data.sampler import IndexStream
 from trustmatch.data.split import SSLData
 from trustmatch.data.views import Views
-from trustmatch.engine import distributed as dist
+from trustmatch import distributed as dist
 from trustmatch.engine.checkpoint import load_checkpoint, load_weights, save_checkpoint
 from trustmatch.engine.ema import ModelEMA
 from trustmatch.engine.inference import autocast_for, predict_logits

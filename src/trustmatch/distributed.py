@@ -34,8 +34,9 @@ def init_from_env(device: torch.device) -> None:
     """Join the process group torchrun describes in the environment (no-op without torchrun)."""
     if "RANK" not in os.environ or is_distributed():
         return
-    backend = "nccl" if device.type == "cuda" else "gloo"
-    td.init_process_group(backend)
+    if device.type == "cuda":  # NCCL binds each process to the current device: set it first
+        torch.cuda.set_device(device)
+    td.init_process_group("nccl" if device.type == "cuda" else "gloo")
 
 
 def local_rank() -> int:
@@ -57,15 +58,27 @@ def all_reduce_mean(*tensors: Tensor) -> tuple[Tensor, ...]:
 
 
 def all_reduce_mean_var(x: Tensor) -> tuple[Tensor, Tensor]:
-    """Mean and unbiased variance of ``x`` pooled over all processes."""
-    x = x.detach().double()
-    stats = torch.stack([x.new_tensor(x.numel()), x.sum(), x.square().sum()])
+    """Mean and unbiased variance of ``x`` pooled over all processes, in float32.
+
+    Each process contributes (count, mean, sum of squared deviations); they are pooled with Chan's
+    formula, which stays exact in float32 (MPS has no float64) where sum-of-squares would cancel.
+    """
+    x = x.detach().float().flatten()
+    n = x.new_tensor(float(x.numel()))
+    mean = x.mean() if x.numel() else x.new_zeros(())
+    m2 = (x - mean).square().sum()
     if is_distributed():
-        td.all_reduce(stats)
-    n, s, sq = stats
-    mean = s / n
-    var = (sq - n * mean.square()) / (n - 1).clamp_min(1)
-    return mean.float(), var.clamp_min(0).float()
+        parts = [torch.empty(3, device=x.device) for _ in range(world_size())]
+        td.all_gather(parts, torch.stack([n, mean, m2]))
+        n, mean, m2 = parts[0].unbind()
+        for part in parts[1:]:
+            n_b, mean_b, m2_b = part.unbind()
+            total = (n + n_b).clamp_min(1.0)
+            delta = mean_b - mean
+            mean = mean + delta * n_b / total
+            m2 = m2 + m2_b + delta.square() * n * n_b / total
+            n = n + n_b
+    return mean, (m2 / (n - 1).clamp_min(1.0)).clamp_min(0.0)
 
 
 def all_gather_cat(x: Tensor) -> Tensor:
@@ -89,6 +102,20 @@ def all_gather_objects(obj: Any) -> list[Any]:
     out: list[Any] = [None] * world_size()
     td.all_gather_object(out, obj)
     return out
+
+
+def broadcast_module(module: torch.nn.Module) -> None:
+    """Give every process rank 0's parameters and buffers (so EMA copies and resumes agree)."""
+    if is_distributed():
+        for tensor in [*module.parameters(), *module.buffers()]:
+            td.broadcast(tensor.data, src=0)
+
+
+def all_reduce_sum_(*tensors: Tensor) -> None:
+    """Sum each tensor over processes, in place (evaluation counts and bin sums)."""
+    if is_distributed():
+        for t in tensors:
+            td.all_reduce(t)
 
 
 def barrier() -> None:
