@@ -1,12 +1,40 @@
-"""Configs: shipped files load, overrides are typed, mistakes name the key and the fix."""
+"""Configs: shipped configs load, overrides are typed, mistakes name the key and the fix."""
 
+import dataclasses
+import re
 from pathlib import Path
 
 import pytest
+import yaml
 
 from trustmatch.cli import main
-from trustmatch.config import all_keys, load_config, parse_overrides, shipped_configs
+from trustmatch.config import MethodConfig, all_keys, from_dict, load_config, parse_overrides, shipped_configs
 from trustmatch.errors import UserError
+from trustmatch.methods import METHODS
+from trustmatch.selection import SELECTORS
+
+SSL_METHODS = ["fixmatch", "flexmatch", "freematch", "softmatch"]
+PUBLISHED = {  # dataset -> (classes, label counts): USB's published settings
+    "cifar10": (10, [40, 250, 4000]),
+    "cifar100": (100, [400, 2500, 10000]),
+    "svhn": (10, [40, 250, 1000]),
+    "stl10": (10, [40, 250, 1000]),
+}
+SHIPPED = (
+    {f"digits-{m}" for m in ["supervised", *SSL_METHODS]}
+    | {f"fashionmnist-{m}-40" for m in ["supervised", *SSL_METHODS]}
+    | {f"{d}-{m}-{n}" for d, (_, counts) in PUBLISHED.items() for m in SSL_METHODS for n in counts}
+)
+
+
+def test_method_table_matches_selectors_and_keys() -> None:
+    assert set(SELECTORS.names()) == set(METHODS) - {"supervised"}
+    read = {key for spec in METHODS.values() for key in spec.keys}
+    assert read == {f.name for f in dataclasses.fields(MethodConfig)} - {"name"}
+
+
+def test_shipped_names_are_the_58_families() -> None:
+    assert len(SHIPPED) == 58 and set(shipped_configs()) == SHIPPED
 
 
 def test_every_shipped_config_loads_and_describes_itself() -> None:
@@ -34,7 +62,62 @@ def test_published_settings() -> None:
     cfg = load_config("cifar100-softmatch-2500")
     assert (cfg.model.name, cfg.train.weight_decay, cfg.data.labels_per_class) == ("wrn_28_8", 1e-3, 25)
     assert (cfg.train.batch_size, cfg.train.uratio, cfg.train.lr, cfg.train.steps) == (64, 7, 0.03, 2**20)
+    assert (cfg.data.val_per_class, cfg.data.strong_ops, cfg.data.include_labeled_in_unlabeled) == (0, 3, True)
     assert load_config("stl10-fixmatch-40").model.name == "wrn_37_2"
+    assert load_config("svhn-fixmatch-40").model.name == "wrn_28_2"
+
+
+@pytest.mark.parametrize("dataset", sorted(PUBLISHED))
+def test_published_configs_train_on_exactly_the_named_labels(dataset: str) -> None:
+    classes, counts = PUBLISHED[dataset]
+    for name in [n for n in SHIPPED if n.startswith(f"{dataset}-")]:
+        cfg = load_config(name)
+        assert cfg.data.name == dataset and cfg.method.name == name.split("-")[1], name
+        assert cfg.data.labels_per_class * classes == int(name.split("-")[2]), name
+        assert (cfg.data.val_per_class, cfg.data.strong_ops) == (0, 3), name
+        assert cfg.method.ema_m == 0.999, name
+
+
+def test_cpu_configs() -> None:
+    for name in [n for n in SHIPPED if n.startswith(("digits-", "fashionmnist-"))]:
+        cfg = load_config(name)
+        assert cfg.data.labels_per_class * 10 == 40 and cfg.data.strong_ops == 2, name
+        assert cfg.method.ema_m == (0.99 if "ema_m" in METHODS[cfg.method.name].keys else 0.999), name
+        assert (cfg.model.bn_momentum, cfg.train.ema) == (0.1, 0.99), name
+    assert load_config("digits-fixmatch").train.steps == 1500
+    assert load_config("fashionmnist-softmatch-40").train.steps == 2000
+
+
+def test_saved_config_round_trips() -> None:
+    """config.yaml and checkpoints hold to_dict(); resume reads them back with from_dict."""
+    for name in SHIPPED:
+        cfg = load_config(name)
+        assert from_dict(cfg.to_dict()) == cfg, name
+        assert from_dict(yaml.safe_load(yaml.safe_dump(cfg.to_dict(), sort_keys=False))) == cfg, name
+        assert set(cfg.to_dict()["method"]) == {"name", *METHODS[cfg.method.name].keys}, name
+
+
+def test_foreign_method_key_is_one_line_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    message = (
+        "config key 'method.tau' does not apply to method 'softmatch' "
+        "(its keys: lambda_u, ema_m, n_sigma, dist_align, pseudo_label_from)"
+    )
+    with pytest.raises(UserError, match=re.escape(message)):
+        load_config("digits-softmatch", ["method.tau=0.9"])
+    with pytest.raises(
+        UserError, match=re.escape("'method.lambda_u' does not apply to method 'supervised' (its keys: none)")
+    ):
+        load_config("digits-supervised", ["method.lambda_u=2"])
+    with pytest.raises(UserError, match="'method.tau' does not apply"):
+        from_dict({"method": {"name": "freematch", "tau": 0.9}})
+    path = tmp_path / "mine.yaml"  # the base chain sets ema_m for SoftMatch; FixMatch does not read it
+    path.write_text("base: digits-softmatch\nmethod:\n  name: fixmatch\n")
+    with pytest.raises(UserError, match=re.escape("'method.ema_m' does not apply to method 'fixmatch'")):
+        load_config(str(path))
+    assert load_config(str(path), ["method.name=softmatch"]).method.ema_m == 0.99
+    assert main(["train", "digits-softmatch", "method.tau=0.9"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err
 
 
 def test_overrides_are_typed() -> None:
@@ -54,11 +137,35 @@ def test_overrides_are_typed() -> None:
         ("method.name=mixmatch", "'method.name' must be one of"),
         ("method.tau=1.5", "'method.tau' must be in (0, 1]"),
         ("train.steps", "is not key=value"),
+        ("train.schedule=step", "'train.schedule' must be 'cosine' or 'poly', got 'step'"),
+        ("train.poly_power=0", "'train.poly_power' must be positive, got 0.0"),
+        ("train.head_lr_scale=-1", "'train.head_lr_scale' must be positive, got -1.0"),
+        ("data.strong_ops=-1", "'data.strong_ops' must be 0 or more, got -1"),
+        ("data.strong_ops=2.5", "'data.strong_ops' expects int, got 2.5"),
+        ("data.strong_magnitude=1.5", "'data.strong_magnitude' must be None or in [0, 1], got 1.5"),
     ],
 )
 def test_bad_overrides_name_the_key(override: str, message: str) -> None:
-    with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)").replace(".", r"\.")):
+    with pytest.raises(UserError, match=re.escape(message)):
         load_config("digits-fixmatch", [override])
+
+
+def test_new_keys_defaults_and_values() -> None:
+    cfg = load_config("digits-fixmatch")
+    assert (cfg.task, cfg.train.schedule, cfg.train.poly_power, cfg.train.head_lr_scale) == (
+        "classification",
+        "cosine",
+        0.9,
+        1.0,
+    )
+    assert (cfg.data.strong_ops, cfg.data.strong_magnitude) == (2, None)
+    cfg = load_config(
+        "digits-fixmatch",
+        ["train.schedule=poly", "train.poly_power=1", "train.head_lr_scale=10", "data.strong_magnitude=0.5"],
+    )
+    assert (cfg.train.schedule, cfg.train.poly_power, cfg.train.head_lr_scale) == ("poly", 1.0, 10.0)
+    assert cfg.data.strong_magnitude == 0.5
+    assert load_config("digits-fixmatch", ["data.strong_magnitude=none"]).data.strong_magnitude is None
 
 
 def test_user_yaml_with_base(tmp_path: Path) -> None:
@@ -66,6 +173,14 @@ def test_user_yaml_with_base(tmp_path: Path) -> None:
     path.write_text("base: digits-fixmatch\ntrain:\n  steps: 7\n")
     cfg = load_config(str(path))
     assert cfg.train.steps == 7 and cfg.data.name == "digits" and cfg.method.name == "fixmatch"
+    child = tmp_path / "child.yaml"  # base: a YAML file beside it, whose base is a shipped name
+    child.write_text("base: mine.yaml\nmethod:\n  tau: 0.8\n")
+    cfg = load_config(str(child))
+    assert (cfg.train.steps, cfg.method.tau, cfg.data.image_size) == (7, 0.8, 16)
+    loop = tmp_path / "loop.yaml"
+    loop.write_text("base: loop.yaml\n")
+    with pytest.raises(UserError, match="circular 'base:' chain"):
+        load_config(str(loop))
     bad = tmp_path / "bad.yaml"
     bad.write_text("train: [1, 2\n")
     with pytest.raises(UserError, match="not valid YAML"):
@@ -83,8 +198,11 @@ def test_cli_bad_key_is_one_line_exit_2(capsys: pytest.CaptureFixture[str]) -> N
 def test_cli_list(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["list"]) == 0
     out = capsys.readouterr().out
+    assert len(out.splitlines()) == 58 and {row.split()[0] for row in out.splitlines()} == SHIPPED
     line = next(row for row in out.splitlines() if row.startswith("digits-fixmatch "))
     assert "FixMatch" in line
+    line = next(row for row in out.splitlines() if row.startswith("cifar10-fixmatch-40 "))
+    assert "CIFAR-10 with 40 labels" in line and "WRN-28-2" in line
     assert main(["list", "--keys"]) == 0
     rows = {row.split()[0]: row for row in capsys.readouterr().out.splitlines()}
     assert set(rows) == set(all_keys())

@@ -1,25 +1,26 @@
-"""Typed run configuration: shipped YAML files, user YAML files and ``key=value`` overrides.
+"""Typed run configuration: shipped configs, user YAML files and ``key=value`` overrides.
 
 Every key is a dataclass field, so a typo or a wrong type is caught before any work starts and
-reported in one line that names the key and the closest valid one.
+reported in one line that names the key and the closest valid one. A ``method.*`` key the chosen
+method does not read is an error too: silently ignoring it would run another experiment.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import types
 import typing
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from trustmatch.errors import UserError
-
-METHODS = ("supervised", "fixmatch", "flexmatch", "freematch", "softmatch")
+from trustmatch.methods import METHODS
+from trustmatch.presets import PRESETS
 
 
 def opt(default: Any, help: str) -> Any:
@@ -41,6 +42,12 @@ class DataConfig:
     test_dir: str | None = opt(None, "folder dataset: optional test folder with the same class subfolders")
     test_fraction: float = opt(0.2, "share held out as a fixed, stratified test split when the dataset has none")
     include_labeled_in_unlabeled: bool = opt(False, "also use the labeled images as unlabeled ones (USB does)")
+    strong_ops: int = opt(2, "RandAugment ops per strong view (FixMatch: 2; USB's published configs: 3)")
+    strong_magnitude: float | None = opt(
+        None,
+        "None: each op's magnitude uniform over its range, per image (FixMatch, USB); "
+        "a number in [0, 1]: every op at that fixed strength, RandAugment-style",
+    )
 
 
 @dataclass
@@ -54,7 +61,7 @@ class ModelConfig:
 
 @dataclass
 class MethodConfig:
-    name: str = opt("fixmatch", "supervised, fixmatch, flexmatch, freematch or softmatch")
+    name: str = opt("fixmatch", ", ".join(METHODS))
     lambda_u: float = opt(1.0, "weight of the unlabeled loss")
     tau: float = opt(0.95, "FixMatch / FlexMatch confidence threshold")
     threshold_warmup: bool = opt(True, "FlexMatch: count unused samples in the normaliser")
@@ -67,10 +74,15 @@ class MethodConfig:
 
 @dataclass
 class TrainConfig:
-    steps: int = opt(1000, "optimisation steps (the cosine schedule spans them)")
+    steps: int = opt(1000, "optimisation steps (the learning-rate schedule spans them)")
     batch_size: int = opt(64, "labeled images per step (per process under torchrun)")
     uratio: int = opt(7, "unlabeled batch = uratio * batch_size")
     lr: float = opt(0.03, "SGD learning rate at step 0")
+    schedule: str = opt(
+        "cosine", "learning-rate schedule: cosine (FixMatch: lr0·cos(7πk/16K)) or poly (UniMatch: lr0·(1−k/K)^power)"
+    )
+    poly_power: float = opt(0.9, "exponent of the poly schedule (UniMatch: 0.9)")
+    head_lr_scale: float = opt(1.0, "learning-rate multiplier for the model's head (UniMatch: 10 for the decoder)")
     momentum: float = opt(0.9, "SGD momentum")
     nesterov: bool = opt(True, "Nesterov momentum")
     weight_decay: float = opt(5e-4, "weight decay on conv/linear weights (not BatchNorm, not biases)")
@@ -79,8 +91,12 @@ class TrainConfig:
     eval_batch_size: int = opt(512, "batch size for evaluation")
     log_every: int = opt(50, "steps between logged training averages")
     device: str = opt("auto", "auto | cpu | cuda | cuda:N | mps")
-    amp: bool = opt(True, "bfloat16 autocast (CUDA only)")
-    channels_last: bool = opt(True, "channels-last memory format (CUDA only)")
+    amp: bool = opt(
+        True,
+        "bfloat16 autocast where the device runs it natively (CUDA; CPUs with AVX-512 BF16 or AMX); "
+        "false keeps float32",
+    )
+    channels_last: bool = opt(True, "channels-last memory format (CUDA, and the CPU when amp applies)")
     compile: bool = opt(False, "torch.compile the training model")
     threads: int | None = opt(None, "torch intra-op threads on CPU (None: torch's default)")
 
@@ -89,20 +105,23 @@ class TrainConfig:
 class Config:
     description: str = opt("", "one line shown by `trustmatch list`")
     seed: int = opt(0, "fixes the labeled/validation split, the initialisation and the data order")
+    task: str = opt("classification", "what is learned: classification (segmentation to come)")
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Every key but the method keys this method does not read, which ``from_dict`` would reject."""
+        values = dataclasses.asdict(self)
+        reads = METHODS[self.method.name].keys
+        values["method"] = {k: v for k, v in values["method"].items() if k == "name" or k in reads}
+        return values
 
 
-def shipped_configs() -> dict[str, Path]:
-    """Name -> path of the YAML configs shipped inside the package."""
-    folder = resources.files("trustmatch") / "configs"
-    paths = [Path(str(p)) for p in folder.iterdir() if str(p).endswith(".yaml")]
-    return {p.stem: p for p in paths if not p.stem.startswith("_")}  # "_name": shared bases only
+def shipped_configs() -> dict[str, dict[str, Any]]:
+    """Name -> values of the configs shipped with the package (generated in ``trustmatch.presets``)."""
+    return copy.deepcopy(PRESETS)
 
 
 def _all_keys(cls: type = Config, prefix: str = "") -> list[str]:
@@ -164,9 +183,18 @@ def _merge(target: Any, values: dict[str, Any], prefix: str = "") -> None:
             setattr(target, name, _coerce(key, value, hints[name]))
 
 
-def _validate(cfg: Config) -> None:
+def _validate(cfg: Config, method_keys: set[str]) -> None:
+    """Check values; ``method_keys`` are the method.* keys set explicitly, which the method must read."""
+    if cfg.method.name not in METHODS:
+        raise UserError(f"config key 'method.name' must be one of {', '.join(METHODS)}, got {cfg.method.name!r}")
+    reads = METHODS[cfg.method.name].keys
+    foreign = sorted(method_keys - {"name"} - set(reads))
+    if foreign:
+        raise UserError(
+            f"config key 'method.{foreign[0]}' does not apply to method {cfg.method.name!r} "
+            f"(its keys: {', '.join(reads) or 'none'})"
+        )
     checks = [
-        (cfg.method.name in METHODS, "method.name", f"one of {', '.join(METHODS)}"),
         (cfg.data.labels_per_class >= 1, "data.labels_per_class", "at least 1"),
         (cfg.data.val_per_class >= 0, "data.val_per_class", "0 or more"),
         (0.0 < cfg.data.test_fraction < 1.0, "data.test_fraction", "between 0 and 1"),
@@ -178,6 +206,15 @@ def _validate(cfg: Config) -> None:
         (cfg.train.eval_every >= 1, "train.eval_every", "at least 1"),
         (cfg.train.log_every >= 1, "train.log_every", "at least 1"),
         (0.0 <= cfg.train.ema < 1.0, "train.ema", "in [0, 1)"),
+        (cfg.train.schedule in ("cosine", "poly"), "train.schedule", "'cosine' or 'poly'"),
+        (cfg.train.poly_power > 0, "train.poly_power", "positive"),
+        (cfg.train.head_lr_scale > 0, "train.head_lr_scale", "positive"),
+        (cfg.data.strong_ops >= 0, "data.strong_ops", "0 or more"),
+        (
+            cfg.data.strong_magnitude is None or 0.0 <= cfg.data.strong_magnitude <= 1.0,
+            "data.strong_magnitude",
+            "None or in [0, 1]",
+        ),
         (0.0 < cfg.method.tau <= 1.0, "method.tau", "in (0, 1]"),
         (0.0 <= cfg.method.ema_m < 1.0, "method.ema_m", "in [0, 1)"),
         (cfg.method.n_sigma > 0, "method.n_sigma", "positive"),
@@ -220,16 +257,24 @@ def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def read_config(name_or_path: str, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A shipped config's values, or a YAML file's with its ``base:`` chain merged in."""
+    if name_or_path in PRESETS:
+        return copy.deepcopy(PRESETS[name_or_path])
+    return read_config_file(resolve_config_path(name_or_path), seen)
+
+
 def read_config_file(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
-    """A YAML config with its ``base:`` chain merged in (a shipped name or a path beside it)."""
+    """A YAML config with its ``base:`` chain merged in (a YAML file beside it, or a shipped name)."""
+    if path.resolve() in seen:
+        raise UserError(f"config file {seen[-1]} has a circular 'base:' chain through {path}")
     data = read_yaml(path)
     base = data.pop("base", None)
     if base is None:
         return data
-    base_path = path.parent / base if (path.parent / base).is_file() else resolve_config_path(str(base))
-    if base_path.resolve() in seen:
-        raise UserError(f"config file {path} has a circular 'base:' chain through {base_path}")
-    return _deep_merge(read_config_file(base_path, seen + (path.resolve(),)), data)
+    beside, seen = path.parent / str(base), seen + (path.resolve(),)
+    values = read_config_file(beside, seen) if beside.is_file() else read_config(str(base), seen)
+    return _deep_merge(values, data)
 
 
 def read_yaml(path: Path) -> dict[str, Any]:
@@ -247,33 +292,28 @@ def read_yaml(path: Path) -> dict[str, Any]:
 
 
 def resolve_config_path(name_or_path: str) -> Path:
-    shipped = shipped_configs()
-    if name_or_path in shipped:
-        return shipped[name_or_path]
+    """The path of a user YAML file; a bare name that is none suggests the closest shipped config."""
     path = Path(name_or_path)
     if path.suffix in (".yaml", ".yml") or path.exists():
         if not path.is_file():
             raise UserError(f"config file {path} does not exist")
         return path
-    close = difflib.get_close_matches(name_or_path, shipped, n=1)
+    close = difflib.get_close_matches(name_or_path, PRESETS, n=1)
     hint = f"; did you mean {close[0]!r}?" if close else ""
     raise UserError(f"no shipped config named {name_or_path!r}{hint} (see `trustmatch list`)")
 
 
 def from_dict(values: dict[str, Any]) -> Config:
+    """A validated config from nested values; the keys not given keep their defaults."""
     cfg = Config()
     _merge(cfg, values)
-    _validate(cfg)
+    _validate(cfg, set(values.get("method", {})))
     return cfg
 
 
 def load_config(name_or_path: str, overrides: list[str] | None = None) -> Config:
     """A shipped config name or a YAML path, with ``key=value`` overrides applied on top."""
-    cfg = Config()
-    _merge(cfg, read_config_file(resolve_config_path(name_or_path)))
-    _merge(cfg, parse_overrides(overrides or []))
-    _validate(cfg)
-    return cfg
+    return from_dict(_deep_merge(read_config(name_or_path), parse_overrides(overrides or [])))
 
 
 def all_keys() -> list[str]:
