@@ -18,14 +18,15 @@ import sys
 import time
 from pathlib import Path
 
+from trustmatch import methods
 from trustmatch.config import load_config
-from trustmatch.engine.trainer import Trainer
+from trustmatch.trainer import Trainer
 
 SUITES = {
     "digits": "digits-{method}",
     "fashionmnist": "fashionmnist-{method}-40",
 }
-METHODS = ["supervised", "fixmatch", "flexmatch", "freematch", "softmatch"]
+METHODS = list(methods.METHODS)
 COLUMNS = [("accuracy", "accuracy"), ("ece_15", "ECE-15"), ("nll", "NLL"), ("wall_time_s", "wall time (s)")]
 
 

@@ -25,7 +25,7 @@ import torch
 
 from trustmatch.config import Config, DataConfig, MethodConfig, ModelConfig, TrainConfig
 from trustmatch.data.base import DATASETS, ImageSet, SourceData
-from trustmatch.engine.trainer import Trainer
+from trustmatch.trainer import Trainer
 
 METHODS = ["supervised", "fixmatch", "flexmatch", "freematch", "softmatch"]
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import json
 import os
 import pickle
 import struct
@@ -57,9 +58,10 @@ def _py2_pickle(path: Path, obj: dict) -> None:
         _Py2Pickler(f, protocol=2).dump(obj)
 
 
-def _write_cifar10(root: Path, per_batch: int = 2) -> dict[str, np.ndarray]:
+def _write_cifar10(root: Path, per_batch: int = 2, balanced: bool = False) -> dict[str, np.ndarray]:
     base = root / "cifar-10-batches-py"
-    train, labels = _images(5 * per_batch, 3, 32), RNG.integers(0, 10, 5 * per_batch)
+    n = 5 * per_batch
+    train, labels = _images(n, 3, 32), np.arange(n) % 10 if balanced else RNG.integers(0, 10, n)
     for b in range(5):
         part = slice(b * per_batch, (b + 1) * per_batch)
         batch = {
@@ -354,3 +356,18 @@ def test_damaged_gzip_names_file(tmp_path: Path) -> None:
     (tmp_path / "train-images-idx3-ubyte.gz").write_bytes(b"not gzip")
     with pytest.raises(UserError, match="cannot decompress .*train-images-idx3-ubyte.gz"):
         tvs.load_fashionmnist(DataConfig(root=str(tmp_path)))
+
+
+def test_published_cifar10_40_trains_on_exactly_40_labels(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`cifar10-fixmatch-40` as shipped: 40 labeled images, no validation split, `final` reported."""
+    from trustmatch.cli import main
+
+    _write_cifar10(tmp_path, per_batch=12, balanced=True)  # 6 images per class
+    run = tmp_path / "run"
+    tiny = ["train.steps=2", "train.batch_size=4", "train.uratio=1", "train.eval_batch_size=8"]
+    assert main(["train", "cifar10-fixmatch-40", f"data.root={tmp_path}", "--out", str(run), "--quiet", *tiny]) == 0
+    out = capsys.readouterr().out
+    assert "cifar10: 40 labeled, 60 unlabeled, 0 validation, 3 test images" in out  # USB: labeled join the pool
+    saved = json.loads((run / "metrics.json").read_text())
+    assert saved["split"] == {"labeled": 40, "unlabeled": 60, "val": 0, "test": 3}
+    assert saved["best"] is None and saved["final"]["n"] == 3

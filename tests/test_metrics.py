@@ -18,20 +18,24 @@ Conventions of the references, checked by printing both sides before asserting:
 * sklearn 1.9 ``brier_score_loss``: multi-class support with ``scale_by_half="auto"``, which
   halves only binary problems; multi-class scores are the unhalved sum over classes,
   our convention. ``log_loss`` is the mean natural-log cross-entropy.
+
+The references are imported inside the tests that use them: the all-reduce test's two spawned
+processes import this module, and netcal, sklearn and torchmetrics would triple their start-up.
 """
 
 from __future__ import annotations
 
+import json
 import math
+import socket
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from netcal.metrics import ECE, MCE
-from sklearn.metrics import accuracy_score, brier_score_loss, log_loss
-from torchmetrics.classification import MulticlassCalibrationError
 
 from trustmatch.metrics import (
+    ClassificationMeter,
     calibration_bins,
     classification_metrics,
     expected_calibration_error,
@@ -62,6 +66,8 @@ def case(request: pytest.FixtureRequest) -> tuple[torch.Tensor, torch.Tensor, np
 
 @pytest.mark.parametrize("n_bins", [10, 15])
 def test_ece_and_mce_match_netcal(case, n_bins: int) -> None:
+    from netcal.metrics import ECE, MCE
+
     logits, labels, probs, y = case
     got = classification_metrics(logits, labels)
     assert got[f"ece_{n_bins}"] == pytest.approx(ECE(bins=n_bins).measure(probs, y), abs=1e-12)
@@ -70,6 +76,8 @@ def test_ece_and_mce_match_netcal(case, n_bins: int) -> None:
 
 @pytest.mark.parametrize("n_bins", [10, 15])
 def test_ece_and_mce_match_torchmetrics(case, n_bins: int) -> None:
+    from torchmetrics.classification import MulticlassCalibrationError
+
     logits, labels, probs, _ = case
     got = classification_metrics(logits, labels)
     p = torch.from_numpy(probs)
@@ -80,6 +88,8 @@ def test_ece_and_mce_match_torchmetrics(case, n_bins: int) -> None:
 
 
 def test_accuracy_nll_brier_confidence_match_sklearn_and_numpy(case) -> None:
+    from sklearn.metrics import accuracy_score, brier_score_loss, log_loss
+
     logits, labels, probs, y = case
     got = classification_metrics(logits, labels)
     onehot = np.eye(K)[y]
@@ -93,6 +103,8 @@ def test_accuracy_nll_brier_confidence_match_sklearn_and_numpy(case) -> None:
 
 def test_binary_brier_is_not_halved() -> None:
     """sklearn halves binary Brier by default; ours stays the sum over both classes."""
+    from sklearn.metrics import brier_score_loss
+
     logits, labels = torch.randn(200, 2, dtype=torch.float64), torch.randint(0, 2, (200,))
     probs, y = torch.softmax(logits, dim=1).numpy(), labels.numpy()
     got = classification_metrics(logits, labels)["brier"]
@@ -101,6 +113,8 @@ def test_binary_brier_is_not_halved() -> None:
 
 
 def test_hand_computed_example() -> None:
+    from netcal.metrics import ECE, MCE
+
     # 2 bins: [0, 0.5) and [0.5, 1].
     # bin 0: conf {0.2, 0.4}, correct {0, 1} -> mean conf 0.30, acc 0.5, gap 0.20
     # bin 1: conf {0.5, 1.0}, correct {1, 0} -> mean conf 0.75, acc 0.5, gap 0.25
@@ -210,3 +224,84 @@ def test_cuda_matches_cpu() -> None:
     assert classification_metrics(logits.cuda(), labels.cuda()) == pytest.approx(
         classification_metrics(logits, labels), abs=1e-12
     )
+
+
+def _streamed(logits: torch.Tensor, labels: torch.Tensor, sizes: list[int]) -> ClassificationMeter:
+    meter = ClassificationMeter(K)
+    for chunk, chunk_labels in zip(logits.split(sizes), labels.split(sizes)):
+        meter.update(chunk, chunk_labels)
+    return meter
+
+
+def _assert_same_bins(got: dict[str, list], want: dict[str, list]) -> None:
+    assert set(got) == set(want) and got["count"] == want["count"]
+    for key in ("lower", "upper", "confidence", "accuracy"):
+        assert got[key] == pytest.approx(want[key], abs=1e-12)
+
+
+def test_streaming_over_uneven_chunks_equals_whole_set(case) -> None:
+    logits, labels, _, _ = case
+    meter = _streamed(logits, labels, [1, 7, 100, N - 108])
+    got, want = meter.compute(), classification_metrics(logits, labels)
+    assert set(got) == set(want) and got["n"] == want["n"] == N
+    assert got == pytest.approx(want, abs=1e-12)
+    for n_bins in (10, 15):
+        _assert_same_bins(meter.bins(n_bins), reliability_bins(logits, labels, n_bins))
+
+
+def test_streamed_ece_matches_netcal(case) -> None:
+    from netcal.metrics import ECE
+
+    logits, labels, probs, y = case
+    meter = _streamed(logits, labels, [333, 333, N - 666])
+    assert meter.compute()["ece_15"] == pytest.approx(ECE(bins=15).measure(probs, y), abs=1e-12)
+
+
+def test_meter_state_does_not_grow_with_n() -> None:
+    meter = ClassificationMeter(K, bins=(7,))
+    for seed in range(3):
+        meter.update(*_random_case(seed, "calibrated"))
+    assert meter.state.shape == (5 + 3 * 7,)
+    assert set(meter.compute()) == {"accuracy", "ece_7", "mce_7", "nll", "brier", "mean_confidence", "n"}
+    assert meter.compute()["n"] == 3 * N
+
+
+def test_empty_meter_and_unknown_bin_count_raise() -> None:
+    meter = ClassificationMeter(K)
+    with pytest.raises(ValueError, match="N=0"):
+        meter.compute()
+    with pytest.raises(ValueError, match="N=0"):
+        meter.bins()
+    meter.update(*_random_case(0, "calibrated"))
+    with pytest.raises(ValueError, match="bins by"):
+        meter.bins(20)
+    with pytest.raises(ValueError, match=f"{K} classes"):
+        meter.update(torch.zeros(4, K + 1), torch.zeros(4, dtype=torch.long))
+
+
+def _all_reduce_worker(rank: int, port: int, out: str) -> None:
+    """One of two gloo processes: stream this rank's share of a fixed set, reduce, and rank 0 writes the metrics."""
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        logits, labels = _random_case(0, "overconfident")
+        half = slice(0, 400) if rank == 0 else slice(400, N)  # uneven halves: sums, not means, are reduced
+        meter = _streamed(logits[half], labels[half], [50, len(labels[half]) - 50])
+        meter.all_reduce()
+        if rank == 0:
+            Path(out).write_text(json.dumps({"metrics": meter.compute(), "bins": meter.bins()}))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_all_reduce_over_two_processes_equals_whole_set(tmp_path: Path) -> None:
+    if not torch.distributed.is_available():
+        pytest.skip("torch.distributed is not available")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    out = tmp_path / "rank0.json"
+    torch.multiprocessing.spawn(_all_reduce_worker, args=(port, str(out)), nprocs=2)
+    got = json.loads(out.read_text())
+    logits, labels = _random_case(0, "overconfident")
+    assert got["metrics"] == pytest.approx(classification_metrics(logits, labels), abs=1e-12)
+    _assert_same_bins(got["bins"], reliability_bins(logits, labels))

@@ -23,18 +23,18 @@ def test_registered_names() -> None:
 @pytest.mark.parametrize("size", [16, 32])
 def test_output_shape(name: str, in_channels: int, size: int) -> None:
     model = build_model(name, num_classes=7, in_channels=in_channels)
-    assert model(torch.randn(2, in_channels, size, size)).shape == (2, 7)
+    assert model(torch.randn(2, in_channels, size, size)).logits.shape == (2, 7)
 
 
 def test_wrn_37_2_at_stl10_size() -> None:
     model = build_model("wrn_37_2", num_classes=10, in_channels=3).eval()
     with torch.no_grad():
-        assert model(torch.randn(1, 3, 96, 96)).shape == (1, 10)
+        assert model(torch.randn(1, 3, 96, 96)).logits.shape == (1, 10)
 
 
 def test_wrn_28_8_forward_tiny() -> None:
     model = build_model("wrn_28_8", num_classes=100, in_channels=3)
-    assert model(torch.randn(2, 3, 8, 8)).shape == (2, 100)
+    assert model(torch.randn(2, 3, 8, 8)).logits.shape == (2, 100)
 
 
 @pytest.mark.parametrize("name", SMALL)
@@ -45,7 +45,9 @@ def test_head_of_features_is_forward(name: str) -> None:
         feats = model.forward_features(x)
         assert isinstance(model.head, nn.Linear)
         assert feats.shape == (4, model.head.in_features)
-        torch.testing.assert_close(model.head(feats), model(x))
+        out = model(x)
+        torch.testing.assert_close(model.head(feats), out.logits)
+        torch.testing.assert_close(feats, out.features)
 
 
 @pytest.mark.parametrize(
@@ -71,6 +73,21 @@ def test_bn_momentum_on_every_bn(name: str) -> None:
 @pytest.mark.parametrize("name", SMALL)
 def test_gradients_reach_every_parameter(name: str) -> None:
     model = build_model(name, num_classes=3, in_channels=1, dropout=0.1)
-    model(torch.randn(4, 1, 16, 16)).logsumexp(dim=1).sum().backward()
+    model(torch.randn(4, 1, 16, 16)).logits.logsumexp(dim=1).sum().backward()
     missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
     assert not missing
+
+
+def test_features_and_float32_logits_through_ddp_compile_and_autocast() -> None:
+    """Output(logits, features) survives the wrappers that only see forward; logits stay float32."""
+    model = build_model("cnn", num_classes=4, in_channels=1).eval()
+    x = torch.randn(3, 1, 16, 16)
+    with torch.no_grad():
+        plain = model(x)
+        compiled = torch.compile(model, backend="eager")(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            mixed = model(x)
+    torch.testing.assert_close(compiled.logits, plain.logits)
+    torch.testing.assert_close(compiled.features, plain.features)
+    assert mixed.logits.dtype == torch.float32 and mixed.features.dtype == torch.bfloat16
+    torch.testing.assert_close(mixed.logits, plain.logits, atol=0.05, rtol=0.05)

@@ -144,3 +144,68 @@ def test_registry_builds_every_method(name: str) -> None:
     probs = torch.rand(5, 3).softmax(1)
     out = sel.select(probs, torch.arange(5))
     assert out.labels.shape == (5,) and ((out.weights >= 0) & (out.weights <= 1)).all()
+
+
+def test_softmatch_class_mean_starts_at_the_first_batch_mean_as_usb() -> None:
+    probs = torch.tensor([[0.9, 0.1], [0.7, 0.3]])
+    sel = SoftMatchSelector(2, momentum=0.999, n_sigma=2.0, dist_align=True, label_from="raw")
+    sel.select(probs)
+    assert sel.class_probs.tolist() == pytest.approx([0.8, 0.2])  # not 0.999 * 0.5 + 0.001 * 0.8
+    sel.select(torch.tensor([[0.5, 0.5], [0.5, 0.5]]))
+    assert sel.class_probs.tolist() == pytest.approx([0.999 * 0.8 + 0.001 * 0.5, 0.999 * 0.2 + 0.001 * 0.5])
+
+
+def _segmentation_like(valid_fraction: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    probs = torch.randn(2, 4, 5, 6, generator=g).mul(3).softmax(dim=1)
+    valid = torch.rand(2, 5, 6, generator=g) < valid_fraction
+    return probs, valid
+
+
+@pytest.mark.parametrize("name", ["fixmatch", "freematch", "softmatch"])
+def test_ignored_pixels_get_no_weight_and_enter_no_statistic(name: str) -> None:
+    """Changing the probabilities of invalid pixels changes neither the state nor the valid weights."""
+    probs, valid = _segmentation_like()
+    noisy = torch.where(valid.unsqueeze(1), probs, torch.rand_like(probs).softmax(dim=1))
+    a, b = (build_selector(MethodConfig(name=name), num_classes=4, num_unlabeled=0) for _ in range(2))
+    out_a, out_b = a.select(probs, valid=valid), b.select(noisy, valid=valid)
+    assert (out_a.weights[~valid] == 0).all() and (out_b.weights[~valid] == 0).all()
+    torch.testing.assert_close(out_a.weights[valid], out_b.weights[valid])
+    for (key, x), y in zip(a.state_dict().items(), b.state_dict().values()):
+        torch.testing.assert_close(x, y, msg=key)
+
+
+def test_masked_statistics_equal_those_of_the_valid_pixels_alone() -> None:
+    probs, valid = _segmentation_like()
+    flat = probs.movedim(1, -1)[valid]  # [n_valid, K]
+    masked, alone = SoftMatchSelector(4, 0.0, 2.0, True, "raw"), SoftMatchSelector(4, 0.0, 2.0, True, "raw")
+    masked.select(probs, valid=valid)
+    alone.select(flat)
+    for key in ("class_probs", "mu", "var"):
+        torch.testing.assert_close(getattr(masked, key), getattr(alone, key), msg=key)
+    free_masked, free_alone = FreeMatchSelector(4, 0.0, 0.0), FreeMatchSelector(4, 0.0, 0.0)
+    free_masked.select(probs, valid=valid)
+    free_alone.select(flat)
+    for key in ("global_tau", "class_probs", "label_hist"):
+        torch.testing.assert_close(getattr(free_masked, key), getattr(free_alone, key), msg=key)
+
+
+@pytest.mark.parametrize("name", ["fixmatch", "flexmatch", "freematch", "softmatch"])
+def test_select_without_update_changes_no_state(name: str) -> None:
+    sel = build_selector(MethodConfig(name=name), num_classes=3, num_unlabeled=10)
+    sel.select(torch.rand(6, 3).softmax(1), torch.arange(6))  # some state first
+    before = {k: v.clone() for k, v in sel.state_dict().items()}
+    probs = torch.rand(4, 3).mul(20).softmax(1)
+    first = sel.select(probs, torch.arange(6, 10), update=False)
+    second = sel.select(probs, torch.arange(6, 10), update=False)
+    for key, value in sel.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    assert torch.equal(first.weights, second.weights) and torch.equal(first.labels, second.labels)
+
+
+def test_flexmatch_skips_invalid_samples_and_needs_no_float64() -> None:
+    sel = FlexMatchSelector(0.5, num_classes=2, num_unlabeled=4)
+    probs = torch.tensor([[0.9, 0.1], [0.1, 0.9], [0.8, 0.2], [0.3, 0.7]])
+    sel.select(probs, torch.arange(4), valid=torch.tensor([True, False, True, True]))
+    assert sel.stored.tolist() == [0, -1, 0, 1]
+    assert sel.thresholds().dtype == torch.float32

@@ -11,8 +11,30 @@ from PIL import Image
 from trustmatch.cli import main
 from trustmatch.config import load_config
 from trustmatch.engine.checkpoint import load_checkpoint
-from trustmatch.engine.trainer import Trainer, cosine_factor
+from trustmatch.engine.optim import cosine_factor
 from trustmatch.errors import UserError
+from trustmatch.step import Regularizer
+from trustmatch.trainer import Trainer
+
+TIME_KEYS = {"elapsed", "elapsed_s", "wall_time_s"}  # wall-clock time is the one thing a resume may change
+
+
+def assert_same_state(a: object, b: object, path: str = "") -> None:
+    """Nested dicts/lists/tensors equal, exactly, with the same keys on both sides (time keys excepted)."""
+    if isinstance(a, dict):
+        assert isinstance(b, dict) and set(a) == set(b), f"{path}: keys {sorted(set(a) ^ set(b))} on one side only"
+        for k in a:
+            if k not in TIME_KEYS:
+                assert_same_state(a[k], b[k], f"{path}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert isinstance(b, (list, tuple)) and len(a) == len(b), f"{path}: lengths differ"
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same_state(x, y, f"{path}[{i}]")
+    elif isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), f"{path}: tensors differ"
+    else:
+        assert a == b, f"{path}: {a!r} != {b!r}"
+
 
 TINY = ["train.steps=6", "train.eval_every=3", "train.log_every=2", "train.batch_size=8", "train.uratio=2"]
 METRIC_KEYS = {"accuracy", "ece_15", "ece_10", "mce_15", "nll", "brier"}
@@ -47,27 +69,49 @@ def test_every_method_writes_a_complete_run_directory(tmp_path: Path, method: st
     assert not list(run.glob(".*.tmp"))
 
 
-def test_resume_is_bit_exact(tmp_path: Path) -> None:
-    straight = _trainer("softmatch", tmp_path / "a")
+@pytest.mark.parametrize("method", ["softmatch", "flexmatch"])
+def test_resume_is_bit_exact(tmp_path: Path, method: str) -> None:
+    """Everything saved (parts, RNG streams, history, metrics) equals an uninterrupted run's."""
+    straight = _trainer(method, tmp_path / "a")
     straight.fit()
-    interrupted = _trainer("softmatch", tmp_path / "b")
+    interrupted = _trainer(method, tmp_path / "b")
     interrupted.fit(stop_at=4)
     assert interrupted.step == 4
     resumed = Trainer.resume(tmp_path / "b", progress=False)
     assert resumed.step == 4
     resumed.fit()
-    for (name, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
-        assert torch.equal(a, b), name
-    for a, b in zip(straight.ema.state_dict().values(), resumed.ema.state_dict().values()):
-        assert torch.equal(a, b)
-    assert torch.equal(straight.selector.mu, resumed.selector.mu)
+    a, b = load_checkpoint(tmp_path / "a" / "last.pt"), load_checkpoint(tmp_path / "b" / "last.pt")
+    assert set(a["parts"]) == {"model", "ema", "optimizer", "scheduler", "selector", "lb_stream", "ulb_stream"}
+    assert_same_state(a, b)
+    ma, mb = (json.loads((tmp_path / run / "metrics.json").read_text()) for run in "ab")
+    assert_same_state(ma, mb)
 
 
-def test_flexmatch_state_is_checkpointed(tmp_path: Path) -> None:
-    trainer = _trainer("flexmatch", tmp_path / "run")
-    trainer.fit()
-    state = load_checkpoint(tmp_path / "run" / "last.pt")
-    assert torch.equal(state["selector"]["stored"], trainer.selector.stored)
+def test_assert_same_state_catches_missing_keys_and_values() -> None:
+    base = {"parts": {"model": {"w": torch.ones(2)}}, "history": [{"elapsed_s": 1.0, "acc": 0.5}]}
+    assert_same_state(base, {"parts": {"model": {"w": torch.ones(2)}}, "history": [{"elapsed_s": 9.0, "acc": 0.5}]})
+    for other in [
+        {"parts": {"model": {"w": torch.ones(2)}, "extra": {}}, "history": base["history"]},
+        {"parts": {"model": {}}, "history": base["history"]},
+        {"parts": {"model": {"w": torch.zeros(2)}}, "history": base["history"]},
+        {"parts": base["parts"], "history": [{"elapsed_s": 1.0, "acc": 0.6}]},
+    ]:
+        with pytest.raises(AssertionError):
+            assert_same_state(base, other)
+
+
+def test_resume_can_extend_steps_and_nothing_else(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run = tmp_path / "run"
+    _trainer("fixmatch", run).fit()
+    assert main(["train", "--resume", str(run), "train.steps=9", "--quiet"]) == 0
+    assert load_checkpoint(run / "last.pt")["step"] == 9
+    assert "steps: 9" in (run / "config.yaml").read_text()
+    assert json.loads((run / "metrics.json").read_text())["history"][-1]["step"] == 9
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run), "method.tau=0.5", "--quiet"]) == 2
+    assert "can change only train.steps" in capsys.readouterr().err
+    assert main(["train", "--resume", str(run), "train.steps=3", "--quiet"]) == 2
+    assert "cannot shorten" in capsys.readouterr().err
 
 
 def test_existing_run_directory_is_not_overwritten(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -181,7 +225,8 @@ def test_torchrun_two_cpu_processes(tmp_path: Path) -> None:
     state = load_checkpoint(tmp_path / "run" / "last.pt")
     assert state["step"] == 6
     # each process took its own share of every global batch: 6 steps x 8 labeled x 2 processes
-    assert state["lb_stream"]["position"] == 6 * 8 * 2 and state["ulb_stream"]["position"] == 6 * 16 * 2
+    streams = state["parts"]["lb_stream"]["position"], state["parts"]["ulb_stream"]["position"]
+    assert streams == (6 * 8 * 2, 6 * 16 * 2)
 
 
 DDP_RESUME_SCRIPT = """
@@ -190,9 +235,9 @@ from pathlib import Path
 
 import torch
 
-from trustmatch.config import load_config
 from trustmatch import distributed as dist
-from trustmatch.engine.trainer import Trainer
+from trustmatch.config import load_config
+from trustmatch.trainer import Trainer
 
 out, overrides = Path(sys.argv[1]), sys.argv[2:]
 cfg = load_config("digits-softmatch", overrides)
@@ -202,14 +247,23 @@ Trainer(cfg, out / "stopped", progress=False).fit(stop_at=4)
 dist.barrier()
 resumed = Trainer.resume(out / "stopped", progress=False)
 resumed.fit()
-pairs = zip(straight.model.state_dict().values(), resumed.model.state_dict().values())
-(out / f"rank{dist.rank()}").write_text(str(all(torch.equal(a, b) for a, b in pairs)))
+for name, run in (("straight", straight), ("resumed", resumed)):
+    state = {
+        "params": dict(run.model.named_parameters()),  # live buffers follow each process's last batch
+        "ema": run.ema.state_dict(),
+        "optimizer": run.optimizer.state_dict(),
+        "selector": run.task.selector.state_dict(),
+        "scheduler": run.scheduler.state_dict(),
+    }
+    torch.save({k: {n: v.detach() if torch.is_tensor(v) else v for n, v in d.items()} for k, d in state.items()},
+               out / f"{name}-rank{dist.rank()}.pt")
 """
 
 
 @pytest.mark.slow
-def test_torchrun_resume_is_bit_exact(tmp_path: Path) -> None:
-    """Stopped and resumed under torchrun, each process gets its own RNG streams back."""
+def test_torchrun_processes_agree_and_resume_is_bit_exact(tmp_path: Path) -> None:
+    """Under torchrun both processes hold the same weights, EMA, optimizer and selector state; a
+    run stopped and resumed there equals the uninterrupted one in everything it saved."""
     import os
     import subprocess
     import sys
@@ -220,7 +274,11 @@ def test_torchrun_resume_is_bit_exact(tmp_path: Path) -> None:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script), str(tmp_path), *TINY]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert (tmp_path / "rank0").read_text() == "True" and (tmp_path / "rank1").read_text() == "True"
+    for name in ("straight", "resumed"):
+        rank0, rank1 = (torch.load(tmp_path / f"{name}-rank{r}.pt", weights_only=True) for r in (0, 1))
+        assert_same_state(rank0, rank1)
+    assert_same_state(*(load_checkpoint(tmp_path / run / "last.pt") for run in ("straight", "stopped")))
+    assert_same_state(*(json.loads((tmp_path / run / "metrics.json").read_text()) for run in ("straight", "stopped")))
     state = load_checkpoint(tmp_path / "stopped" / "last.pt")
     assert len(state["rng"]) == 2 and not torch.equal(state["rng"][0]["aug"], state["rng"][1]["aug"])
     with pytest.raises(UserError, match="written by 2 process"):
@@ -256,3 +314,83 @@ def test_folder_dataset_trains_and_predicts(tmp_path: Path, capsys: pytest.Captu
     assert main(["predict", str(run), str(tmp_path / "unlabeled"), "--out", str(out)]) == 0
     rows = out.read_text().splitlines()[1:]
     assert len(rows) == 6 and {row.split(",")[1] for row in rows} <= {"blue", "red"}
+
+
+def _class_folders(root: Path, per_class: int) -> None:
+    rng = np.random.default_rng(1)
+    for name, colour in {"red": (200, 30, 30), "blue": (30, 30, 200), "green": (30, 200, 30)}.items():
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            pixels = np.clip(np.array(colour) + rng.integers(-40, 40, (12, 12, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(root / name / f"{i}.png")
+
+
+def test_no_validation_split_runs_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """4 labels per class and data.val_per_class=0: final, curves and diagrams, no best, no traceback."""
+    _class_folders(tmp_path / "labeled", per_class=12)
+    run = tmp_path / "run"
+    folder = ["data.name=folder", f"data.root={tmp_path / 'labeled'}", "data.image_size=12", "data.val_per_class=0"]
+    assert main(["train", "digits-fixmatch", "--out", str(run), "--quiet", *folder, *TINY]) == 0
+    assert "no validation split, so no best checkpoint" in capsys.readouterr().out
+    saved = json.loads((run / "metrics.json").read_text())
+    assert saved["best"] is None and "no validation split" in saved["best_note"]
+    assert METRIC_KEYS <= set(saved["final"]) and saved["split"]["val"] == 0 and saved["split"]["labeled"] == 12
+    assert saved["history"][-1]["val"] == {}
+    assert saved["optimistic_best_test"]["step"] in (3, 6) and "optimistic" in saved["optimistic_best_test"]["note"]
+    for name in ["curves.png", "reliability_final.png", "last.pt"]:
+        assert (run / name).is_file(), name
+    assert not (run / "best.pt").exists() and not (run / "reliability_best.png").exists()
+    assert main(["evaluate", str(run), "--split", "val"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "no val split" in err
+    assert main(["evaluate", str(run)]) == 0  # auto: the last checkpoint, which is the final model
+    result = json.loads(capsys.readouterr().out)
+    assert result["checkpoint"] == "last" and result["accuracy"] == pytest.approx(saved["final"]["accuracy"])
+    assert main(["predict", str(run), str(tmp_path / "labeled" / "red"), "--out", str(tmp_path / "p.csv")]) == 0
+
+
+def test_run_directory_is_named_after_overrides(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from trustmatch.cli import run_name
+
+    assert run_name("digits-fixmatch", [], 0) == "digits-fixmatch-seed0"
+    assert run_name("my.yaml", ["train.steps=6", "method.tau=0.9"], 2) == "my-train.steps=6,method.tau=0.9-seed2"
+    long = run_name("digits-fixmatch", [f"data.root=/a/very/long/path/{i}" for i in range(5)], 0)
+    assert len(long) < 100 and "/" not in long and long.endswith("-seed0")
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "digits-supervised", "--quiet", *TINY]) == 0
+    assert main(["train", "digits-supervised", "--quiet", *TINY[:-1], "train.uratio=3"]) == 0  # no clash
+    assert len(list((tmp_path / "runs").iterdir())) == 2
+
+
+class _LogitPenalty(Regularizer):
+    """A test regularizer: a small penalty on labeled logits, with a buffer counting its calls."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("calls", torch.zeros((), dtype=torch.long))
+
+    def forward(self, model, batch, out):  # type: ignore[no-untyped-def]
+        assert set(out.logits) == {"lb", "weak", "strong"} and set(out.features) == set(out.logits)
+        assert out.selection is not None and out.total_steps == 6 and out.step == int(self.calls)
+        self.calls += 1
+        loss = 1e-3 * out.logits["lb"].square().mean()
+        return loss, {"penalty": loss.detach()}
+
+
+def test_a_regularizer_adds_its_loss_and_its_state_is_checkpointed(tmp_path: Path) -> None:
+    from trustmatch.tasks import TASKS
+    from trustmatch.tasks.classification import ClassificationTask
+
+    class WithPenalty(ClassificationTask):
+        def __init__(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+            super().__init__(*args, **kwargs)
+            self.regularizers["penalty"] = _LogitPenalty()
+
+    if "test-penalty" not in TASKS:
+        TASKS.register("test-penalty")(WithPenalty)
+    trainer = _trainer("fixmatch", tmp_path / "run", "task=test-penalty")
+    out = trainer.train_step()
+    assert "penalty/penalty" in out.logs
+    trainer.fit()
+    state = load_checkpoint(tmp_path / "run" / "last.pt")
+    assert int(state["parts"]["regularizer.penalty"]["calls"]) == 6

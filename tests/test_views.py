@@ -189,6 +189,31 @@ def test_sampled_ops_cover_the_table_within_ranges() -> None:
     assert ((mags >= low) & (mags <= high)).all()
 
 
+def test_fixed_magnitude_sits_at_the_same_strength_of_every_range() -> None:
+    """M=0: every op at its identity end; M=1: its strongest end (signed ops with either sign)."""
+    by_name = {op.name: i for i, op in enumerate(OPS)}
+    weakest = {"Brightness": 0.95, "Posterize": 8.0, "Rotate": 0.0, "Solarize": 256.0, "ShearX": 0.0}
+    strongest = {"Brightness": 0.05, "Posterize": 4.0, "Rotate": 30.0, "Solarize": 0.0, "ShearX": 0.3}
+    for m, expected in ((0.0, weakest), (1.0, strongest)):
+        op_ids, mags = sample_ops(3000, 1, _gen(), magnitude=m)
+        for name, value in expected.items():
+            picked = mags[op_ids == by_name[name]]
+            assert picked.abs().unique().tolist() == pytest.approx([value]), (m, name)
+    op_ids, mags = sample_ops(3000, 1, _gen(), magnitude=0.5)
+    rotations = mags[op_ids == by_name["Rotate"]]
+    assert set(rotations.unique().tolist()) == {-15.0, 15.0}
+    with pytest.raises(ValueError, match="magnitude"):
+        Views((0.5,), (0.25,), hflip=False, magnitude=1.5)
+
+
+def test_strong_ops_count_is_used() -> None:
+    images = torch.randint(0, 256, (16, 3, 8, 8), dtype=torch.uint8)
+    none = Views((0.5,) * 3, (0.25,) * 3, hflip=False, translate=0.0, n_ops=0, cutout=0.0)
+    assert torch.equal(none.strong(images, _gen()), none.plain(images))
+    three = Views((0.5,) * 3, (0.25,) * 3, hflip=False, translate=0.0, n_ops=3, cutout=0.0)
+    assert not torch.equal(three.strong(images, _gen()), three.plain(images))
+
+
 @pytest.mark.parametrize("c", [1, 3])
 def test_cutout_fills_one_gray_square_within_bounds(c: int) -> None:
     size, frac = 16, 0.5

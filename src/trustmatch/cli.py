@@ -22,55 +22,85 @@ def _parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train a model from a shipped config name or a YAML file")
     t.add_argument("config", nargs="?", help="shipped config name (see `trustmatch list`) or path to a YAML file")
     t.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.steps=2000 method.tau=0.9")
-    t.add_argument("--out", type=Path, help="run directory (default: runs/<config>-seed<N>)")
+    t.add_argument("--out", type=Path, help="run directory (default: runs/<config>[-<overrides>]-seed<N>)")
     t.add_argument("--seed", type=int, help="seed for the split, the initialisation and the data order")
-    t.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue the run in RUN_DIR where it stopped")
+    t.add_argument(
+        "--resume",
+        type=Path,
+        metavar="RUN_DIR",
+        help="continue the run in RUN_DIR where it stopped (overrides: only train.steps, eval_every, log_every)",
+    )
     t.add_argument("--quiet", action="store_true", help="no progress bar")
 
     e = sub.add_parser("evaluate", help="re-evaluate a run's checkpoint on its test (or validation) split")
     e.add_argument("run_dir", type=Path)
-    e.add_argument("--checkpoint", default="best", choices=["best", "last"])
+    e.add_argument("--checkpoint", default="auto", choices=["auto", "best", "last"], help="auto: best, else last")
     e.add_argument("--split", default="test", choices=["test", "val"])
 
     pr = sub.add_parser("predict", help="predict classes for images or folders and write a CSV")
     pr.add_argument("run_dir", type=Path)
     pr.add_argument("inputs", nargs="+", type=Path, metavar="IMAGE_OR_FOLDER")
     pr.add_argument("--out", type=Path, default=Path("predictions.csv"))
-    pr.add_argument("--checkpoint", default="best", choices=["best", "last"])
+    pr.add_argument("--checkpoint", default="auto", choices=["auto", "best", "last"], help="auto: best, else last")
 
     ls = sub.add_parser("list", help="list the shipped configs")
     ls.add_argument("--keys", action="store_true", help="list every config key instead")
     return p
 
 
+def run_name(config: str, overrides: list[str], seed: int) -> str:
+    """``<config>[-<overrides>]-seed<N>``: a run with other overrides gets its own directory.
+
+    Overrides are kept in the order given; characters unsafe in a file name become ``_``, and a name
+    longer than 80 characters keeps its first 60 and a hash of the whole.
+    """
+    import hashlib
+    import re
+
+    name = Path(config).stem
+    if overrides:
+        slug = re.sub(r"[^A-Za-z0-9._=+,-]", "_", ",".join(overrides))
+        if len(slug) > 80:
+            slug = f"{slug[:60]}-{hashlib.sha1(slug.encode()).hexdigest()[:8]}"
+        name = f"{name}-{slug}"
+    return f"{name}-seed{seed}"
+
+
 def _train(args: argparse.Namespace) -> int:
     from trustmatch.config import load_config
 
     if args.resume is not None:
-        if args.config or args.overrides or args.seed is not None:
-            raise UserError("--resume takes its config from the run directory: drop CONFIG, overrides and --seed")
-        from trustmatch.engine.trainer import Trainer
+        if args.config and "=" in args.config:  # `--resume RUN train.steps=N`: no CONFIG, only overrides
+            args.config, args.overrides = None, [args.config, *args.overrides]
+        if args.config or args.seed is not None:
+            raise UserError("--resume takes its config from the run directory: drop CONFIG and --seed")
+        from trustmatch.trainer import Trainer
 
-        trainer = Trainer.resume(args.resume, progress=not args.quiet)
+        trainer = Trainer.resume(args.resume, args.overrides, progress=not args.quiet)
     else:
         if not args.config:
             raise UserError("train needs CONFIG (a name from `trustmatch list` or a YAML file) or --resume RUN_DIR")
         overrides = list(args.overrides) + ([f"seed={args.seed}"] if args.seed is not None else [])
         cfg = load_config(args.config, overrides)  # fails fast, before torch and the data load
-        from trustmatch.engine.trainer import Trainer
+        from trustmatch.trainer import Trainer
 
-        out = args.out or Path("runs") / f"{Path(args.config).stem}-seed{cfg.seed}"
+        out = args.out or Path("runs") / run_name(args.config, list(args.overrides), cfg.seed)
         trainer = Trainer(cfg, out, progress=not args.quiet)
     metrics = trainer.fit()
     from trustmatch import distributed
 
     if not distributed.is_main():  # under torchrun, one report
         return 0
+    key = trainer.task.primary
     final, best = metrics["final"], metrics["best"]
-    print(
-        f"done in {metrics['wall_time_s']:.0f}s: final test acc {final['accuracy']:.4f}, ECE-15 {final['ece_15']:.4f}; "
-        f"best (step {best['step']}, chosen on validation) test acc {best['accuracy']:.4f}, ECE-15 {best['ece_15']:.4f}"
-    )
+    line = f"done in {metrics['wall_time_s']:.0f}s: final test {key} {final[key]:.4f}, ECE-15 {final['ece_15']:.4f}; "
+    if best is None:
+        line += "no validation split, so no best checkpoint: the final model is the result"
+    else:
+        line += (
+            f"best (step {best['step']}, chosen on validation) test {key} {best[key]:.4f}, ECE-15 {best['ece_15']:.4f}"
+        )
+    print(line)
     print(f"run directory: {trainer.run_dir}")
     return 0
 
@@ -84,15 +114,23 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from trustmatch.predict import predict_to_csv
+    from trustmatch.config import from_dict
+    from trustmatch.engine.precision import Precision
+    from trustmatch.runs import checkpoint_path, load_run_model
+    from trustmatch.trainer import resolve_device
 
-    n = predict_to_csv(args.run_dir, args.inputs, args.out, args.checkpoint)
+    model, meta, task = load_run_model(checkpoint_path(args.run_dir, args.checkpoint))
+    train = from_dict(meta["config"]).train
+    device = resolve_device("auto")  # where it runs now, not where it was trained
+    n = task.predict(
+        model.to(device), meta, args.inputs, args.out, Precision.resolve(device, train.amp, train.channels_last)
+    )
     print(f"wrote {n} predictions to {args.out}")
     return 0
 
 
 def _list(args: argparse.Namespace) -> int:
-    from trustmatch.config import describe_keys, read_yaml, shipped_configs
+    from trustmatch.config import describe_keys, shipped_configs
 
     if args.keys:
         rows = describe_keys()
@@ -103,7 +141,7 @@ def _list(args: argparse.Namespace) -> int:
     configs = shipped_configs()
     width = max(map(len, configs))
     for name in sorted(configs):
-        print(f"{name:<{width}}  {read_yaml(configs[name]).get('description', '')}")
+        print(f"{name:<{width}}  {configs[name]['description']}")
     return 0
 
 

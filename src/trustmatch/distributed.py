@@ -43,30 +43,18 @@ def local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", 0))
 
 
-def all_reduce_mean(*tensors: Tensor) -> tuple[Tensor, ...]:
-    """Average each tensor over processes (one collective for all of them)."""
-    if not is_distributed():
-        return tensors
-    flat = torch.cat([t.detach().float().reshape(-1) for t in tensors])
-    td.all_reduce(flat)
-    flat /= world_size()
-    out, start = [], 0
-    for t in tensors:
-        out.append(flat[start : start + t.numel()].view_as(t).to(t.dtype))
-        start += t.numel()
-    return tuple(out)
-
-
-def all_reduce_mean_var(x: Tensor) -> tuple[Tensor, Tensor]:
-    """Mean and unbiased variance of ``x`` pooled over all processes, in float32.
+def all_reduce_mean_var(x: Tensor, valid: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Mean and unbiased variance of the ``valid`` elements of ``x`` over all processes, in float32.
 
     Each process contributes (count, mean, sum of squared deviations); they are pooled with Chan's
     formula, which stays exact in float32 (MPS has no float64) where sum-of-squares would cancel.
+    A mask (not boolean indexing) keeps the device from waiting on the host.
     """
     x = x.detach().float().flatten()
-    n = x.new_tensor(float(x.numel()))
-    mean = x.mean() if x.numel() else x.new_zeros(())
-    m2 = (x - mean).square().sum()
+    w = torch.ones_like(x) if valid is None else valid.flatten().float()
+    n = w.sum()
+    mean = (x * w).sum() / n.clamp_min(1.0)
+    m2 = ((x - mean).square() * w).sum()
     if is_distributed():
         parts = [torch.empty(3, device=x.device) for _ in range(world_size())]
         td.all_gather(parts, torch.stack([n, mean, m2]))

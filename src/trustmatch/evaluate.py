@@ -1,4 +1,4 @@
-"""``trustmatch evaluate``: re-score a run's checkpoint on the split it was trained with."""
+"""``trustmatch evaluate``: re-score a run's checkpoint on a split of the data it was trained with."""
 
 from __future__ import annotations
 
@@ -7,35 +7,27 @@ from pathlib import Path
 from typing import Any
 
 from trustmatch.config import from_dict
-from trustmatch.data import load_ssl_data
-from trustmatch.data.views import Views
-from trustmatch.engine.inference import predict_logits
-from trustmatch.engine.trainer import resolve_device
+from trustmatch.engine.precision import Precision
+from trustmatch.errors import UserError
 from trustmatch.fileio import atomic_write_text
-from trustmatch.metrics import classification_metrics, reliability_bins
-from trustmatch.report import reliability_diagram
-from trustmatch.runs import load_run_model
+from trustmatch.runs import checkpoint_path, load_run_model
+from trustmatch.trainer import resolve_device
 
 
-def evaluate_run(run_dir: Path, checkpoint: str = "best", split: str = "test") -> dict[str, Any]:
-    """Metrics of the checkpoint on ``split``; writes a JSON file and a reliability diagram beside it."""
+def evaluate_run(run_dir: Path, checkpoint: str = "auto", split: str = "test") -> dict[str, Any]:
+    """Metrics of the checkpoint on ``split``; writes a JSON file and the task's plots beside it."""
     run_dir = Path(run_dir)
-    model, meta = load_run_model(run_dir, checkpoint)
+    path = checkpoint_path(run_dir, checkpoint)
+    model, meta, task_cls = load_run_model(path)
     cfg = from_dict(meta["config"])
-    device = resolve_device(cfg.train.device)
-    data = load_ssl_data(cfg.data, cfg.seed)
-    images = getattr(data, split)
-    views = Views(data.mean, data.std, hflip=False)
-    logits = predict_logits(model.to(device), images.images, views.plain, device, cfg.train.eval_batch_size)
-    metrics = classification_metrics(logits, images.labels)
-    result = {"checkpoint": checkpoint, "step": int(meta["step"]), "split": split, **metrics}
-    stem = f"evaluation-{checkpoint}-{split}"
-    text = json.dumps(result, indent=2)
-    atomic_write_text(run_dir / f"{stem}.json", text)
-    reliability_diagram(
-        reliability_bins(logits, images.labels),
-        run_dir / f"{stem}.png",
-        f"{checkpoint} checkpoint (step {meta['step']}), {split} split",
-        metrics["ece_15"],
-    )
+    device = resolve_device("auto")  # where it runs now, not where it was trained
+    task = task_cls(cfg, Precision.resolve(device, cfg.train.amp, cfg.train.channels_last))
+    if not task.has_split(split):
+        raise UserError(f"run {run_dir} has no {split} split (data.val_per_class=0?): use --split test")
+    evaluation = task.evaluate(model.to(device), split)
+    which = path.stem
+    result = {"checkpoint": which, "step": int(meta["step"]), "split": split, **evaluation.metrics}
+    stem = run_dir / f"evaluation-{which}-{split}"
+    atomic_write_text(stem.with_suffix(".json"), json.dumps(result, indent=2))
+    task.write_artefacts(evaluation, stem, f"{which} checkpoint (step {meta['step']}), {split} split")
     return result

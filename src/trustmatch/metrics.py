@@ -1,5 +1,9 @@
 """Accuracy and calibration metrics for top-label classification, in pure torch.
 
+Evaluation streams: a :class:`ClassificationMeter` adds each batch to a few float64 sums (their
+number depends on the bins, not on N), and under torchrun the processes' sums are added with one
+all-reduce before computing. The whole-set functions are that meter fed a single batch.
+
 Everything is computed in float64 on the inputs' device (CPU for MPS, which has no
 float64), vectorised over samples, so evaluation of large sets stays cheap and
 the numbers agree with reference implementations to ~1e-12.
@@ -15,7 +19,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from trustmatch.distributed import all_reduce_sum_
+
 __all__ = [
+    "ClassificationMeter",
     "calibration_bins",
     "expected_calibration_error",
     "max_calibration_error",
@@ -29,6 +36,11 @@ def _float64_device(device: torch.device) -> torch.device:
     return torch.device("cpu") if device.type == "mps" else device
 
 
+def _check_n_bins(n_bins: int) -> None:
+    if isinstance(n_bins, bool) or not isinstance(n_bins, int) or n_bins < 1:
+        raise ValueError(f"n_bins must be a positive integer, got {n_bins!r}")
+
+
 def _check_binning_inputs(confidences: Tensor, correct: Tensor, n_bins: int) -> None:
     if confidences.ndim != 1 or correct.shape != confidences.shape:
         raise ValueError(
@@ -37,36 +49,34 @@ def _check_binning_inputs(confidences: Tensor, correct: Tensor, n_bins: int) -> 
         )
     if confidences.numel() == 0:
         raise ValueError("calibration needs at least one sample, got N=0")
-    if isinstance(n_bins, bool) or not isinstance(n_bins, int) or n_bins < 1:
-        raise ValueError(f"n_bins must be a positive integer, got {n_bins!r}")
+    _check_n_bins(n_bins)
     if not bool(((confidences >= 0) & (confidences <= 1)).all()):
         raise ValueError("confidences must lie in [0, 1] (pass probabilities, not logits)")
 
 
-def _bin_sums(confidences: Tensor, correct: Tensor, n_bins: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Per-bin (count, confidence sum, correct sum) as float64 tensors of length ``n_bins``."""
-    _check_binning_inputs(confidences, correct, n_bins)
-    device = _float64_device(confidences.device)
-    conf = confidences.detach().to(device=device, dtype=torch.float64)
-    hits = correct.detach().to(device=device, dtype=torch.float64)
+def _bin_sums(confidences: Tensor, correct: Tensor, n_bins: int) -> Tensor:
+    """Per-bin (count, confidence sum, correct sum) as the rows of a [3, n_bins] tensor.
+
+    Takes float64 inputs on one device. Sums, unlike bin means, add up over batches and processes.
+    """
     # Inner edges b/n, b = 1..n-1; right=True puts a value equal to an edge in the
     # upper bin, and 1.0 (above every inner edge) in the last bin.
-    inner_edges = torch.arange(1, n_bins, device=device, dtype=torch.float64) / n_bins
-    index = torch.bucketize(conf, inner_edges, right=True)
-    zeros = torch.zeros(n_bins, device=device, dtype=torch.float64)
-    count = zeros.scatter_add(0, index, torch.ones_like(conf))
-    conf_sum = zeros.scatter_add(0, index, conf)
-    hit_sum = zeros.scatter_add(0, index, hits)
-    return count, conf_sum, hit_sum
+    inner_edges = torch.arange(1, n_bins, device=confidences.device, dtype=torch.float64) / n_bins
+    index = torch.bucketize(confidences, inner_edges, right=True)
+    values = torch.stack([torch.ones_like(confidences), confidences, correct])
+    return values.new_zeros(3, n_bins).index_add_(1, index, values)
 
 
-def calibration_bins(confidences: Tensor, correct: Tensor, n_bins: int) -> dict[str, list[float]]:
-    """Per-bin statistics for a reliability diagram.
+def _checked_bin_sums(confidences: Tensor, correct: Tensor, n_bins: int) -> Tensor:
+    _check_binning_inputs(confidences, correct, n_bins)
+    device = _float64_device(confidences.device)
+    conf, hits = (t.detach().to(device=device, dtype=torch.float64) for t in (confidences, correct))
+    return _bin_sums(conf, hits, n_bins)
 
-    Returns lists of length ``n_bins`` under ``lower``, ``upper`` (bin edges),
-    ``count`` (ints), ``confidence`` and ``accuracy`` (bin means, 0.0 for an empty bin).
-    """
-    count, conf_sum, hit_sum = _bin_sums(confidences, correct, n_bins)
+
+def _bin_table(sums: Tensor) -> dict[str, list[float]]:
+    count, conf_sum, hit_sum = sums
+    n_bins = count.numel()
     denom = count.clamp(min=1.0)
     edges = torch.arange(n_bins + 1, dtype=torch.float64) / n_bins
     return {
@@ -78,43 +88,132 @@ def calibration_bins(confidences: Tensor, correct: Tensor, n_bins: int) -> dict[
     }
 
 
-def expected_calibration_error(confidences: Tensor, correct: Tensor, n_bins: int) -> float:
-    """ECE = sum_b |B_b|/N * |conf_b - acc_b|, which equals sum_b |sum conf - sum correct| / N."""
-    count, conf_sum, hit_sum = _bin_sums(confidences, correct, n_bins)
+def _ece(sums: Tensor) -> float:
+    count, conf_sum, hit_sum = sums
     return float((conf_sum - hit_sum).abs().sum() / count.sum())
 
 
-def max_calibration_error(confidences: Tensor, correct: Tensor, n_bins: int) -> float:
-    """MCE = max over non-empty bins of |conf_b - acc_b| (empty bins carry no evidence)."""
-    count, conf_sum, hit_sum = _bin_sums(confidences, correct, n_bins)
+def _mce(sums: Tensor) -> float:
+    count, conf_sum, hit_sum = sums
     nonempty = count > 0
     return float(((conf_sum - hit_sum)[nonempty] / count[nonempty]).abs().max())
 
 
-def _log_probs(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
-    """Validate (logits, labels) and return float64 (log-probabilities, labels) on one device."""
-    if logits.ndim != 2 or labels.ndim != 1 or labels.shape[0] != logits.shape[0]:
-        raise ValueError(
-            f"expected logits [N, K] and labels [N], got shapes {tuple(logits.shape)} and {tuple(labels.shape)}"
-        )
-    if logits.shape[0] == 0:
-        raise ValueError("metrics need at least one sample, got N=0")
-    if labels.dtype.is_floating_point or labels.dtype == torch.bool:
-        raise ValueError(f"labels must be integer class indices, got dtype {labels.dtype}")
-    num_classes = logits.shape[1]
-    if not bool(((labels >= 0) & (labels < num_classes)).all()):
-        raise ValueError(f"labels must lie in [0, {num_classes - 1}]")
-    if not bool(torch.isfinite(logits).all()):
-        raise ValueError("logits contain NaN or infinity")
-    device = _float64_device(logits.device)
-    log_probs = F.log_softmax(logits.detach().to(device=device, dtype=torch.float64), dim=1)
-    return log_probs, labels.detach().to(device=device, dtype=torch.long)
+def calibration_bins(confidences: Tensor, correct: Tensor, n_bins: int) -> dict[str, list[float]]:
+    """Per-bin statistics for a reliability diagram.
+
+    Returns lists of length ``n_bins`` under ``lower``, ``upper`` (bin edges),
+    ``count`` (ints), ``confidence`` and ``accuracy`` (bin means, 0.0 for an empty bin).
+    """
+    return _bin_table(_checked_bin_sums(confidences, correct, n_bins))
 
 
-def _top_label(log_probs: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
-    """Top-label confidence and whether the top label is correct (ties: lowest index)."""
-    confidence, prediction = log_probs.exp().max(dim=1)
-    return confidence, prediction == labels
+def expected_calibration_error(confidences: Tensor, correct: Tensor, n_bins: int) -> float:
+    """ECE = sum_b |B_b|/N * |conf_b - acc_b|, which equals sum_b |sum conf - sum correct| / N."""
+    return _ece(_checked_bin_sums(confidences, correct, n_bins))
+
+
+def max_calibration_error(confidences: Tensor, correct: Tensor, n_bins: int) -> float:
+    """MCE = max over non-empty bins of |conf_b - acc_b| (empty bins carry no evidence)."""
+    return _mce(_checked_bin_sums(confidences, correct, n_bins))
+
+
+class ClassificationMeter:
+    """:func:`classification_metrics` accumulated batch by batch, and across processes.
+
+    ``state`` is one float64 tensor of ``5 + 3 * sum(bins)`` sums, whatever N: samples, correct
+    predictions, NLL, Brier and top-label confidence, then per bin count its :func:`_bin_sums`.
+    Sums add over batches and processes, so any split of the data gives the whole set's metrics,
+    and a single tensor makes :meth:`all_reduce` a single collective. Give it the logits' device:
+    updates then never wait on a copy, and NCCL can reduce the state where it lies.
+    """
+
+    def __init__(self, num_classes: int, device: torch.device | str = "cpu", bins: tuple[int, ...] = (10, 15)) -> None:
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+            raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
+        for n_bins in bins:
+            _check_n_bins(n_bins)
+        self.num_classes = num_classes
+        self.device = _float64_device(torch.device(device))
+        self.bin_counts = tuple(sorted(set(bins), reverse=True))  # ece_15 before ece_10, as always
+        self.state = torch.zeros(5 + 3 * sum(self.bin_counts), dtype=torch.float64, device=self.device)
+        self._totals, self._bins = self._unpack(self.state)
+
+    def _unpack(self, state: Tensor) -> tuple[Tensor, dict[int, Tensor]]:
+        """Views of ``state``: the 5 totals, and the [3, b] bin sums for each bin count b."""
+        totals, *parts = state.split([5, *(3 * b for b in self.bin_counts)])
+        return totals, {b: part.view(3, b) for b, part in zip(self.bin_counts, parts)}
+
+    def update(self, logits: Tensor, labels: Tensor) -> None:
+        """Add a batch of logits [N, K] and integer labels [N].
+
+        Only the input checks wait for the device: they keep bad input from becoming silent garbage.
+        """
+        if logits.ndim != 2 or labels.shape != logits.shape[:1]:
+            raise ValueError(
+                f"expected logits [N, K] and labels [N], got shapes {tuple(logits.shape)} and {tuple(labels.shape)}"
+            )
+        if logits.shape[1] != self.num_classes:
+            raise ValueError(f"expected logits for {self.num_classes} classes, got shape {tuple(logits.shape)}")
+        if labels.dtype.is_floating_point or labels.dtype == torch.bool:
+            raise ValueError(f"labels must be integer class indices, got dtype {labels.dtype}")
+        if not bool(((labels >= 0) & (labels < self.num_classes)).all()):
+            raise ValueError(f"labels must lie in [0, {self.num_classes - 1}]")
+        if not bool(torch.isfinite(logits).all()):
+            raise ValueError("logits contain NaN or infinity")
+        log_probs = F.log_softmax(logits.detach().to(device=self.device, dtype=torch.float64), dim=1)
+        labels = labels.detach().to(device=self.device, dtype=torch.long)
+        probs = log_probs.exp()
+        confidence, prediction = probs.max(dim=1)  # ties: lowest index
+        correct = (prediction == labels).to(torch.float64)
+        nll = -log_probs.gather(1, labels[:, None]).sum()
+        brier = (probs - F.one_hot(labels, self.num_classes)).pow(2).sum()
+        self._totals[0] += len(labels)
+        self._totals[1:] += torch.stack([correct.sum(), nll, brier, confidence.sum()])
+        for n_bins, sums in self._bins.items():
+            sums += _bin_sums(confidence, correct, n_bins)
+
+    def all_reduce(self) -> None:
+        """Sum the state over all processes (identity in one); call once, after the last update."""
+        all_reduce_sum_(self.state)
+
+    def _host_sums(self) -> tuple[Tensor, dict[int, Tensor]]:
+        """The unpacked state on the CPU (one transfer), refusing an empty meter."""
+        totals, bins = self._unpack(self.state.cpu())
+        if totals[0] == 0:
+            raise ValueError("metrics need at least one sample, got N=0")
+        return totals, bins
+
+    def compute(self) -> dict[str, float]:
+        """The :func:`classification_metrics` keys, with ``ece_<b>`` and ``mce_<b>`` for each bin count.
+
+        Covers this process's batches, or every process's once :meth:`all_reduce` has run.
+        """
+        totals, bins = self._host_sums()
+        n, correct, nll, brier, confidence = totals.tolist()
+        return {
+            "accuracy": correct / n,
+            **{f"ece_{b}": _ece(sums) for b, sums in bins.items()},
+            **{f"mce_{b}": _mce(sums) for b, sums in bins.items()},
+            "nll": nll / n,
+            "brier": brier / n,
+            "mean_confidence": confidence / n,
+            "n": int(n),
+        }
+
+    def bins(self, n_bins: int = 15) -> dict[str, list[float]]:
+        """Top-label :func:`calibration_bins` of everything added so far, for one of the meter's bin counts."""
+        if n_bins not in self.bin_counts:
+            raise ValueError(f"this meter bins by {self.bin_counts}, not {n_bins!r}")
+        return _bin_table(self._host_sums()[1][n_bins])
+
+
+def _whole_set_meter(logits: Tensor, labels: Tensor, bins: tuple[int, ...]) -> ClassificationMeter:
+    """A meter on ``logits``' device fed the whole set as one batch."""
+    num_classes = logits.shape[1] if logits.ndim == 2 else 1  # any other shape fails update's check
+    meter = ClassificationMeter(num_classes, logits.device, bins)
+    meter.update(logits, labels)
+    return meter
 
 
 def classification_metrics(logits: Tensor, labels: Tensor) -> dict[str, float]:
@@ -127,25 +226,9 @@ def classification_metrics(logits: Tensor, labels: Tensor) -> dict[str, float]:
     sum_k (p_k - onehot_k)^2, so it lies in [0, 2] and is *not* halved; this is
     sklearn's ``brier_score_loss`` for multi-class input (``scale_by_half="auto"``).
     """
-    log_probs, labels = _log_probs(logits, labels)
-    probs = log_probs.exp()
-    confidence, correct = _top_label(log_probs, labels)
-    onehot = F.one_hot(labels, num_classes=log_probs.shape[1]).to(torch.float64)
-    return {
-        "accuracy": float(correct.double().mean()),
-        "ece_15": expected_calibration_error(confidence, correct, 15),
-        "ece_10": expected_calibration_error(confidence, correct, 10),
-        "mce_15": max_calibration_error(confidence, correct, 15),
-        "mce_10": max_calibration_error(confidence, correct, 10),
-        "nll": float(-log_probs.gather(1, labels[:, None]).mean()),
-        "brier": float((probs - onehot).pow(2).sum(dim=1).mean()),
-        "mean_confidence": float(confidence.mean()),
-        "n": int(labels.shape[0]),
-    }
+    return _whole_set_meter(logits, labels, (10, 15)).compute()
 
 
 def reliability_bins(logits: Tensor, labels: Tensor, n_bins: int = 15) -> dict[str, list[float]]:
     """Top-label :func:`calibration_bins` of a classifier's softmax, for the reliability diagram."""
-    log_probs, labels = _log_probs(logits, labels)
-    confidence, correct = _top_label(log_probs, labels)
-    return calibration_bins(confidence, correct, n_bins)
+    return _whole_set_meter(logits, labels, (n_bins,)).bins(n_bins)

@@ -1,21 +1,23 @@
-"""Pseudo-labels for a user's images: one CSV row per image with class, confidence and top-3."""
+"""Classification predictions for a user's images: one CSV row per image with class, confidence and top-3."""
 
 from __future__ import annotations
 
 import csv
 import io
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from trustmatch.data.folders import decode_image, image_files
 from trustmatch.data.views import Views
 from trustmatch.engine.inference import predict_logits
+from trustmatch.engine.precision import Precision
 from trustmatch.errors import UserError
 from trustmatch.fileio import atomic_write_text
-from trustmatch.runs import load_run_model
 
 
 def collect_images(inputs: list[Path]) -> list[Path]:
@@ -34,16 +36,15 @@ def collect_images(inputs: list[Path]) -> list[Path]:
     return files
 
 
-def predict_to_csv(
-    run_dir: Path, inputs: list[Path], out: Path, checkpoint: str = "best", batch_size: int = 256
+def write_predictions(
+    model: nn.Module, meta: dict[str, Any], inputs: list[Path], out: Path, precision: Precision, batch_size: int = 256
 ) -> int:
-    """Write predictions for every image to ``out``; returns the number of rows."""
-    model, meta = load_run_model(run_dir, checkpoint)
+    """Write a CSV row per image found in ``inputs`` to ``out``; returns the number of rows."""
     files = collect_images(inputs)
     mode = "L" if meta["channels"] == 1 else "RGB"
     images = torch.from_numpy(np.stack([decode_image(p, meta["image_size"], mode) for p in files]))
     views = Views(tuple(meta["mean"]), tuple(meta["std"]), hflip=False)
-    probs = predict_logits(model, images, views.plain, torch.device("cpu"), batch_size).softmax(dim=1)
+    probs = predict_logits(model, images, views.plain, precision, batch_size).softmax(dim=1)
     classes = meta["classes"]
     top = probs.topk(min(3, probs.shape[1]), dim=1)
     buffer = io.StringIO()

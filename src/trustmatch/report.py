@@ -70,8 +70,8 @@ def reliability_diagram(bins: dict, path: Path, title: str, ece: float | None = 
 
 
 def _series(history: Sequence[dict], split: str, key: str) -> tuple[list[int], list[float]]:
-    """(steps, values) of ``key`` for the entries that evaluated ``split``."""
-    points = [(entry["step"], entry[split][key]) for entry in history if split in entry]
+    """(steps, values) of ``key`` for the entries that evaluated ``split`` (a run without validation split has none)."""
+    points = [(entry["step"], entry[split][key]) for entry in history if entry.get(split)]
     return [s for s, _ in points], [v for _, v in points]
 
 

@@ -1,4 +1,4 @@
-"""Loading a finished (or interrupted) run's model for evaluation and prediction."""
+"""A run directory's model, rebuilt by its task from a checkpoint, for evaluation and prediction."""
 
 from __future__ import annotations
 
@@ -10,30 +10,27 @@ from torch import nn
 
 from trustmatch.engine.checkpoint import load_checkpoint, load_weights
 from trustmatch.errors import UserError
-from trustmatch.models import build_model
+from trustmatch.tasks import TASKS, Task
 
-CHECKPOINTS = ("best", "last")
+CHECKPOINTS = ("auto", "best", "last")
 
 
-def load_run_model(
-    run_dir: Path, which: str = "best", device: torch.device | str = "cpu"
-) -> tuple[nn.Module, dict[str, Any]]:
-    """The EMA model of ``best.pt`` (chosen on validation) or ``last.pt``, in eval mode, and its metadata."""
+def checkpoint_path(run_dir: Path, which: str = "auto") -> Path:
+    """``best.pt`` (chosen on validation); ``auto``: best.pt, or last.pt for a run without validation split."""
     if which not in CHECKPOINTS:
         raise UserError(f"--checkpoint must be one of {', '.join(CHECKPOINTS)}, got {which!r}")
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise UserError(f"run directory {run_dir} does not exist")
-    path = run_dir / f"{which}.pt"
+    if which == "auto":
+        which = "best" if (run_dir / "best.pt").is_file() else "last"
+    return run_dir / f"{which}.pt"
+
+
+def load_run_model(path: Path, device: torch.device | str = "cpu") -> tuple[nn.Module, dict[str, Any], type[Task]]:
+    """The EMA model of a checkpoint (see ``checkpoint_path``) in eval mode, its metadata and its task."""
     state = load_checkpoint(path, device)
-    weights = state["model"] if which == "best" else state["ema"]
-    cfg = state["config"]
-    model = build_model(
-        cfg["model"]["name"],
-        len(state["classes"]),
-        state["channels"],
-        bn_momentum=cfg["model"]["bn_momentum"],
-        dropout=cfg["model"]["dropout"],
-    ).to(device)
-    load_weights(model, weights, path)
-    return model.eval(), state
+    task = TASKS.get(state["config"].get("task", "classification"))
+    model = task.model_for(state).to(device)
+    load_weights(model, state["parts"]["ema"], path)
+    return model.eval(), state, task

@@ -6,6 +6,11 @@ weights come back with that dimension removed. The stateful selectors are ``nn.M
 their statistics travel with ``state_dict`` (checkpoints) and ``.to(device)``; in multi-process
 training their statistics are averaged across processes before they update.
 
+``select(probs, indices, valid, update)`` takes an optional validity mask (ignored pixels,
+padding): invalid elements get weight 0 and enter no statistic. ``update=False`` selects with the
+current state and changes nothing (a second pass, CutMix partners); it runs no collective, so one
+process may call it alone.
+
 The pure functions (``fixed_threshold``, ``flexmatch_class_thresholds``, ``softmatch_weights``,
 ``freematch_fairness_loss`` ...) are public so a user's own training loop can use them directly.
 """
@@ -18,8 +23,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from trustmatch.config import MethodConfig
 from trustmatch import distributed as dist
+from trustmatch.config import MethodConfig
 from trustmatch.registry import Registry
 
 
@@ -34,10 +39,10 @@ class Selection:
 # ----------------------------------------------------------------------------- pure functions
 
 
-def fixed_threshold(probs: Tensor, tau: float) -> Selection:
-    """FixMatch: yhat = argmax p, w = 1[max p >= tau]."""
+def fixed_threshold(probs: Tensor, tau: float, valid: Tensor | None = None) -> Selection:
+    """FixMatch: yhat = argmax p, w = 1[max p >= tau] (0 where not ``valid``)."""
     conf, labels = probs.max(dim=1)
-    return Selection(labels, (conf >= tau).to(probs.dtype))
+    return Selection(labels, _masked((conf >= tau).to(probs.dtype), valid))
 
 
 def flexmatch_class_thresholds(stored: Tensor, num_classes: int, tau: float, warmup: bool = True) -> Tensor:
@@ -45,14 +50,15 @@ def flexmatch_class_thresholds(stored: Tensor, num_classes: int, tau: float, war
 
     ``stored`` holds every unlabeled sample's last confident prediction (-1 = none yet).
     sigma_c counts samples stored as c; beta_c = sigma_c / max(max_c sigma_c, N_unused) with
-    threshold warm-up, sigma_c / max_c sigma_c without.
+    threshold warm-up, sigma_c / max_c sigma_c without. Counts are exact in float32 up to 2^24
+    samples (MPS has no float64).
     """
-    sigma = torch.bincount(stored[stored >= 0], minlength=num_classes).to(torch.float64)
+    sigma = torch.bincount(stored[stored >= 0], minlength=num_classes).float()
     denom = sigma.max()
     if warmup:
-        denom = torch.maximum(denom, (stored < 0).sum().to(torch.float64))
+        denom = torch.maximum(denom, (stored < 0).sum().float())
     beta = sigma / denom.clamp_min(1.0)
-    return (beta / (2.0 - beta) * tau).to(torch.float32)
+    return beta / (2.0 - beta) * tau
 
 
 def freematch_class_thresholds(global_tau: Tensor, class_probs: Tensor) -> Tensor:
@@ -95,6 +101,34 @@ def freematch_fairness_loss(strong_logits: Tensor, mask: Tensor, class_probs: Te
     return (target * torch.log(p_bar + 1e-12)).sum()
 
 
+def _masked(weights: Tensor, valid: Tensor | None) -> Tensor:
+    return weights if valid is None else weights * valid.to(weights.dtype)
+
+
+def _flat_probs(probs: Tensor) -> Tensor:
+    """[N, K] or [B, K, H, W] -> [elements, K]."""
+    return probs.movedim(1, -1).reshape(-1, probs.shape[1])
+
+
+def pooled_means(probs: Tensor, conf: Tensor, labels: Tensor, valid: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    """Mean confidence, mean probability vector and pseudo-label histogram (fractions) of the valid
+    elements of every process: sums and counts are reduced in one collective, so processes with
+    different numbers of valid elements are weighted by them (not a mean of means)."""
+    num_classes = probs.shape[1]
+    w = torch.ones_like(conf) if valid is None else valid.to(conf.dtype)
+    flat_w = w.reshape(-1, 1)
+    sums = torch.cat(
+        [
+            torch.stack([(conf * w).sum(), w.sum()]),
+            (_flat_probs(probs) * flat_w).sum(0),
+            torch.zeros(num_classes, device=probs.device).index_add_(0, labels.flatten(), w.flatten().float()),
+        ]
+    ).float()
+    dist.all_reduce_sum_(sums)
+    count = sums[1].clamp_min(1.0)
+    return sums[0] / count, sums[2 : 2 + num_classes] / count, sums[2 + num_classes :] / count
+
+
 def _safe_inverse(x: Tensor) -> Tensor:
     return torch.where(x > 0, 1.0 / x.clamp_min(1e-12), torch.zeros_like(x)).detach()
 
@@ -107,9 +141,15 @@ def _sum_norm(x: Tensor) -> Tensor:
 
 
 class Selector(nn.Module):
-    """Base class: ``select(probs, indices)`` -> Selection; state lives in buffers."""
+    """Base class: ``select(probs, indices, valid, update)`` -> Selection; state lives in buffers.
 
-    def select(self, probs: Tensor, indices: Tensor | None = None) -> Selection:
+    ``indices``: dataset indices of the elements' samples (per-sample state); ``valid``: bool mask
+    of probs' shape without dim 1 (None = all valid); ``update=False``: read the state, change nothing.
+    """
+
+    def select(
+        self, probs: Tensor, indices: Tensor | None = None, valid: Tensor | None = None, update: bool = True
+    ) -> Selection:
         raise NotImplementedError
 
     def auxiliary_loss(self, strong_logits: Tensor, selection: Selection) -> Tensor | None:
@@ -126,8 +166,10 @@ class FixMatchSelector(Selector):
         super().__init__()
         self.tau = tau
 
-    def select(self, probs: Tensor, indices: Tensor | None = None) -> Selection:
-        return fixed_threshold(probs, self.tau)
+    def select(
+        self, probs: Tensor, indices: Tensor | None = None, valid: Tensor | None = None, update: bool = True
+    ) -> Selection:
+        return fixed_threshold(probs, self.tau, valid)
 
 
 class FlexMatchSelector(Selector):
@@ -141,14 +183,17 @@ class FlexMatchSelector(Selector):
     def thresholds(self) -> Tensor:
         return flexmatch_class_thresholds(self.stored, self.num_classes, self.tau, self.warmup)
 
-    def select(self, probs: Tensor, indices: Tensor | None = None) -> Selection:
+    def select(
+        self, probs: Tensor, indices: Tensor | None = None, valid: Tensor | None = None, update: bool = True
+    ) -> Selection:
         if indices is None or probs.ndim != 2:
             raise ValueError("FlexMatch keeps per-sample state: it needs [N, K] probabilities and dataset indices")
         conf, labels = probs.max(dim=1)
-        weights = (conf >= self.thresholds()[labels]).to(probs.dtype)
-        confident = conf > self.tau
-        idx, lab = dist.all_gather_cat(indices[confident]), dist.all_gather_cat(labels[confident])
-        self.stored[idx] = lab
+        weights = _masked((conf >= self.thresholds()[labels]).to(probs.dtype), valid)
+        if update:
+            confident = conf > self.tau if valid is None else (conf > self.tau) & valid
+            idx, lab = dist.all_gather_cat(indices[confident]), dist.all_gather_cat(labels[confident])
+            self.stored[idx] = lab
         return Selection(labels, weights)
 
     def stats(self) -> dict[str, float]:
@@ -167,22 +212,22 @@ class FreeMatchSelector(Selector):
         self.register_buffer("class_probs", uniform.clone())
         self.register_buffer("label_hist", uniform.clone())
 
-    def select(self, probs: Tensor, indices: Tensor | None = None) -> Selection:
+    def select(
+        self, probs: Tensor, indices: Tensor | None = None, valid: Tensor | None = None, update: bool = True
+    ) -> Selection:
         conf, labels = probs.max(dim=1)
-        num_classes = probs.shape[1]
-        flat = probs.movedim(1, -1).reshape(-1, num_classes)
-        hist = torch.bincount(labels.flatten(), minlength=num_classes).to(probs.dtype)
-        mean_conf, mean_probs, hist = dist.all_reduce_mean(conf.mean(), flat.mean(0), hist / hist.sum())
-        self.global_tau.lerp_(mean_conf.to(self.global_tau.dtype), 1 - self.m)
-        self.class_probs.lerp_(mean_probs.to(self.class_probs.dtype), 1 - self.m)
-        self.label_hist.lerp_(hist.to(self.label_hist.dtype), 1 - self.m)
+        if update:
+            mean_conf, mean_probs, hist = pooled_means(probs, conf, labels, valid)
+            self.global_tau.lerp_(mean_conf, 1 - self.m)
+            self.class_probs.lerp_(mean_probs, 1 - self.m)
+            self.label_hist.lerp_(hist, 1 - self.m)
         thresholds = freematch_class_thresholds(self.global_tau, self.class_probs)
-        return Selection(labels, (conf >= thresholds[labels]).to(probs.dtype))
+        return Selection(labels, _masked((conf >= thresholds[labels]).to(probs.dtype), valid))
 
     def auxiliary_loss(self, strong_logits: Tensor, selection: Selection) -> Tensor | None:
         if self.fairness_weight == 0:
             return None
-        logits = strong_logits.movedim(1, -1).reshape(-1, strong_logits.shape[1])
+        logits = _flat_probs(strong_logits)
         loss = freematch_fairness_loss(logits, selection.weights.flatten(), self.class_probs, self.label_hist)
         return self.fairness_weight * loss
 
@@ -191,29 +236,41 @@ class FreeMatchSelector(Selector):
 
 
 class SoftMatchSelector(Selector):
-    """Soft weights from a truncated Gaussian fitted (by EMA) to the batch confidence."""
+    """Soft weights from a truncated Gaussian fitted (by EMA) to the batch confidence.
+
+    The alignment's class mean p~ starts as the first batch's mean, as USB does (``started``
+    records that): starting from 1/K with m = 0.999 would leave the alignment almost inactive for
+    thousands of steps. mu and var start at 1/K and 1.0.
+    """
 
     def __init__(self, num_classes: int, momentum: float, n_sigma: float, dist_align: bool, label_from: str) -> None:
         super().__init__()
         self.m, self.n_sigma, self.dist_align, self.label_from = momentum, n_sigma, dist_align, label_from
         self.register_buffer("class_probs", torch.full((num_classes,), 1.0 / num_classes))
+        self.register_buffer("started", torch.tensor(False))
         self.register_buffer("mu", torch.tensor(1.0 / num_classes))
         self.register_buffer("var", torch.tensor(1.0))
 
-    def select(self, probs: Tensor, indices: Tensor | None = None) -> Selection:
-        num_classes = probs.shape[1]
+    def select(
+        self, probs: Tensor, indices: Tensor | None = None, valid: Tensor | None = None, update: bool = True
+    ) -> Selection:
         aligned = probs
         if self.dist_align:
-            (mean_probs,) = dist.all_reduce_mean(probs.movedim(1, -1).reshape(-1, num_classes).mean(0))
-            self.class_probs.lerp_(mean_probs.to(self.class_probs.dtype), 1 - self.m)
+            if update:
+                raw_labels = probs.argmax(dim=1)
+                _, mean_probs, _ = pooled_means(probs, probs.amax(dim=1), raw_labels, valid)
+                rate = torch.where(self.started, 1.0 - self.m, 1.0)
+                self.class_probs.lerp_(mean_probs, rate)
+                self.started.fill_(True)
             aligned = align_to_uniform(probs, self.class_probs.to(probs.dtype))
         conf = aligned.amax(dim=1)
-        batch_mu, batch_var = dist.all_reduce_mean_var(conf.flatten())
-        self.mu.lerp_(batch_mu.to(self.mu.dtype), 1 - self.m)
-        self.var.lerp_(batch_var.to(self.var.dtype), 1 - self.m)
+        if update:
+            batch_mu, batch_var = dist.all_reduce_mean_var(conf, valid)
+            self.mu.lerp_(batch_mu, 1 - self.m)
+            self.var.lerp_(batch_var, 1 - self.m)
         labels = (probs if self.label_from == "raw" else aligned).argmax(dim=1)
         weights = softmatch_weights(conf, self.mu, self.var, self.n_sigma)
-        return Selection(labels, weights.to(probs.dtype))
+        return Selection(labels, _masked(weights.to(probs.dtype), valid))
 
     def stats(self) -> dict[str, float]:
         return {"mu": float(self.mu), "var": float(self.var)}

@@ -11,26 +11,29 @@ the same views: runs are reproducible and resumable.
 
 Strong ops (FixMatch's RandAugment with random magnitudes; FixMatch paper appendix, table of
 RandAugment transformations, and USB ``semilearn/datasets/augmentation/randaugment.py``
-``augment_list``). Each image draws ``n_ops`` ops uniformly with replacement, each with a magnitude
-uniform in its range:
+``augment_list``). Each image draws ``n_ops`` ops uniformly with replacement (FixMatch: 2, USB's
+strong transform: 3). Magnitude rule: by default each op's magnitude is uniform over its range, per
+image (FixMatch's RandAugment variant, USB); with a fixed strength M in [0, 1] every op sits at
+``weakest + M * (strongest - weakest)`` of its range, with a random sign for the signed geometric
+ops (classic RandAugment's single magnitude). Ranges, weakest end first where it matters:
 
 =============  =====================  ==============================================================
 op             magnitude range        meaning
 =============  =====================  ==============================================================
 AutoContrast   -                      stretch each channel to [0, 1]
-Brightness     [0.05, 0.95]           blend with black by this factor
-Color          [0.05, 0.95]           blend with the grayscale image (identity for 1 channel)
-Contrast       [0.05, 0.95]           blend with the mean gray level
+Brightness     0.95 -> 0.05           blend with black by this factor
+Color          0.95 -> 0.05           blend with the grayscale image (identity for 1 channel)
+Contrast       0.95 -> 0.05           blend with the mean gray level
 Equalize       -                      histogram equalisation per channel (PIL's scheme)
 Identity       -                      unchanged
-Posterize      [4, 8) -> bits 4..7    keep the top ``floor(m)`` bits of each uint8 value
-Rotate         [-30, 30] degrees      counter-clockwise about the centre
-Sharpness      [0.05, 0.95]           blend with PIL's 3x3 smoothing (borders kept)
-ShearX         [-0.3, 0.3]            x_in = x_out + m * y_out (about the top-left corner, as PIL)
-ShearY         [-0.3, 0.3]            y_in = y_out + m * x_out
-Solarize       [0, 256)               invert uint8 values >= m
-TranslateX     [-0.3, 0.3]            x_in = x_out + m * width
-TranslateY     [-0.3, 0.3]            y_in = y_out + m * height
+Posterize      8 -> 4 (bits 8..4)     keep the top ``floor(m)`` bits of each uint8 value
+Rotate         0 -> +-30 degrees      counter-clockwise about the centre
+Sharpness      0.95 -> 0.05           blend with PIL's 3x3 smoothing (borders kept)
+ShearX         0 -> +-0.3             x_in = x_out + m * y_out (about the top-left corner, as PIL)
+ShearY         0 -> +-0.3             y_in = y_out + m * x_out
+Solarize       256 -> 0               invert uint8 values >= m
+TranslateX     0 -> +-0.3             x_in = x_out + m * width
+TranslateY     0 -> +-0.3             y_in = y_out + m * height
 =============  =====================  ==============================================================
 
 Geometric ops sample with nearest neighbour (PIL's default) and fill with gray 0.5 (FixMatch's
@@ -56,29 +59,33 @@ class Op(NamedTuple):
     name: str
     low: float
     high: float
+    weakest: float  # the end of the range closest to the identity (a fixed magnitude counts from it)
 
 
 OPS: tuple[Op, ...] = (
-    Op("AutoContrast", 0.0, 1.0),
-    Op("Brightness", 0.05, 0.95),
-    Op("Color", 0.05, 0.95),
-    Op("Contrast", 0.05, 0.95),
-    Op("Equalize", 0.0, 1.0),
-    Op("Identity", 0.0, 1.0),
-    Op("Posterize", 4.0, 8.0),
-    Op("Rotate", -30.0, 30.0),
-    Op("Sharpness", 0.05, 0.95),
-    Op("ShearX", -0.3, 0.3),
-    Op("ShearY", -0.3, 0.3),
-    Op("Solarize", 0.0, 256.0),
-    Op("TranslateX", -0.3, 0.3),
-    Op("TranslateY", -0.3, 0.3),
+    Op("AutoContrast", 0.0, 1.0, 0.0),
+    Op("Brightness", 0.05, 0.95, 0.95),
+    Op("Color", 0.05, 0.95, 0.95),
+    Op("Contrast", 0.05, 0.95, 0.95),
+    Op("Equalize", 0.0, 1.0, 0.0),
+    Op("Identity", 0.0, 1.0, 0.0),
+    Op("Posterize", 4.0, 8.0, 8.0),
+    Op("Rotate", -30.0, 30.0, 0.0),
+    Op("Sharpness", 0.05, 0.95, 0.95),
+    Op("ShearX", -0.3, 0.3, 0.0),
+    Op("ShearY", -0.3, 0.3, 0.0),
+    Op("Solarize", 0.0, 256.0, 256.0),
+    Op("TranslateX", -0.3, 0.3, 0.0),
+    Op("TranslateY", -0.3, 0.3, 0.0),
 )
 OP_INDEX = {op.name: i for i, op in enumerate(OPS)}
 AFFINE = ("Rotate", "ShearX", "ShearY", "TranslateX", "TranslateY")
 _AFFINE_IDS = torch.tensor([OP_INDEX[name] for name in AFFINE])
 _LOW = torch.tensor([op.low for op in OPS])
 _SPAN = torch.tensor([op.high - op.low for op in OPS])
+_WEAKEST = torch.tensor([op.weakest for op in OPS])
+_STRONGEST = torch.tensor([op.low if op.weakest == op.high else op.high for op in OPS])
+_SIGNED = torch.tensor([op.low == -op.high for op in OPS])
 
 
 def _per_sample(m: Tensor) -> Tensor:
@@ -238,11 +245,15 @@ def apply_ops(x: Tensor, op_ids: Tensor, magnitudes: Tensor) -> Tensor:
     return x
 
 
-def sample_ops(n: int, n_ops: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
-    """Op ids [n, n_ops] uniform over OPS and magnitudes uniform in each op's range (on the CPU)."""
+def sample_ops(n: int, n_ops: int, generator: torch.Generator, magnitude: float | None = None) -> tuple[Tensor, Tensor]:
+    """Op ids [n, n_ops] uniform over OPS and their magnitudes (on the CPU): uniform in each op's
+    range, or at the fixed strength ``magnitude`` in [0, 1] with a random sign for signed ops."""
     op_ids = torch.randint(len(OPS), (n, n_ops), generator=generator)
     u = torch.rand(n, n_ops, generator=generator)
-    return op_ids, _LOW[op_ids] + _SPAN[op_ids] * u
+    if magnitude is None:
+        return op_ids, _LOW[op_ids] + _SPAN[op_ids] * u
+    sign = torch.where(_SIGNED[op_ids] & (u < 0.5), -1.0, 1.0)
+    return op_ids, _WEAKEST[op_ids] + magnitude * (_STRONGEST[op_ids] - _WEAKEST[op_ids]) * sign
 
 
 def cutout(x: Tensor, params: Tensor, size: float) -> Tensor:
@@ -278,6 +289,7 @@ class Views:
         translate: float = 0.125,
         n_ops: int = 2,
         cutout: float = 0.5,
+        magnitude: float | None = None,
     ) -> None:
         if len(mean) != len(std) or any(s <= 0 for s in std):
             raise ValueError(f"mean and std need one value per channel and std > 0, got {mean}, {std}")
@@ -285,8 +297,11 @@ class Views:
             raise ValueError(
                 f"need 0 <= translate < 1, n_ops >= 0, 0 <= cutout <= 1; got {translate}, {n_ops}, {cutout}"
             )
+        if magnitude is not None and not 0.0 <= magnitude <= 1.0:
+            raise ValueError(f"magnitude must be None (random) or in [0, 1], got {magnitude}")
         self.mean, self.std = tuple(mean), tuple(std)
         self.hflip, self.translate, self.n_ops, self.cutout = hflip, translate, n_ops, cutout
+        self.magnitude = magnitude
         self._stats: dict[torch.device, tuple[Tensor, Tensor]] = {}  # mean, std on each device
 
     def plain(self, images: Tensor) -> Tensor:
@@ -300,11 +315,11 @@ class Views:
         return self._normalise(_to_float(self._flip_shift(images, generator)))
 
     def strong(self, images: Tensor, generator: torch.Generator) -> Tensor:
-        """Weak view, then ``n_ops`` RandAugment ops per image, then Cutout."""
+        """Weak view, then ``n_ops`` RandAugment ops per image (magnitude rule above), then Cutout."""
         self._check(images)
         x = _to_float(self._flip_shift(images, generator))
         n = len(x)
-        op_ids, magnitudes = sample_ops(n, self.n_ops, generator)
+        op_ids, magnitudes = sample_ops(n, self.n_ops, generator, self.magnitude)
         cut = torch.rand(n, 3, generator=generator)
         for slot in range(self.n_ops):
             x = apply_ops(x, op_ids[:, slot], magnitudes[:, slot])

@@ -1,8 +1,9 @@
 """Classifiers by name. Every model maps images to logits and exposes the features behind them.
 
-Contract: ``forward(x) == head(forward_features(x))`` with ``head`` an ``nn.Linear`` and
-``forward_features`` returning globally pooled features [N, D], so feature-space methods
-(e.g. CalibrateMix similarity) can reuse the same pass. Any spatial size works.
+Contract: ``forward(x)`` returns ``Output(logits, features)`` with ``logits == head(features)``,
+``head`` an ``nn.Linear`` (run in float32) and ``features`` the globally pooled penultimate
+features [N, D] that ``forward_features`` also returns, so feature-space methods (CalibrateMix
+pairing) reuse the training pass itself. Any spatial size works.
 """
 
 from __future__ import annotations
@@ -12,7 +13,10 @@ from collections.abc import Callable
 from torch import nn
 
 from trustmatch.models import cnn, wideresnet
+from trustmatch.models.output import Output
 from trustmatch.registry import Registry
+
+__all__ = ["MODELS", "Output", "build_model"]
 
 ModelFactory = Callable[..., nn.Module]
 

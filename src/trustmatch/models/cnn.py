@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from trustmatch.models.output import Output, float32_head
+
 
 def _conv_bn_relu(c_in: int, c_out: int, bn_momentum: float) -> list[nn.Module]:
     return [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out, momentum=bn_momentum), nn.ReLU()]
@@ -41,5 +43,6 @@ class SmallCNN(nn.Module):
         out = self.body(x.contiguous(memory_format=torch.channels_last))
         return self.drop(out.mean(dim=(2, 3)))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.forward_features(x))
+    def forward(self, x: torch.Tensor) -> Output:
+        features = self.forward_features(x)
+        return Output(float32_head(self.head, features), features)

@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from trustmatch.models.output import Output, float32_head
+
 SLOPE = 0.1
 BN_EPS = 1e-3
 
@@ -100,8 +102,9 @@ class WideResNet(nn.Module):
         out = F.leaky_relu(self.bn(self.blocks(self.stem(x))), SLOPE)
         return out.mean(dim=(2, 3))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.forward_features(x))
+    def forward(self, x: torch.Tensor) -> Output:
+        features = self.forward_features(x)
+        return Output(float32_head(self.head, features), features)
 
 
 def wrn_28(widen: int, num_classes: int, in_channels: int, bn_momentum: float, dropout: float) -> WideResNet:

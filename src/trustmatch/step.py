@@ -1,0 +1,35 @@
+"""What a training step returns, and the regularizers that add a loss on top of any step.
+
+A step (classification's weak-to-strong, segmentation's UniMatch) returns its loss together with the
+logits and penultimate features of every view and the selection it made, so that a regularizer such
+as CalibrateMix can add its own loss from them without editing the step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import Tensor, nn
+
+from trustmatch.selection import Selection
+
+
+@dataclass
+class StepOutput:
+    """A step's loss and logs, plus what a regularizer needs to add its own loss on top."""
+
+    loss: Tensor
+    logs: dict[str, Tensor]
+    logits: dict[str, Tensor] = field(default_factory=dict)  # per view: "lb", "weak", "strong", ...
+    features: dict[str, Tensor] = field(default_factory=dict)  # penultimate features, same views
+    selection: Selection | None = None  # the unlabeled pseudo-labels and weights
+    step: int = 0  # the step being taken (0-based) ...
+    total_steps: int = 1  # ... of this many (warm-up fractions, ramps)
+
+
+class Regularizer(nn.Module):
+    """A loss added on top of a task's step; its state lives in buffers (checkpointed with the run)."""
+
+    def forward(self, model: nn.Module, batch: Any, out: StepOutput) -> tuple[Tensor, dict[str, Tensor]]:
+        raise NotImplementedError

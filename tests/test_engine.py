@@ -1,0 +1,62 @@
+"""Engine building blocks: precision choice, optimizer groups and schedules."""
+
+import math
+
+import pytest
+import torch
+
+from trustmatch.config import TrainConfig
+from trustmatch.engine.optim import SCHEDULES, build_optimizer, build_scheduler, param_groups
+from trustmatch.engine.precision import Precision, native_bf16
+from trustmatch.errors import UserError
+from trustmatch.models import build_model
+
+
+def test_precision_follows_the_config_and_the_hardware() -> None:
+    cpu = torch.device("cpu")
+    fp32 = Precision.resolve(cpu, amp=False, channels_last=True)
+    assert not fp32.amp and not fp32.channels_last and fp32.describe() == "float32"
+    asked = Precision.resolve(cpu, amp=True, channels_last=True)
+    assert asked.amp == native_bf16(cpu) and asked.channels_last == native_bf16(cpu)
+    assert not Precision.resolve(torch.device("mps"), amp=True, channels_last=True).amp
+
+
+@pytest.mark.skipif(not native_bf16(torch.device("cpu")), reason="this CPU has no native bfloat16")
+def test_bf16_autocast_on_this_cpu_keeps_the_loss_float32() -> None:
+    precision = Precision.resolve(torch.device("cpu"), amp=True, channels_last=True)
+    model = precision.prepare(build_model("cnn", 10, 1))
+    x = precision.layout(torch.randn(4, 1, 16, 16))
+    with precision.autocast():
+        out = model(x)
+    assert out.features.dtype == torch.bfloat16 and out.logits.dtype == torch.float32
+    assert precision.describe() == "bfloat16 autocast, channels-last"
+
+
+def test_param_groups_split_head_and_decay() -> None:
+    model = build_model("cnn", 10, 1)
+    cfg = TrainConfig(lr=0.1, weight_decay=1e-3, head_lr_scale=10.0)
+    groups = param_groups(model, cfg)
+    head_ids = {id(p) for p in model.head.parameters()}
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+    for g in groups:
+        is_head = {id(p) in head_ids for p in g["params"]}
+        assert len(is_head) == 1
+        assert g["lr"] == pytest.approx(1.0 if is_head.pop() else 0.1)
+        assert g["weight_decay"] == (1e-3 if all(p.ndim > 1 for p in g["params"]) else 0.0)
+
+
+def test_schedules_and_scheduler_keep_head_scale() -> None:
+    assert SCHEDULES.get("cosine")(100, 100) == pytest.approx(math.cos(7 * math.pi / 16))
+    assert SCHEDULES.get("poly")(50, 100, TrainConfig(poly_power=0.9)) == pytest.approx(0.5**0.9)
+    assert SCHEDULES.get("poly")(100, 100) == 0.0
+    model = build_model("cnn", 10, 1)
+    cfg = TrainConfig(lr=0.1, steps=10, schedule="poly", head_lr_scale=10.0)
+    optimizer = build_optimizer(model, cfg)
+    scheduler = build_scheduler(optimizer, cfg)
+    for _ in range(5):
+        optimizer.step()
+        scheduler.step()
+    lrs = sorted({round(g["lr"], 12) for g in optimizer.param_groups})
+    assert lrs == pytest.approx([0.1 * 0.5**0.9, 1.0 * 0.5**0.9])
+    with pytest.raises(UserError, match="did you mean 'poly'"):
+        SCHEDULES.get("polly")
