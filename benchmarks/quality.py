@@ -1,7 +1,11 @@
-"""Quality benchmark: methods x seeds on digits and Fashion-MNIST; accuracy, ECE-15, NLL, time.
+"""Quality benchmark: methods x precisions x seeds on digits and Fashion-MNIST; accuracy, ECE-15, NLL, time.
 
     python benchmarks/quality.py --suite digits --seeds 0 1 2
-    python benchmarks/quality.py --suite fashionmnist --seeds 0 1 2
+    python benchmarks/quality.py --suite fashionmnist --seeds 0 1 2 --precisions bf16 fp32
+
+``--precisions`` runs each configuration with bfloat16 autocast (``train.amp=true``, where the CPU
+has native bf16) and in float32, and says for each method whether the bf16 means of accuracy and
+ECE-15 lie within one standard deviation (over seeds) of the float32 ones.
 
 Each run is an ordinary ``trustmatch train`` run (its directory is kept under --runs); the script
 writes every run's final metrics and the mean ± std table to JSON and prints the table as
@@ -27,17 +31,18 @@ SUITES = {
     "fashionmnist": "fashionmnist-{method}-40",
 }
 METHODS = list(methods.METHODS)
+PRECISIONS = {"bf16": "train.amp=true", "fp32": "train.amp=false"}
 COLUMNS = [("accuracy", "accuracy"), ("ece_15", "ECE-15"), ("nll", "NLL"), ("wall_time_s", "wall time (s)")]
 
 
-def run_one(config: str, seed: int, runs: Path, overrides: list[str]) -> dict:
-    run_dir = runs / f"{config}-seed{seed}"
+def run_one(config: str, precision: str, seed: int, runs: Path, overrides: list[str]) -> dict:
+    run_dir = runs / f"{config}-{precision}-seed{seed}"
     metrics_path = run_dir / "metrics.json"
     if metrics_path.exists():
         done = json.loads(metrics_path.read_text())
         if done.get("final"):
             return done
-    cfg = load_config(config, [f"seed={seed}", *overrides])
+    cfg = load_config(config, [f"seed={seed}", PRECISIONS[precision], *overrides])
     if (run_dir / "last.pt").exists():
         return Trainer.resume(run_dir, progress=False).fit()
     trainer = Trainer(cfg, run_dir, progress=False)
@@ -48,16 +53,26 @@ def summarise(values: list[float]) -> dict[str, float]:
     return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0}
 
 
-def table(rows: dict[str, dict], seeds: int) -> str:
-    head = "| method | " + " | ".join(label for _, label in COLUMNS) + " |"
-    lines = [head, "|" + "---|" * (len(COLUMNS) + 1)]
-    for method, stats in rows.items():
+def table(rows: dict[tuple[str, str], dict], seeds: int) -> str:
+    head = "| method | precision | " + " | ".join(label for _, label in COLUMNS) + " |"
+    lines = [head, "|" + "---|" * (len(COLUMNS) + 2)]
+    for (method, precision), stats in rows.items():
         cells = []
         for key, _ in COLUMNS:
             m, s = stats[key]["mean"], stats[key]["std"]
             cells.append(f"{m:.0f} ± {s:.0f}" if key == "wall_time_s" else f"{m:.4f} ± {s:.4f}")
-        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+        lines.append(f"| {method} | {precision} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + f"\n\n(mean ± std over {seeds} seeds; final EMA model on the test split)"
+
+
+def within_one_std(rows: dict[tuple[str, str], dict]) -> dict[str, dict[str, bool]]:
+    """Per method: is the bf16 mean of accuracy / ECE-15 within one float32 standard deviation?"""
+    out = {}
+    for method in sorted({m for m, _ in rows}):
+        bf16, fp32 = rows.get((method, "bf16")), rows.get((method, "fp32"))
+        if bf16 and fp32:
+            out[method] = {k: abs(bf16[k]["mean"] - fp32[k]["mean"]) <= fp32[k]["std"] for k in ("accuracy", "ece_15")}
+    return out
 
 
 def main() -> int:
@@ -65,6 +80,7 @@ def main() -> int:
     p.add_argument("--suite", choices=sorted(SUITES), default="digits")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
+    p.add_argument("--precisions", nargs="+", default=["bf16"], choices=list(PRECISIONS))
     p.add_argument("--runs", type=Path, default=Path("runs/benchmark"))
     p.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     p.add_argument("overrides", nargs="*", help="key=value overrides applied to every run")
@@ -73,30 +89,37 @@ def main() -> int:
     results, rows = [], {}
     for method in args.methods:
         config = SUITES[args.suite].format(method=method)
-        finals = []
+        finals: dict[str, list[dict]] = {precision: [] for precision in args.precisions}
         for seed in args.seeds:
-            start = time.perf_counter()
-            metrics = run_one(config, seed, args.runs, args.overrides)
-            final = {**metrics["final"], "wall_time_s": metrics["wall_time_s"]}
-            finals.append(final)
-            results.append(
-                {
-                    "config": config,
-                    "seed": seed,
-                    "final": metrics["final"],
-                    "best": metrics["best"],
-                    "wall_time_s": metrics["wall_time_s"],
-                }
-            )
-            print(
-                f"{config} seed {seed}: acc {final['accuracy']:.4f} ece15 {final['ece_15']:.4f} "
-                f"nll {final['nll']:.4f} ({time.perf_counter() - start:.0f}s)",
-                flush=True,
-            )
-        rows[method] = {key: summarise([f[key] for f in finals]) for key, _ in COLUMNS}
+            for precision in args.precisions:  # interleaved: machine load hits every precision alike
+                start = time.perf_counter()
+                metrics = run_one(config, precision, seed, args.runs, args.overrides)
+                final = {**metrics["final"], "wall_time_s": metrics["wall_time_s"]}
+                finals[precision].append(final)
+                results.append(
+                    {
+                        "config": config,
+                        "precision": precision,
+                        "resolved_precision": metrics.get("precision"),
+                        "seed": seed,
+                        "final": metrics["final"],
+                        "best": metrics["best"],
+                        "wall_time_s": metrics["wall_time_s"],
+                    }
+                )
+                print(
+                    f"{config} {precision} seed {seed}: acc {final['accuracy']:.4f} ece15 {final['ece_15']:.4f} "
+                    f"nll {final['nll']:.4f} ({time.perf_counter() - start:.0f}s)",
+                    flush=True,
+                )
+        for precision, runs in finals.items():
+            rows[(method, precision)] = {key: summarise([f[key] for f in runs]) for key, _ in COLUMNS}
 
     md = table(rows, len(args.seeds))
+    agreement = within_one_std(rows)
     print(md)
+    for method, ok in agreement.items():
+        print(f"{method}: bf16 within one float32 std: accuracy {ok['accuracy']}, ECE-15 {ok['ece_15']}")
     args.out.mkdir(parents=True, exist_ok=True)
     out = args.out / f"quality-{args.suite}.json"
     payload = {
@@ -105,7 +128,9 @@ def main() -> int:
         "overrides": args.overrides,
         "cpu_count": os.cpu_count(),
         "python": sys.version.split()[0],
-        "summary": rows,
+        "precisions": {p: PRECISIONS[p] for p in args.precisions},
+        "summary": {f"{method}/{precision}": stats for (method, precision), stats in rows.items()},
+        "bf16_within_one_fp32_std": agreement,
         "runs": results,
         "markdown": md,
     }

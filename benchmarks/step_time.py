@@ -1,12 +1,14 @@
-"""Speed benchmark: one training step per method, WRN-28-2 at the standard CIFAR shape.
+"""Speed benchmark: one training step per method and precision, WRN-28-2 at the standard CIFAR shape.
 
-    python benchmarks/step_time.py                # CPU (or CUDA if visible), all methods
-    python benchmarks/step_time.py --device cuda --repeats 20
+    python benchmarks/step_time.py --methods fixmatch --repeats 5 --warmup 3 --out benchmarks/results
+    python benchmarks/step_time.py --device cuda --repeats 20 --compile
 
-Shape: 64 labeled + 7 x 64 unlabeled images, 32 px, weak and strong views (960 images through
-the network per step). "with data" times the whole step: gathering indices from the in-memory
-uint8 set, building the views on the device, forward, backward, update, EMA. "model only" times
-the same step on a batch prepared in advance. Reports medians and writes JSON.
+Shape: 64 labeled + 7 x 64 unlabeled images, 32 px, weak and strong views (960 images through the
+network per step). "with data" times the whole step: gathering indices from the in-memory uint8 set,
+building the views on the device, forward, backward, update, EMA. "model only" times the same step on
+a batch prepared in advance; "batch + views" times the batch alone. After ``--warmup`` untimed rounds,
+every round times every (method, precision) once, interleaved, so that machine noise hits all of
+them alike; min and median are reported, and the bf16/fp32 speed-up as the median of per-round ratios.
 """
 
 from __future__ import annotations
@@ -19,15 +21,17 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from trustmatch.config import Config, DataConfig, MethodConfig, ModelConfig, TrainConfig
 from trustmatch.data.base import DATASETS, ImageSet, SourceData
+from trustmatch.methods import METHODS
 from trustmatch.trainer import Trainer
 
-METHODS = ["supervised", "fixmatch", "flexmatch", "freematch", "softmatch"]
+PRECISIONS = {"bf16": True, "fp32": False}  # name -> train.amp
 
 
 @DATASETS.register("synthetic-cifar")
@@ -47,28 +51,10 @@ def _synthetic(cfg: DataConfig) -> SourceData:
     )
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _median_ms(fn, device: torch.device, repeats: int, warmup: int) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        _sync(device)
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append((time.perf_counter() - start) * 1000)
-    return statistics.median(times)
-
-
-def time_method(method: str, args: argparse.Namespace, root: Path) -> dict:
+def _build(method: str, precision: str, args: argparse.Namespace, root: Path) -> Trainer:
     cfg = Config(
         seed=0,
-        data=DataConfig(name="synthetic-cifar", labels_per_class=4, val_per_class=0),
+        data=DataConfig(name="synthetic-cifar", labels_per_class=4, val_per_class=0, strong_ops=args.strong_ops),
         model=ModelConfig(name=args.model),
         method=MethodConfig(name=method),
         train=TrainConfig(
@@ -77,63 +63,110 @@ def time_method(method: str, args: argparse.Namespace, root: Path) -> dict:
             uratio=7,
             device=args.device,
             compile=args.compile,
-            amp=not args.no_amp,
+            amp=PRECISIONS[precision],
             channels_last=not args.no_channels_last,
         ),
     )
-    trainer = Trainer(cfg, root / method, progress=False)
-    batch = trainer.next_batch()
-    with_data = _median_ms(trainer.train_step, trainer.device, args.repeats, args.warmup)
-    model_only = _median_ms(lambda: trainer.optimize(batch), trainer.device, args.repeats, args.warmup)
-    views_only = _median_ms(trainer.next_batch, trainer.device, args.repeats, args.warmup)
-    return {
-        "method": method,
-        "with_data_ms": round(with_data, 1),
-        "model_only_ms": round(model_only, 1),
-        "batch_and_views_ms": round(views_only, 1),
-    }
+    return Trainer(cfg, root / f"{method}-{precision}", progress=False)
+
+
+def _time_ms(fn: Callable[[], object], device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return (time.perf_counter() - start) * 1000
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    p.add_argument("--precisions", nargs="+", default=list(PRECISIONS), choices=list(PRECISIONS))
     p.add_argument("--model", default="wrn_28_2")
     p.add_argument("--device", default="auto")
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=5, help="timed rounds")
+    p.add_argument("--warmup", type=int, default=3, help="untimed rounds first (allocator, kernels, caches)")
+    p.add_argument("--strong-ops", type=int, default=2)
     p.add_argument("--compile", action="store_true")
-    p.add_argument("--no-amp", action="store_true")
     p.add_argument("--no-channels-last", action="store_true")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = p.parse_args()
 
-    rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for method in args.methods:
-            row = time_method(method, args, Path(tmp))
-            rows.append(row)
+        keys = [(m, pr) for m in args.methods for pr in args.precisions]
+        trainers = {key: _build(*key, args, Path(tmp)) for key in keys}
+        batches = {key: trainer.next_batch() for key, trainer in trainers.items()}
+        device = next(iter(trainers.values())).device
+        times: dict[tuple[str, str], dict[str, list[float]]] = {
+            k: {"with_data": [], "model_only": [], "views": []} for k in keys
+        }
+        for round_ in range(args.warmup + args.repeats):
+            for key, trainer in trainers.items():
+                t = {
+                    "with_data": _time_ms(trainer.train_step, device),
+                    "model_only": _time_ms(lambda: trainer.optimize(batches[key]), device),  # noqa: B023
+                    "views": _time_ms(trainer.next_batch, device),
+                }
+                if round_ >= args.warmup:
+                    for name, value in t.items():
+                        times[key][name].append(value)
             print(
-                f"{method:<11} with data {row['with_data_ms']:9.1f} ms | model only {row['model_only_ms']:9.1f} ms"
-                f" | batch + views {row['batch_and_views_ms']:7.1f} ms",
+                f"round {round_ + 1}/{args.warmup + args.repeats}" + (" (warm-up)" if round_ < args.warmup else ""),
                 flush=True,
             )
-    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+        precisions = {key: trainer.precision.describe() for key, trainer in trainers.items()}
+
+    rows = []
+    for (method, precision), t in times.items():
+        row = {"method": method, "precision": precision, "resolved": precisions[(method, precision)]}
+        for name, label in (
+            ("with_data", "with_data_ms"),
+            ("model_only", "model_only_ms"),
+            ("views", "batch_and_views_ms"),
+        ):
+            row[label] = round(statistics.median(t[name]), 1)
+            row[label.replace("_ms", "_min_ms")] = round(min(t[name]), 1)
+        rows.append(row)
+        print(
+            f"{method:<11} {precision}  with data {row['with_data_ms']:9.1f} ms (min {row['with_data_min_ms']:.1f})"
+            f" | model only {row['model_only_ms']:9.1f} ms (min {row['model_only_min_ms']:.1f})"
+            f" | batch + views {row['batch_and_views_ms']:7.1f} ms",
+            flush=True,
+        )
+    speedups = []
+    if {"bf16", "fp32"} <= set(args.precisions):
+        for method in args.methods:
+            fp32, bf16 = times[(method, "fp32")], times[(method, "bf16")]
+            ratios = {name: [a / b for a, b in zip(fp32[name], bf16[name])] for name in ("with_data", "model_only")}
+            entry = {
+                "method": method,
+                **{f"{n}_fp32_over_bf16": round(statistics.median(r), 2) for n, r in ratios.items()},
+            }
+            entry.update({f"{n}_fp32_over_bf16_min": round(min(r), 2) for n, r in ratios.items()})
+            speedups.append(entry)
+            whole, model = entry["with_data_fp32_over_bf16"], entry["model_only_fp32_over_bf16"]
+            print(f"{method:<11} bf16 speed-up (median of per-round fp32/bf16): step {whole}x, model only {model}x")
     payload = {
         "benchmark": "step_time",
         "model": args.model,
         "shape": "64 labeled + 448 unlabeled x 2 views, 32 px",
-        "device": torch.cuda.get_device_name() if device.startswith("cuda") else platform.processor() or "cpu",
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
         "compile": args.compile,
-        "amp": not args.no_amp,
         "channels_last": not args.no_channels_last,
+        "strong_ops": args.strong_ops,
+        "warmup": args.warmup,
         "repeats": args.repeats,
+        "order": "interleaved: each round times every (method, precision): whole step, model only, batch + views",
         "results": rows,
+        "speedups": speedups,
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    out = args.out / f"step_time-{'cuda' if device.startswith('cuda') else device}.json"
+    out = args.out / f"step_time-{device.type}.json"
     out.write_text(json.dumps(payload, indent=2))
     print(f"wrote {out}")
     return 0

@@ -86,6 +86,10 @@ class ClassificationTask(Task):
     def train_stats(self) -> dict[str, float]:
         return self.selector.stats() if self.selector is not None else {}
 
+    def score(self, metrics: dict[str, float]) -> tuple[float, ...]:
+        """Validation accuracy, ties broken by lower NLL."""
+        return (metrics["accuracy"], -metrics["nll"])
+
     def has_split(self, split: str) -> bool:
         return split in SPLITS and len(getattr(self.data, split)) > 0
 
