@@ -137,7 +137,7 @@ def test_overrides_are_typed() -> None:
         ("method.name=mixmatch", "'method.name' must be one of"),
         ("method.tau=1.5", "'method.tau' must be in (0, 1]"),
         ("train.steps", "is not key=value"),
-        ("train.schedule=step", "'train.schedule' must be 'cosine' or 'poly', got 'step'"),
+        ("train.schedule=step", "'train.schedule' must be one of cosine, poly, got 'step'"),
         ("train.poly_power=0", "'train.poly_power' must be positive, got 0.0"),
         ("train.head_lr_scale=-1", "'train.head_lr_scale' must be positive, got -1.0"),
         ("data.strong_ops=-1", "'data.strong_ops' must be 0 or more, got -1"),

@@ -78,8 +78,9 @@ def test_gradients_reach_every_parameter(name: str) -> None:
     assert not missing
 
 
-def test_features_and_float32_logits_through_ddp_compile_and_autocast() -> None:
-    """Output(logits, features) survives the wrappers that only see forward; logits stay float32."""
+def test_features_and_float32_logits_through_compile_and_autocast() -> None:
+    """Output(logits, features) survives compile, which only sees forward; logits stay float32 (DDP:
+    the torchrun tests in test_train.py)."""
     model = build_model("cnn", num_classes=4, in_channels=1).eval()
     x = torch.randn(3, 1, 16, 16)
     with torch.no_grad():

@@ -190,6 +190,21 @@ def test_masked_statistics_equal_those_of_the_valid_pixels_alone() -> None:
         torch.testing.assert_close(getattr(free_masked, key), getattr(free_alone, key), msg=key)
 
 
+@pytest.mark.parametrize("name", ["freematch", "softmatch"])
+def test_a_batch_without_valid_elements_moves_no_statistic(name: str) -> None:
+    """An all-ignored crop (NaN in its ignored pixels, even) leaves the state as it was."""
+    sel = build_selector(MethodConfig(name=name, ema_m=0.5), num_classes=4, num_unlabeled=0)
+    before = {k: v.clone() for k, v in sel.state_dict().items()}
+    probs = torch.full((2, 4, 3, 3), float("nan"))
+    out = sel.select(probs, valid=torch.zeros(2, 3, 3, dtype=torch.bool))
+    assert (out.weights == 0).all()
+    for key, value in sel.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    probs, valid = _segmentation_like()
+    sel.select(probs, valid=valid)  # then a real batch moves it, with finite values
+    assert all(torch.isfinite(v.float()).all() for v in sel.state_dict().values())
+
+
 @pytest.mark.parametrize("name", ["fixmatch", "flexmatch", "freematch", "softmatch"])
 def test_select_without_update_changes_no_state(name: str) -> None:
     sel = build_selector(MethodConfig(name=name), num_classes=3, num_unlabeled=10)

@@ -11,8 +11,8 @@ from PIL import Image
 from trustmatch.cli import main
 from trustmatch.config import load_config
 from trustmatch.engine.checkpoint import load_checkpoint
-from trustmatch.engine.optim import cosine_factor
 from trustmatch.errors import UserError
+from trustmatch.schedules import cosine_factor
 from trustmatch.step import Regularizer
 from trustmatch.trainer import Trainer
 
@@ -103,7 +103,12 @@ def test_assert_same_state_catches_missing_keys_and_values() -> None:
 def test_resume_can_extend_steps_and_nothing_else(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     run = tmp_path / "run"
     _trainer("fixmatch", run).fit()
-    assert main(["train", "--resume", str(run), "train.steps=9", "--quiet"]) == 0
+    extended = Trainer.resume(run, ["train.steps=9"], progress=False)
+    lr0 = extended.cfg.train.lr  # the schedule now spans 9 steps, from where the run stopped
+    assert extended.optimizer.param_groups[0]["lr"] == pytest.approx(lr0 * cosine_factor(6, 9))
+    extended.fit(stop_at=7)
+    assert extended.optimizer.param_groups[0]["lr"] == pytest.approx(lr0 * cosine_factor(7, 9))
+    assert main(["train", "--resume", str(run), "--quiet"]) == 0
     assert load_checkpoint(run / "last.pt")["step"] == 9
     assert "steps: 9" in (run / "config.yaml").read_text()
     assert json.loads((run / "metrics.json").read_text())["history"][-1]["step"] == 9
@@ -112,6 +117,19 @@ def test_resume_can_extend_steps_and_nothing_else(tmp_path: Path, capsys: pytest
     assert "can change only train.steps" in capsys.readouterr().err
     assert main(["train", "--resume", str(run), "train.steps=3", "--quiet"]) == 2
     assert "cannot shorten" in capsys.readouterr().err
+    assert main(["train", "--resume", str(run), "--out", str(tmp_path / "elsewhere"), "--quiet"]) == 2
+    assert "drop CONFIG, --seed and --out" in capsys.readouterr().err
+
+
+def test_a_checkpoint_of_another_run_shape_is_refused(tmp_path: Path) -> None:
+    """last.pt of a FixMatch run cannot resume as SoftMatch: its parts differ (one line, no traceback)."""
+    run = tmp_path / "run"
+    _trainer("fixmatch", run).fit(stop_at=3)
+    state = load_checkpoint(run / "last.pt")
+    del state["parts"]["selector"]
+    torch.save(state, run / "last.pt")
+    with pytest.raises(UserError, match=r"does not fit this run .*parts \['ema', 'lb_stream'"):
+        Trainer.resume(run, progress=False)
 
 
 def test_existing_run_directory_is_not_overwritten(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -343,6 +361,8 @@ def test_no_validation_split_runs_end_to_end(tmp_path: Path, capsys: pytest.Capt
     assert main(["evaluate", str(run), "--split", "val"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "no val split" in err
+    assert main(["evaluate", str(run), "--checkpoint", "best"]) == 2
+    assert "use --checkpoint last" in capsys.readouterr().err
     assert main(["evaluate", str(run)]) == 0  # auto: the last checkpoint, which is the final model
     result = json.loads(capsys.readouterr().out)
     assert result["checkpoint"] == "last" and result["accuracy"] == pytest.approx(saved["final"]["accuracy"])
@@ -353,6 +373,7 @@ def test_run_directory_is_named_after_overrides(tmp_path: Path, monkeypatch: pyt
     from trustmatch.cli import run_name
 
     assert run_name("digits-fixmatch", [], 0) == "digits-fixmatch-seed0"
+    assert run_name("digits-fixmatch", ["seed=1"], 1) == "digits-fixmatch-seed1"  # same as --seed 1
     assert run_name("my.yaml", ["train.steps=6", "method.tau=0.9"], 2) == "my-train.steps=6,method.tau=0.9-seed2"
     long = run_name("digits-fixmatch", [f"data.root=/a/very/long/path/{i}" for i in range(5)], 0)
     assert len(long) < 100 and "/" not in long and long.endswith("-seed0")
@@ -391,6 +412,9 @@ def test_a_regularizer_adds_its_loss_and_its_state_is_checkpointed(tmp_path: Pat
     trainer = _trainer("fixmatch", tmp_path / "run", "task=test-penalty")
     out = trainer.train_step()
     assert "penalty/penalty" in out.logs
-    trainer.fit()
-    state = load_checkpoint(tmp_path / "run" / "last.pt")
-    assert int(state["parts"]["regularizer.penalty"]["calls"]) == 6
+    trainer.fit(stop_at=3)
+    assert int(load_checkpoint(tmp_path / "run" / "last.pt")["parts"]["regularizer.penalty"]["calls"]) == 3
+    resumed = Trainer.resume(tmp_path / "run", progress=False)
+    assert int(resumed.task.regularizers["penalty"].calls) == 3  # restored, so the step count goes on
+    resumed.fit()
+    assert int(load_checkpoint(tmp_path / "run" / "last.pt")["parts"]["regularizer.penalty"]["calls"]) == 6

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from trustmatch.selection import Selector
-from trustmatch.tasks.base import StepOutput
+from trustmatch.step import StepOutput
 
 
 @dataclass

@@ -58,6 +58,7 @@ def run_name(config: str, overrides: list[str], seed: int) -> str:
     import re
 
     name = Path(config).stem
+    overrides = [o for o in overrides if not o.startswith("seed=")]  # the seed ends the name anyway
     if overrides:
         slug = re.sub(r"[^A-Za-z0-9._=+,-]", "_", ",".join(overrides))
         if len(slug) > 80:
@@ -72,8 +73,8 @@ def _train(args: argparse.Namespace) -> int:
     if args.resume is not None:
         if args.config and "=" in args.config:  # `--resume RUN train.steps=N`: no CONFIG, only overrides
             args.config, args.overrides = None, [args.config, *args.overrides]
-        if args.config or args.seed is not None:
-            raise UserError("--resume takes its config from the run directory: drop CONFIG and --seed")
+        if args.config or args.seed is not None or args.out is not None:
+            raise UserError("--resume takes its config and directory from RUN_DIR: drop CONFIG, --seed and --out")
         from trustmatch.trainer import Trainer
 
         trainer = Trainer.resume(args.resume, args.overrides, progress=not args.quiet)
@@ -115,16 +116,14 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 def _predict(args: argparse.Namespace) -> int:
     from trustmatch.config import from_dict
-    from trustmatch.engine.precision import Precision
+    from trustmatch.engine.precision import Precision, resolve_device
     from trustmatch.runs import checkpoint_path, load_run_model
-    from trustmatch.trainer import resolve_device
 
     model, meta, task = load_run_model(checkpoint_path(args.run_dir, args.checkpoint))
     train = from_dict(meta["config"]).train
     device = resolve_device("auto")  # where it runs now, not where it was trained
-    n = task.predict(
-        model.to(device), meta, args.inputs, args.out, Precision.resolve(device, train.amp, train.channels_last)
-    )
+    precision = Precision.resolve(device, train.amp, train.channels_last)
+    n = task.predict(precision.prepare(model.to(device)), meta, args.inputs, args.out, precision)
     print(f"wrote {n} predictions to {args.out}")
     return 0
 

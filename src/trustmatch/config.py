@@ -21,6 +21,7 @@ import yaml
 from trustmatch.errors import UserError
 from trustmatch.methods import METHODS
 from trustmatch.presets import PRESETS
+from trustmatch.schedules import SCHEDULES
 
 
 def opt(default: Any, help: str) -> Any:
@@ -206,7 +207,7 @@ def _validate(cfg: Config, method_keys: set[str]) -> None:
         (cfg.train.eval_every >= 1, "train.eval_every", "at least 1"),
         (cfg.train.log_every >= 1, "train.log_every", "at least 1"),
         (0.0 <= cfg.train.ema < 1.0, "train.ema", "in [0, 1)"),
-        (cfg.train.schedule in ("cosine", "poly"), "train.schedule", "'cosine' or 'poly'"),
+        (cfg.train.schedule in SCHEDULES, "train.schedule", f"one of {', '.join(SCHEDULES.names())}"),
         (cfg.train.poly_power > 0, "train.poly_power", "positive"),
         (cfg.train.head_lr_scale > 0, "train.head_lr_scale", "positive"),
         (cfg.data.strong_ops >= 0, "data.strong_ops", "0 or more"),

@@ -43,8 +43,8 @@ def local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", 0))
 
 
-def all_reduce_mean_var(x: Tensor, valid: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """Mean and unbiased variance of the ``valid`` elements of ``x`` over all processes, in float32.
+def all_reduce_mean_var(x: Tensor, valid: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Mean, unbiased variance and count of the ``valid`` elements of ``x`` over all processes, in float32.
 
     Each process contributes (count, mean, sum of squared deviations); they are pooled with Chan's
     formula, which stays exact in float32 (MPS has no float64) where sum-of-squares would cancel.
@@ -52,8 +52,10 @@ def all_reduce_mean_var(x: Tensor, valid: Tensor | None = None) -> tuple[Tensor,
     """
     x = x.detach().float().flatten()
     w = torch.ones_like(x) if valid is None else valid.flatten().float()
+    if valid is not None:  # where, not a product: an ignored element may hold NaN or inf
+        x = torch.where(valid.flatten(), x, 0.0)
     n = w.sum()
-    mean = (x * w).sum() / n.clamp_min(1.0)
+    mean = x.sum() / n.clamp_min(1.0)
     m2 = ((x - mean).square() * w).sum()
     if is_distributed():
         parts = [torch.empty(3, device=x.device) for _ in range(world_size())]
@@ -66,7 +68,7 @@ def all_reduce_mean_var(x: Tensor, valid: Tensor | None = None) -> tuple[Tensor,
             mean = mean + delta * n_b / total
             m2 = m2 + m2_b + delta.square() * n * n_b / total
             n = n + n_b
-    return mean, (m2 / (n - 1).clamp_min(1.0)).clamp_min(0.0)
+    return mean, (m2 / (n - 1).clamp_min(1.0)).clamp_min(0.0), n
 
 
 def all_gather_cat(x: Tensor) -> Tensor:

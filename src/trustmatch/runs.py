@@ -24,6 +24,10 @@ def checkpoint_path(run_dir: Path, which: str = "auto") -> Path:
         raise UserError(f"run directory {run_dir} does not exist")
     if which == "auto":
         which = "best" if (run_dir / "best.pt").is_file() else "last"
+    elif which == "best" and not (run_dir / "best.pt").is_file() and (run_dir / "last.pt").is_file():
+        raise UserError(
+            f"run {run_dir} has no best.pt (no validation split, or no evaluation yet): use --checkpoint last (or auto)"
+        )
     return run_dir / f"{which}.pt"
 
 

@@ -102,7 +102,7 @@ def freematch_fairness_loss(strong_logits: Tensor, mask: Tensor, class_probs: Te
 
 
 def _masked(weights: Tensor, valid: Tensor | None) -> Tensor:
-    return weights if valid is None else weights * valid.to(weights.dtype)
+    return weights if valid is None else torch.where(valid, weights, 0.0)
 
 
 def _flat_probs(probs: Tensor) -> Tensor:
@@ -110,23 +110,29 @@ def _flat_probs(probs: Tensor) -> Tensor:
     return probs.movedim(1, -1).reshape(-1, probs.shape[1])
 
 
-def pooled_means(probs: Tensor, conf: Tensor, labels: Tensor, valid: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
-    """Mean confidence, mean probability vector and pseudo-label histogram (fractions) of the valid
-    elements of every process: sums and counts are reduced in one collective, so processes with
-    different numbers of valid elements are weighted by them (not a mean of means)."""
+def pooled_means(
+    probs: Tensor, conf: Tensor, labels: Tensor, valid: Tensor | None
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Mean confidence, mean probability vector, pseudo-label histogram (fractions) and count of the
+    valid elements of every process: sums and counts are reduced in one collective, so processes
+    with different numbers of valid elements are weighted by them (not a mean of means). With no
+    valid element anywhere the means are 0 and the count 0: callers then leave their state alone."""
     num_classes = probs.shape[1]
     w = torch.ones_like(conf) if valid is None else valid.to(conf.dtype)
-    flat_w = w.reshape(-1, 1)
+    flat = _flat_probs(probs)
+    if valid is not None:  # where, not a product: an ignored element may hold NaN or inf
+        conf, flat = torch.where(valid, conf, 0.0), torch.where(valid.reshape(-1, 1), flat, 0.0)
     sums = torch.cat(
         [
-            torch.stack([(conf * w).sum(), w.sum()]),
-            (_flat_probs(probs) * flat_w).sum(0),
+            torch.stack([conf.sum(), w.sum()]),
+            flat.sum(0),
             torch.zeros(num_classes, device=probs.device).index_add_(0, labels.flatten(), w.flatten().float()),
         ]
     ).float()
     dist.all_reduce_sum_(sums)
-    count = sums[1].clamp_min(1.0)
-    return sums[0] / count, sums[2 : 2 + num_classes] / count, sums[2 + num_classes :] / count
+    count = sums[1]
+    means = sums / count.clamp_min(1.0)
+    return means[0], means[2 : 2 + num_classes], means[2 + num_classes :], count
 
 
 def _safe_inverse(x: Tensor) -> Tensor:
@@ -217,10 +223,11 @@ class FreeMatchSelector(Selector):
     ) -> Selection:
         conf, labels = probs.max(dim=1)
         if update:
-            mean_conf, mean_probs, hist = pooled_means(probs, conf, labels, valid)
-            self.global_tau.lerp_(mean_conf, 1 - self.m)
-            self.class_probs.lerp_(mean_probs, 1 - self.m)
-            self.label_hist.lerp_(hist, 1 - self.m)
+            mean_conf, mean_probs, hist, count = pooled_means(probs, conf, labels, valid)
+            rate = (1 - self.m) * (count > 0)  # a batch without valid elements moves nothing
+            self.global_tau.lerp_(mean_conf, rate)
+            self.class_probs.lerp_(mean_probs, rate)
+            self.label_hist.lerp_(hist, rate)
         thresholds = freematch_class_thresholds(self.global_tau, self.class_probs)
         return Selection(labels, _masked((conf >= thresholds[labels]).to(probs.dtype), valid))
 
@@ -257,17 +264,17 @@ class SoftMatchSelector(Selector):
         aligned = probs
         if self.dist_align:
             if update:
-                raw_labels = probs.argmax(dim=1)
-                _, mean_probs, _ = pooled_means(probs, probs.amax(dim=1), raw_labels, valid)
-                rate = torch.where(self.started, 1.0 - self.m, 1.0)
+                _, mean_probs, _, count = pooled_means(probs, probs.amax(dim=1), probs.argmax(dim=1), valid)
+                rate = torch.where(self.started, 1.0 - self.m, 1.0) * (count > 0)
                 self.class_probs.lerp_(mean_probs, rate)
-                self.started.fill_(True)
+                self.started |= count > 0
             aligned = align_to_uniform(probs, self.class_probs.to(probs.dtype))
         conf = aligned.amax(dim=1)
         if update:
-            batch_mu, batch_var = dist.all_reduce_mean_var(conf, valid)
-            self.mu.lerp_(batch_mu, 1 - self.m)
-            self.var.lerp_(batch_var, 1 - self.m)
+            batch_mu, batch_var, count = dist.all_reduce_mean_var(conf, valid)
+            rate = (1 - self.m) * (count > 0)
+            self.mu.lerp_(batch_mu, rate)
+            self.var.lerp_(batch_var, rate)
         labels = (probs if self.label_from == "raw" else aligned).argmax(dim=1)
         weights = softmatch_weights(conf, self.mu, self.var, self.n_sigma)
         return Selection(labels, _masked(weights.to(probs.dtype), valid))

@@ -29,7 +29,12 @@ class StepOutput:
 
 
 class Regularizer(nn.Module):
-    """A loss added on top of a task's step; its state lives in buffers (checkpointed with the run)."""
+    """A loss added on top of a task's step; its state lives in buffers (checkpointed with the run).
+
+    Only rank 0's state is saved: under torchrun a regularizer keeps its state identical on every
+    process (per-sample trackers gather every process's indices and values before updating, as
+    FlexMatch's selector does), so that resume restores every process exactly.
+    """
 
     def forward(self, model: nn.Module, batch: Any, out: StepOutput) -> tuple[Tensor, dict[str, Tensor]]:
         raise NotImplementedError

@@ -25,7 +25,7 @@ from trustmatch.config import Config, from_dict, parse_overrides
 from trustmatch.engine.checkpoint import load_checkpoint, load_weights, save_checkpoint
 from trustmatch.engine.ema import ModelEMA
 from trustmatch.engine.optim import build_optimizer, build_scheduler
-from trustmatch.engine.precision import Precision
+from trustmatch.engine.precision import Precision, resolve_device
 from trustmatch.errors import UserError
 from trustmatch.fileio import atomic_write_text
 from trustmatch.step import StepOutput
@@ -35,22 +35,6 @@ CHECKPOINT_VERSION = 2
 RESUME_KEYS = ("train.steps", "train.eval_every", "train.log_every")  # what --resume may change
 NO_BEST = "no validation split (data.val_per_class=0): no checkpoint is chosen, `final` is the result"
 OPTIMISTIC = "max over evaluations of test {metric}, as USB reports it: optimistic, never used for a choice"
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", dist.local_rank())
-        if torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"config key 'train.device' got {name!r}: use auto, cpu, cuda, cuda:N or mps") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError("train.device=cuda but no CUDA device is visible: use train.device=auto or cpu")
-    return device
 
 
 class Trainer:
@@ -67,6 +51,8 @@ class Trainer:
             torch.set_num_threads(cfg.train.threads)
         self.precision = Precision.resolve(self.device, cfg.train.amp, cfg.train.channels_last)
         self.task = task_cls(cfg, self.precision)
+        for regularizer in self.task.regularizers.values():
+            regularizer.to(self.device)
 
         torch.manual_seed(cfg.seed)  # the same initial weights on every process ...
         self.model = self.precision.prepare(self.task.build_model().to(self.device))
@@ -153,6 +139,10 @@ class Trainer:
             )
         for name, part in self.parts.items():
             load_weights(part, state["parts"][name], path)
+        # the current lr from the schedule (which may now span an extended train.steps), not as saved
+        lrs = zip(self.optimizer.param_groups, self.scheduler.base_lrs, self.scheduler.lr_lambdas)
+        for group, base, factor in lrs:
+            group["lr"] = base * factor(self.scheduler.last_epoch)
         if len(state["rng"]) != dist.world_size():
             raise UserError(
                 f"{path} was written by {len(state['rng'])} process(es): resume it with the same number "

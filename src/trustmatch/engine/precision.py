@@ -1,4 +1,4 @@
-"""Mixed precision and memory layout: bfloat16 autocast and channels-last wherever they run natively.
+"""The device a run uses, and its precision: bfloat16 autocast and channels-last wherever they run natively.
 
 On this project's reference CPU (AVX-512 BF16), a WRN-28-2 forward and backward of 960 images
 took 10.0 s in float32, 8.2 s channels-last and 3.3 s under bf16 autocast with channels-last. A CPU
@@ -8,17 +8,48 @@ BatchNorm, softmax and losses stay float32 under autocast; models run their head
 
 from __future__ import annotations
 
+import os
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
+from trustmatch import distributed as dist
+from trustmatch.errors import UserError
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto``: this process's GPU under torchrun (LOCAL_RANK), else the GPU, MPS or the CPU."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", dist.local_rank())
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"config key 'train.device' got {name!r}: use auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError("train.device=cuda but no CUDA device is visible: use train.device=auto or cpu")
+        if device.index is None:
+            return torch.device("cuda", dist.local_rank())
+        if int(os.environ.get("LOCAL_WORLD_SIZE", 1)) > 1:
+            raise UserError(
+                f"train.device={name} would put every torchrun process on one GPU: use train.device=cuda or auto"
+            )
+    return device
+
 
 def native_bf16(device: torch.device) -> bool:
     """Whether ``device`` computes bfloat16 in hardware (CUDA Ampere+, AVX-512 BF16 or AMX CPUs)."""
     if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
+        try:
+            return torch.cuda.is_bf16_supported(including_emulation=False)  # pre-Ampere emulates: slow
+        except TypeError:  # torch < 2.4 counts native support only
+            return torch.cuda.is_bf16_supported()
     if device.type == "cpu":
         cpu = torch.cpu
         checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")

@@ -53,9 +53,6 @@ class ClassificationTask(Task):
             dropout=model["dropout"],
         )
 
-    def build_model(self) -> nn.Module:
-        return self.model_for(self.meta())
-
     def state_parts(self) -> dict[str, Stateful]:
         parts: dict[str, Stateful] = {"lb_stream": self.lb_stream}
         if self.selector is not None:

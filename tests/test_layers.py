@@ -1,0 +1,58 @@
+"""Every module imports on its own (no circular imports), and lower layers never import higher ones."""
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import trustmatch
+
+PACKAGE = Path(trustmatch.__file__).parent
+# docs/architecture.md, "Layers": a module may import only from its own layer or lower ones.
+LAYERS = [
+    {"errors", "registry", "fileio", "distributed", "methods", "presets", "schedules", "config"},
+    {"data", "models", "metrics", "selection", "report", "engine"},
+    {"step", "classification", "predict"},
+    {"tasks"},
+    {"runs", "trainer", "evaluate"},
+    {"cli", "__main__", "__init__"},
+]
+LAYER = {name: i for i, names in enumerate(LAYERS) for name in names}
+
+
+def _modules() -> list[str]:
+    return sorted(
+        "trustmatch." + ".".join(p.relative_to(PACKAGE).with_suffix("").parts).removesuffix(".__init__")
+        for p in PACKAGE.rglob("*.py")
+        if p.name != "__main__.py"  # runs the CLI when imported
+    )
+
+
+FRESH_IMPORTS = """
+import importlib, sys
+for module in sys.argv[1:]:
+    for name in [n for n in sys.modules if n.split(".")[0] == "trustmatch"]:
+        del sys.modules[name]  # torch & co stay loaded: each module is imported first, quickly
+    try:
+        importlib.import_module(module)
+    except Exception as e:
+        print(f"{module}: {type(e).__name__}: {e}")
+"""
+
+
+def test_every_module_imports_first() -> None:
+    """Each module imported before any other trustmatch module: a circular import shows up here."""
+    done = subprocess.run([sys.executable, "-c", FRESH_IMPORTS, *_modules()], capture_output=True, text=True)
+    assert done.returncode == 0 and not done.stdout.strip(), done.stdout + done.stderr[-2000:]
+
+
+def test_lower_layers_never_import_higher_ones() -> None:
+    for path in PACKAGE.rglob("*.py"):
+        top = path.relative_to(PACKAGE).parts[0].removesuffix(".py")
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("trustmatch"):
+                names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+                for name in names:
+                    parts = name.split(".")
+                    if len(parts) > 1 and parts[1] in LAYER:
+                        assert LAYER[parts[1]] <= LAYER[top], f"{path.relative_to(PACKAGE)} imports {name}"
