@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -160,6 +161,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"trustmatch: error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except BrokenPipeError:  # `trustmatch list | head`: the reader left early, which is no error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except KeyboardInterrupt:
         print("trustmatch: interrupted; the last checkpoint is intact (resume with --resume RUN_DIR)", file=sys.stderr)
         return 130
