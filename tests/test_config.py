@@ -143,6 +143,11 @@ def test_overrides_are_typed() -> None:
         ("data.strong_ops=-1", "'data.strong_ops' must be 0 or more, got -1"),
         ("data.strong_ops=2.5", "'data.strong_ops' expects int, got 2.5"),
         ("data.strong_magnitude=1.5", "'data.strong_magnitude' must be None or in [0, 1], got 1.5"),
+        ("train.threads=0", "'train.threads' must be None or at least 1, got 0"),
+        ("train.eval_batch_size=0", "'train.eval_batch_size' must be at least 1, got 0"),
+        ("model.dropout=1", "'model.dropout' must be in [0, 1), got 1.0"),
+        ("train.momentum=-0.9", "'train.momentum' must be 0 or more, got -0.9"),
+        ("train.weight_decay=-1", "'train.weight_decay' must be 0 or more, got -1.0"),
     ],
 )
 def test_bad_overrides_name_the_key(override: str, message: str) -> None:

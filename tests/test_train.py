@@ -121,6 +121,23 @@ def test_resume_can_extend_steps_and_nothing_else(tmp_path: Path, capsys: pytest
     assert "drop CONFIG, --seed and --out" in capsys.readouterr().err
 
 
+def test_old_or_foreign_checkpoints_and_configs_are_one_line_errors(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = tmp_path / "run"
+    _trainer("fixmatch", run).fit(stop_at=3)
+    torch.save({"version": 1, "model": {}, "ema": {}, "config": {}}, run / "best.pt")  # the old layout
+    for command in (["evaluate", str(run)], ["predict", str(run), str(run), "--out", str(tmp_path / "p.csv")]):
+        assert main(command) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "version 1" in err, err
+    assert main(["predict", str(run), str(run), "--out", str(tmp_path)]) == 2
+    assert "is a directory" in capsys.readouterr().err
+    (run / "config.yaml").write_text("seed: [unclosed")
+    assert main(["train", "--resume", str(run), "--quiet"]) == 2
+    assert "not valid YAML" in capsys.readouterr().err
+
+
 def test_a_checkpoint_of_another_run_shape_is_refused(tmp_path: Path) -> None:
     """last.pt of a FixMatch run cannot resume as SoftMatch: its parts differ (one line, no traceback)."""
     run = tmp_path / "run"

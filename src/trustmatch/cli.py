@@ -93,15 +93,13 @@ def _train(args: argparse.Namespace) -> int:
 
     if not distributed.is_main():  # under torchrun, one report
         return 0
-    key = trainer.task.primary
+    describe = trainer.task.describe
     final, best = metrics["final"], metrics["best"]
-    line = f"done in {metrics['wall_time_s']:.0f}s: final test {key} {final[key]:.4f}, ECE-15 {final['ece_15']:.4f}; "
+    line = f"done in {metrics['wall_time_s']:.0f}s: final test {describe(final)}; "
     if best is None:
         line += "no validation split, so no best checkpoint: the final model is the result"
     else:
-        line += (
-            f"best (step {best['step']}, chosen on validation) test {key} {best[key]:.4f}, ECE-15 {best['ece_15']:.4f}"
-        )
+        line += f"best (step {best['step']}, chosen on validation) test {describe(best)}"
     print(line)
     print(f"run directory: {trainer.run_dir}")
     return 0
@@ -120,6 +118,8 @@ def _predict(args: argparse.Namespace) -> int:
     from trustmatch.engine.precision import Precision, resolve_device
     from trustmatch.runs import checkpoint_path, load_run_model
 
+    if args.out.is_dir():
+        raise UserError(f"--out {args.out} is a directory: name the CSV file to write, e.g. {args.out / 'preds.csv'}")
     model, meta, task = load_run_model(checkpoint_path(args.run_dir, args.checkpoint))
     train = from_dict(meta["config"]).train
     device = resolve_device("auto")  # where it runs now, not where it was trained

@@ -207,6 +207,11 @@ def _validate(cfg: Config, method_keys: set[str]) -> None:
         (cfg.train.eval_every >= 1, "train.eval_every", "at least 1"),
         (cfg.train.log_every >= 1, "train.log_every", "at least 1"),
         (0.0 <= cfg.train.ema < 1.0, "train.ema", "in [0, 1)"),
+        (cfg.train.eval_batch_size >= 1, "train.eval_batch_size", "at least 1"),
+        (cfg.train.threads is None or cfg.train.threads >= 1, "train.threads", "None or at least 1"),
+        (cfg.train.momentum >= 0, "train.momentum", "0 or more"),
+        (cfg.train.weight_decay >= 0, "train.weight_decay", "0 or more"),
+        (0.0 <= cfg.model.dropout < 1.0, "model.dropout", "in [0, 1)"),
         (cfg.train.schedule in SCHEDULES, "train.schedule", f"one of {', '.join(SCHEDULES.names())}"),
         (cfg.train.poly_power > 0, "train.poly_power", "positive"),
         (cfg.train.head_lr_scale > 0, "train.head_lr_scale", "positive"),
@@ -251,10 +256,11 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
     return nested
 
 
-def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+def merge_values(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    """``top``'s keys over ``base``'s, section by section (neither is changed)."""
     out = dict(base)
     for k, v in top.items():
-        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        out[k] = merge_values(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
 
 
@@ -275,7 +281,7 @@ def read_config_file(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
         return data
     beside, seen = path.parent / str(base), seen + (path.resolve(),)
     values = read_config_file(beside, seen) if beside.is_file() else read_config(str(base), seen)
-    return _deep_merge(values, data)
+    return merge_values(values, data)
 
 
 def read_yaml(path: Path) -> dict[str, Any]:
@@ -314,7 +320,7 @@ def from_dict(values: dict[str, Any]) -> Config:
 
 def load_config(name_or_path: str, overrides: list[str] | None = None) -> Config:
     """A shipped config name or a YAML path, with ``key=value`` overrides applied on top."""
-    return from_dict(_deep_merge(read_config(name_or_path), parse_overrides(overrides or [])))
+    return from_dict(merge_values(read_config(name_or_path), parse_overrides(overrides or [])))
 
 
 def all_keys() -> list[str]:

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from trustmatch.engine.checkpoint import load_checkpoint, load_weights
+from trustmatch.engine.checkpoint import CHECKPOINT_VERSION, load_checkpoint, load_weights
 from trustmatch.errors import UserError
 from trustmatch.tasks import TASKS, Task
 
@@ -34,6 +34,11 @@ def checkpoint_path(run_dir: Path, which: str = "auto") -> Path:
 def load_run_model(path: Path, device: torch.device | str = "cpu") -> tuple[nn.Module, dict[str, Any], type[Task]]:
     """The EMA model of a checkpoint (see ``checkpoint_path``) in eval mode, its metadata and its task."""
     state = load_checkpoint(path, device)
+    if state.get("version") != CHECKPOINT_VERSION or "ema" not in state.get("parts", {}) or "config" not in state:
+        raise UserError(
+            f"checkpoint {path} is not a trustmatch checkpoint of version {CHECKPOINT_VERSION} "
+            f"(version {state.get('version')}): evaluate it with the trustmatch version that wrote it"
+        )
     task = TASKS.get(state["config"].get("task", "classification"))
     model = task.model_for(state).to(device)
     load_weights(model, state["parts"]["ema"], path)

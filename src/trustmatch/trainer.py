@@ -21,8 +21,8 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from trustmatch import distributed as dist
-from trustmatch.config import Config, from_dict, parse_overrides
-from trustmatch.engine.checkpoint import load_checkpoint, load_weights, save_checkpoint
+from trustmatch.config import Config, from_dict, merge_values, parse_overrides, read_yaml
+from trustmatch.engine.checkpoint import CHECKPOINT_VERSION, load_checkpoint, load_weights, save_checkpoint
 from trustmatch.engine.ema import ModelEMA
 from trustmatch.engine.optim import build_optimizer, build_scheduler
 from trustmatch.engine.precision import Precision, resolve_device
@@ -31,7 +31,6 @@ from trustmatch.fileio import atomic_write_text
 from trustmatch.step import StepOutput
 from trustmatch.tasks import TASKS, Evaluation, Stateful
 
-CHECKPOINT_VERSION = 2
 RESUME_KEYS = ("train.steps", "train.eval_every", "train.log_every")  # what --resume may change
 NO_BEST = "no validation split (data.val_per_class=0): no checkpoint is chosen, `final` is the result"
 OPTIMISTIC = "max over evaluations of test {metric}, as USB reports it: optimistic, never used for a choice"
@@ -163,21 +162,20 @@ class Trainer:
         path = Path(run_dir) / "config.yaml"
         if not path.is_file():
             raise UserError(f"{run_dir} is not a trustmatch run directory (no config.yaml)")
-        values = yaml.safe_load(path.read_text())
+        values = read_yaml(path)
         for item in overrides or []:
             key = item.split("=", 1)[0].strip()
             if key not in RESUME_KEYS:
                 raise UserError(
                     f"--resume can change only {', '.join(RESUME_KEYS)}, not {key!r}: start a new run (--out) instead"
                 )
-        changes = parse_overrides(overrides or [])
-        values["train"].update(changes.get("train", {}))
+        values = merge_values(values, parse_overrides(overrides or []))
         trainer = cls(from_dict(values), Path(run_dir), resume=True, progress=progress)
         if trainer.step > trainer.cfg.train.steps:
             raise UserError(
                 f"{run_dir} is at step {trainer.step}: train.steps={trainer.cfg.train.steps} cannot shorten it"
             )
-        if changes and dist.is_main():
+        if overrides and dist.is_main():
             trainer._write_config()
         return trainer
 
@@ -264,22 +262,19 @@ class Trainer:
         improved = bool(val) and (self.best is None or score(val) > score(self.best["val"]))
         if improved:
             self.best = entry
+            if dist.is_main():  # before last.pt, which records this choice
+                save_checkpoint({**self._meta(), "parts": {"ema": self.ema.state_dict()}}, self.run_dir / "best.pt")
         self._save_last()
         if not dist.is_main():
             return
         key = self.task.primary
         shown = f"val {key} {val[key]:.4f} | " if val else ""
-        bar.write(
-            f"step {self.step}: {shown}test {key} {test.metrics[key]:.4f} ece15 {test.metrics['ece_15']:.4f} "
-            f"nll {test.metrics['nll']:.4f}" + (" (best)" if improved else "")
-        )
+        bar.write(f"step {self.step}: {shown}test {self.task.describe(test.metrics)}" + (" (best)" if improved else ""))
         if self.writer is not None:
             for split, m in (("val", val), ("test", test.metrics)):
                 for k, v in m.items():
                     self.writer.add_scalar(f"{split}/{k}", v, self.step)
         if improved:
-            best_state = {**self._meta(), "parts": {"ema": self.ema.state_dict()}}
-            save_checkpoint(best_state, self.run_dir / "best.pt")
             title = f"best (step {self.step}, chosen on validation)"
             self.task.write_artefacts(test, self.run_dir / "reliability_best", title)
         self._write_metrics(final=None)

@@ -16,6 +16,8 @@ import torch
 from trustmatch.errors import UserError
 from trustmatch.fileio import atomic_write_bytes
 
+CHECKPOINT_VERSION = 2  # 2: every stateful part under "parts" (1: fixed top-level keys)
+
 
 def save_checkpoint(state: dict[str, Any], path: Path) -> None:
     atomic_write_bytes(path, lambda f: torch.save(state, f))

@@ -101,6 +101,10 @@ class Task(ABC):
     def write_history(self, history: list[dict[str, Any]], run_dir: Path) -> None:
         """Plots over the run's evaluations."""
 
+    def describe(self, metrics: dict[str, float]) -> str:
+        """The metrics of one evaluation in a few words, for the progress log and the final line."""
+        return f"{self.primary} {metrics[self.primary]:.4f}"
+
     def score(self, metrics: dict[str, float]) -> tuple[float, ...]:
         """Higher is better; ``best`` is the evaluation with the highest validation score."""
         return (metrics[self.primary],)

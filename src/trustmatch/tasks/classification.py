@@ -83,6 +83,9 @@ class ClassificationTask(Task):
     def train_stats(self) -> dict[str, float]:
         return self.selector.stats() if self.selector is not None else {}
 
+    def describe(self, metrics: dict[str, float]) -> str:
+        return f"accuracy {metrics['accuracy']:.4f} ece15 {metrics['ece_15']:.4f} nll {metrics['nll']:.4f}"
+
     def score(self, metrics: dict[str, float]) -> tuple[float, ...]:
         """Validation accuracy, ties broken by lower NLL."""
         return (metrics["accuracy"], -metrics["nll"])
