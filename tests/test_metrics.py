@@ -261,8 +261,9 @@ def test_meter_state_does_not_grow_with_n() -> None:
     meter = ClassificationMeter(K, bins=(7,))
     for seed in range(3):
         meter.update(*_random_case(seed, "calibrated"))
-    assert meter.state.shape == (5 + 3 * 7,)
-    assert set(meter.compute()) == {"accuracy", "ece_7", "mce_7", "nll", "brier", "mean_confidence", "n"}
+    assert meter.state.shape == (5 + 3 * 7 + K * K,)
+    keys = {"accuracy", "balanced_accuracy", "ece_7", "mce_7", "nll", "brier", "mean_confidence", "n"}
+    assert set(meter.compute()) == keys
     assert meter.compute()["n"] == 3 * N
 
 
@@ -305,3 +306,17 @@ def test_all_reduce_over_two_processes_equals_whole_set(tmp_path: Path) -> None:
     logits, labels = _random_case(0, "overconfident")
     assert got["metrics"] == pytest.approx(classification_metrics(logits, labels), abs=1e-12)
     _assert_same_bins(got["bins"], reliability_bins(logits, labels))
+
+
+@pytest.mark.parametrize("case", ["calibrated", "overconfident"])
+def test_streamed_confusion_and_balanced_accuracy_match_sklearn(case: str) -> None:
+    from sklearn.metrics import balanced_accuracy_score, confusion_matrix
+
+    logits, labels = _random_case(3, case)
+    meter = _streamed(logits, labels, [100, 400, N - 500])
+    predictions = logits.argmax(dim=1).numpy()
+    expected = confusion_matrix(labels.numpy(), predictions, labels=list(range(K)))
+    assert (meter.confusion().numpy() == expected).all()
+    assert meter.compute()["balanced_accuracy"] == pytest.approx(
+        balanced_accuracy_score(labels.numpy(), predictions), abs=1e-12
+    )

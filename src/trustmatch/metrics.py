@@ -122,7 +122,8 @@ class ClassificationMeter:
     """:func:`classification_metrics` accumulated batch by batch, and across processes.
 
     ``state`` is one float64 tensor of ``5 + 3 * sum(bins)`` sums, whatever N: samples, correct
-    predictions, NLL, Brier and top-label confidence, then per bin count its :func:`_bin_sums`.
+    predictions, NLL, Brier and top-label confidence, then per bin count its :func:`_bin_sums`, then
+    the K x K confusion counts (rows: true class, columns: prediction; K = 1,000 costs 8 MB).
     Sums add over batches and processes, so any split of the data gives the whole set's metrics,
     and a single tensor makes :meth:`all_reduce` a single collective. Give it the logits' device:
     updates then never wait on a copy, and NCCL can reduce the state where it lies.
@@ -136,13 +137,15 @@ class ClassificationMeter:
         self.num_classes = num_classes
         self.device = _float64_device(torch.device(device))
         self.bin_counts = tuple(sorted(set(bins), reverse=True))  # ece_15 before ece_10, as always
-        self.state = torch.zeros(5 + 3 * sum(self.bin_counts), dtype=torch.float64, device=self.device)
-        self._totals, self._bins = self._unpack(self.state)
+        size = 5 + 3 * sum(self.bin_counts) + num_classes**2
+        self.state = torch.zeros(size, dtype=torch.float64, device=self.device)
+        self._totals, self._bins, self._confusion = self._unpack(self.state)
 
-    def _unpack(self, state: Tensor) -> tuple[Tensor, dict[int, Tensor]]:
-        """Views of ``state``: the 5 totals, and the [3, b] bin sums for each bin count b."""
-        totals, *parts = state.split([5, *(3 * b for b in self.bin_counts)])
-        return totals, {b: part.view(3, b) for b, part in zip(self.bin_counts, parts)}
+    def _unpack(self, state: Tensor) -> tuple[Tensor, dict[int, Tensor], Tensor]:
+        """Views of ``state``: the 5 totals, the [3, b] bin sums for each bin count b, the confusion."""
+        totals, *parts, confusion = state.split([5, *(3 * b for b in self.bin_counts), self.num_classes**2])
+        bins = {b: part.view(3, b) for b, part in zip(self.bin_counts, parts)}
+        return totals, bins, confusion.view(self.num_classes, self.num_classes)
 
     def update(self, logits: Tensor, labels: Tensor) -> None:
         """Add a batch of logits [N, K] and integer labels [N].
@@ -172,27 +175,31 @@ class ClassificationMeter:
         self._totals[1:] += torch.stack([correct.sum(), nll, brier, confidence.sum()])
         for n_bins, sums in self._bins.items():
             sums += _bin_sums(confidence, correct, n_bins)
+        self._confusion.view(-1).index_add_(0, labels * self.num_classes + prediction, torch.ones_like(correct))
 
     def all_reduce(self) -> None:
         """Sum the state over all processes (identity in one); call once, after the last update."""
         all_reduce_sum_(self.state)
 
-    def _host_sums(self) -> tuple[Tensor, dict[int, Tensor]]:
+    def _host_sums(self) -> tuple[Tensor, dict[int, Tensor], Tensor]:
         """The unpacked state on the CPU (one transfer), refusing an empty meter."""
-        totals, bins = self._unpack(self.state.cpu())
+        totals, bins, confusion = self._unpack(self.state.cpu())
         if totals[0] == 0:
             raise ValueError("metrics need at least one sample, got N=0")
-        return totals, bins
+        return totals, bins, confusion
 
     def compute(self) -> dict[str, float]:
         """The :func:`classification_metrics` keys, with ``ece_<b>`` and ``mce_<b>`` for each bin count.
 
         Covers this process's batches, or every process's once :meth:`all_reduce` has run.
         """
-        totals, bins = self._host_sums()
+        totals, bins, confusion = self._host_sums()
         n, correct, nll, brier, confidence = totals.tolist()
+        support = confusion.sum(dim=1)
+        recall = confusion.diagonal()[support > 0] / support[support > 0]
         return {
             "accuracy": correct / n,
+            "balanced_accuracy": float(recall.mean()),  # mean recall over the classes present
             **{f"ece_{b}": _ece(sums) for b, sums in bins.items()},
             **{f"mce_{b}": _mce(sums) for b, sums in bins.items()},
             "nll": nll / n,
@@ -206,6 +213,10 @@ class ClassificationMeter:
         if n_bins not in self.bin_counts:
             raise ValueError(f"this meter bins by {self.bin_counts}, not {n_bins!r}")
         return _bin_table(self._host_sums()[1][n_bins])
+
+    def confusion(self) -> Tensor:
+        """Counts [K, K] (int64, CPU): row = true class, column = predicted class."""
+        return self._host_sums()[2].round().long()
 
 
 def _whole_set_meter(logits: Tensor, labels: Tensor, bins: tuple[int, ...]) -> ClassificationMeter:
