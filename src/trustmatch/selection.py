@@ -88,17 +88,18 @@ def freematch_fairness_loss(strong_logits: Tensor, mask: Tensor, class_probs: Te
     histogram; p_bar: mean strong-view probabilities of the selected samples; h_bar: histogram
     of their strong-view predictions. Minimising L_f maximises the cross-entropy between the two
     rescaled distributions, which pushes strong-view predictions to spread over classes. A class
-    absent from a histogram gets scale 0 (not infinity). Only p_bar carries gradient.
+    absent from a histogram gets scale 0 (not infinity). Only p_bar carries gradient. Selection
+    enters as 0/1 weights, not boolean indexing, so the step never waits on the host; with nothing
+    selected the loss is 0 (with a zero gradient).
     """
-    selected = mask > 0
-    if not bool(selected.any()):
-        return strong_logits.sum() * 0.0
-    probs = strong_logits[selected].float().softmax(dim=1)
-    num_classes = probs.shape[1]
-    hist = torch.bincount(probs.argmax(dim=1), minlength=num_classes).to(probs.dtype)
-    p_bar = _sum_norm(probs.mean(dim=0) * _safe_inverse(hist / hist.sum()))
+    probs = strong_logits.float().softmax(dim=1)
+    w = (mask > 0).to(probs.dtype)
+    count = w.sum()
+    hist = torch.zeros(probs.shape[1], dtype=probs.dtype, device=probs.device).index_add_(0, probs.argmax(dim=1), w)
+    mean = (probs * w[:, None]).sum(dim=0) / count.clamp_min(1.0)
+    p_bar = _sum_norm(mean * _safe_inverse(hist / count.clamp_min(1.0)))
     target = _sum_norm(class_probs.to(probs.dtype) * _safe_inverse(label_hist.to(probs.dtype)))
-    return (target * torch.log(p_bar + 1e-12)).sum()
+    return torch.where(count > 0, (target * torch.log(p_bar + 1e-12)).sum(), 0.0)
 
 
 def _masked(weights: Tensor, valid: Tensor | None) -> Tensor:
@@ -140,7 +141,7 @@ def _safe_inverse(x: Tensor) -> Tensor:
 
 
 def _sum_norm(x: Tensor) -> Tensor:
-    return x / x.sum()
+    return x / x.sum().clamp_min(1e-12)  # an all-zero x stays zero (nothing selected)
 
 
 # ----------------------------------------------------------------------------- selectors
@@ -196,10 +197,10 @@ class FlexMatchSelector(Selector):
             raise ValueError("FlexMatch keeps per-sample state: it needs [N, K] probabilities and dataset indices")
         conf, labels = probs.max(dim=1)
         weights = _masked((conf >= self.thresholds()[labels]).to(probs.dtype), valid)
-        if update:
+        if update:  # where, not boolean indexing: no host sync in a single process
             confident = conf > self.tau if valid is None else (conf > self.tau) & valid
-            idx, lab = dist.all_gather_cat(indices[confident]), dist.all_gather_cat(labels[confident])
-            self.stored[idx] = lab
+            idx, lab, ok = (dist.all_gather_cat(t) for t in (indices, labels, confident))
+            self.stored[idx] = torch.where(ok, lab, self.stored[idx])
         return Selection(labels, weights)
 
     def stats(self) -> dict[str, float]:
