@@ -114,17 +114,12 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from trustmatch.config import from_dict
-    from trustmatch.engine.precision import Precision, resolve_device
     from trustmatch.runs import checkpoint_path, load_run_model
 
     if args.out.is_dir():
         raise UserError(f"--out {args.out} is a directory: name the CSV file to write, e.g. {args.out / 'preds.csv'}")
-    model, meta, task = load_run_model(checkpoint_path(args.run_dir, args.checkpoint))
-    train = from_dict(meta["config"]).train
-    device = resolve_device("auto")  # where it runs now, not where it was trained
-    precision = Precision.resolve(device, train.amp, train.channels_last)
-    n = task.predict(precision.prepare(model.to(device)), meta, args.inputs, args.out, precision)
+    run = load_run_model(checkpoint_path(args.run_dir, args.checkpoint))
+    n = run.task.predict(run.model, run.meta, args.inputs, args.out, run.precision)
     print(f"wrote {n} predictions to {args.out}")
     return 0
 

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
-import torch
 from torch import nn
 
+from trustmatch.config import Config, from_dict
 from trustmatch.engine.checkpoint import CHECKPOINT_VERSION, load_checkpoint, load_weights
+from trustmatch.engine.precision import Precision, resolve_device
 from trustmatch.errors import UserError
 from trustmatch.tasks import TASKS, Task
 
@@ -31,15 +32,26 @@ def checkpoint_path(run_dir: Path, which: str = "auto") -> Path:
     return run_dir / f"{which}.pt"
 
 
-def load_run_model(path: Path, device: torch.device | str = "cpu") -> tuple[nn.Module, dict[str, Any], type[Task]]:
-    """The EMA model of a checkpoint (see ``checkpoint_path``) in eval mode, its metadata and its task."""
-    state = load_checkpoint(path, device)
+class LoadedRun(NamedTuple):
+    model: nn.Module  # the EMA model, in eval mode, on ``precision.device`` in its memory format
+    meta: dict[str, Any]
+    task: type[Task]
+    cfg: Config
+    precision: Precision
+
+
+def load_run_model(path: Path) -> LoadedRun:
+    """A checkpoint's EMA model (see ``checkpoint_path``), placed where it runs now (not where it
+    was trained) with the run's precision, plus its metadata, task and config."""
+    state = load_checkpoint(path)
     if state.get("version") != CHECKPOINT_VERSION or "ema" not in state.get("parts", {}) or "config" not in state:
         raise UserError(
             f"checkpoint {path} is not a trustmatch checkpoint of version {CHECKPOINT_VERSION} "
             f"(version {state.get('version')}): evaluate it with the trustmatch version that wrote it"
         )
-    task = TASKS.get(state["config"].get("task", "classification"))
-    model = task.model_for(state).to(device)
+    cfg = from_dict(state["config"])
+    task = TASKS.get(cfg.task)
+    model = task.model_for(state)
     load_weights(model, state["parts"]["ema"], path)
-    return model.eval(), state, task
+    precision = Precision.resolve(resolve_device("auto"), cfg.train.amp, cfg.train.channels_last)
+    return LoadedRun(precision.prepare(model.to(precision.device)).eval(), state, task, cfg, precision)
