@@ -1,7 +1,12 @@
-"""Quality benchmark: methods x precisions x seeds on digits and Fashion-MNIST; accuracy, ECE-15, NLL, time.
+"""Quality benchmark: methods x CalibrateMix modes x precisions x seeds; accuracy, ECE-15, NLL, time.
 
     python benchmarks/quality.py --suite digits --seeds 0 1 2
     python benchmarks/quality.py --suite fashionmnist --seeds 0 1 2 --precisions bf16 fp32
+    python benchmarks/quality.py --suite fashionmnist --methods fixmatch softmatch \
+        --calibratemix off faithful efficient --tag calibratemix train.threads=1
+
+``--calibratemix`` runs each method without CalibrateMix (``off``) and with it in the modes named.
+Runs with a validation split also report the metrics after temperature scaling fitted on it.
 
 ``--precisions`` runs each configuration with bfloat16 autocast (``train.amp=true``, where the CPU
 has native bf16) and in float32, and says for each method whether the bf16 means of accuracy and
@@ -23,20 +28,31 @@ import time
 from pathlib import Path
 
 from trustmatch import methods
+from trustmatch.cli import run_name
 from trustmatch.config import load_config
 from trustmatch.trainer import Trainer
 
 SUITES = {
     "digits": "digits-{method}",
     "fashionmnist": "fashionmnist-{method}-40",
+    "fashionmnist-250": "fashionmnist-{method}-250",
 }
 METHODS = list(methods.METHODS)
 PRECISIONS = {"bf16": "train.amp=true", "fp32": "train.amp=false"}
-COLUMNS = [("accuracy", "accuracy"), ("ece_15", "ECE-15"), ("nll", "NLL"), ("wall_time_s", "wall time (s)")]
+MODES = ("off", "faithful", "efficient")
+COLUMNS = [
+    ("accuracy", "accuracy"),
+    ("ece_15", "ECE-15"),
+    ("nll", "NLL"),
+    ("ts_ece_15", "ECE-15 (TS)"),
+    ("ts_nll", "NLL (TS)"),
+    ("wall_time_s", "wall time (s)"),
+]
 
 
 def run_one(config: str, precision: str, seed: int, runs: Path, overrides: list[str]) -> dict:
-    run_dir = runs / f"{config}-{precision}-seed{seed}"
+    """One training run, its directory named after everything that sets it apart (resumed if cut off)."""
+    run_dir = runs / run_name(config, [precision, *overrides], seed)
     metrics_path = run_dir / "metrics.json"
     if metrics_path.exists():
         done = json.loads(metrics_path.read_text())
@@ -53,25 +69,38 @@ def summarise(values: list[float]) -> dict[str, float]:
     return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0}
 
 
-def table(rows: dict[tuple[str, str], dict], seeds: int) -> str:
-    head = "| method | precision | " + " | ".join(label for _, label in COLUMNS) + " |"
-    lines = [head, "|" + "---|" * (len(COLUMNS) + 2)]
-    for (method, precision), stats in rows.items():
+def flatten(metrics: dict) -> dict[str, float]:
+    """The final test metrics, the temperature-scaled ones (``ts_``) where fitted, and the wall time."""
+    final = {**metrics["final"], "wall_time_s": metrics["wall_time_s"]}
+    for key, value in (metrics.get("final_calibrated") or {}).items():
+        final[f"ts_{key}"] = value
+    return final
+
+
+def table(rows: dict[tuple[str, str, str], dict], seeds: int) -> str:
+    head = "| method | CalibrateMix | precision | " + " | ".join(label for _, label in COLUMNS) + " |"
+    lines = [head, "|" + "---|" * (len(COLUMNS) + 3)]
+    for (method, mode, precision), stats in rows.items():
         cells = []
         for key, _ in COLUMNS:
+            if key not in stats:
+                cells.append("–")
+                continue
             m, s = stats[key]["mean"], stats[key]["std"]
             cells.append(f"{m:.0f} ± {s:.0f}" if key == "wall_time_s" else f"{m:.4f} ± {s:.4f}")
-        lines.append(f"| {method} | {precision} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + f"\n\n(mean ± std over {seeds} seeds; final EMA model on the test split)"
+        lines.append(f"| {method} | {mode} | {precision} | " + " | ".join(cells) + " |")
+    note = "final EMA model on the test split; TS: temperature fitted on the validation split"
+    return "\n".join(lines) + f"\n\n(mean ± std over {seeds} seeds; {note})"
 
 
-def within_one_std(rows: dict[tuple[str, str], dict]) -> dict[str, dict[str, bool]]:
-    """Per method: is the bf16 mean of accuracy / ECE-15 within one float32 standard deviation?"""
+def within_one_std(rows: dict[tuple[str, str, str], dict]) -> dict[str, dict[str, bool]]:
+    """Per method and mode: is the bf16 mean of accuracy / ECE-15 within one float32 standard deviation?"""
     out = {}
-    for method in sorted({m for m, _ in rows}):
-        bf16, fp32 = rows.get((method, "bf16")), rows.get((method, "fp32"))
+    for method, mode in sorted({(m, c) for m, c, _ in rows}):
+        bf16, fp32 = rows.get((method, mode, "bf16")), rows.get((method, mode, "fp32"))
         if bf16 and fp32:
-            out[method] = {k: abs(bf16[k]["mean"] - fp32[k]["mean"]) <= fp32[k]["std"] for k in ("accuracy", "ece_15")}
+            keys = ("accuracy", "ece_15")
+            out[f"{method}/{mode}"] = {k: abs(bf16[k]["mean"] - fp32[k]["mean"]) <= fp32[k]["std"] for k in keys}
     return out
 
 
@@ -81,6 +110,8 @@ def main() -> int:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
     p.add_argument("--precisions", nargs="+", default=["bf16"], choices=list(PRECISIONS))
+    p.add_argument("--calibratemix", nargs="+", default=["off"], choices=MODES, help="CalibrateMix modes to run")
+    p.add_argument("--tag", default="", help="suffix of the JSON file name (quality-<suite>[-<tag>].json)")
     p.add_argument("--runs", type=Path, default=Path("runs/benchmark"))
     p.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     p.add_argument("overrides", nargs="*", help="key=value overrides applied to every run")
@@ -89,39 +120,46 @@ def main() -> int:
     results, rows = [], {}
     for method in args.methods:
         config = SUITES[args.suite].format(method=method)
-        finals: dict[str, list[dict]] = {precision: [] for precision in args.precisions}
+        variants = [(mode, precision) for mode in args.calibratemix for precision in args.precisions]
+        finals: dict[tuple[str, str], list[dict]] = {v: [] for v in variants}
         for seed in args.seeds:
-            for precision in args.precisions:  # interleaved: machine load hits every precision alike
+            for mode, precision in variants:  # interleaved: machine load hits every variant alike
                 start = time.perf_counter()
-                metrics = run_one(config, precision, seed, args.runs, args.overrides)
-                final = {**metrics["final"], "wall_time_s": metrics["wall_time_s"]}
-                finals[precision].append(final)
+                extra = [] if mode == "off" else [f"calibratemix.mode={mode}"]
+                metrics = run_one(config, precision, seed, args.runs, [*extra, *args.overrides])
+                final = flatten(metrics)
+                finals[(mode, precision)].append(final)
                 results.append(
                     {
                         "config": config,
+                        "calibratemix": mode,
                         "precision": precision,
                         "resolved_precision": metrics.get("precision"),
                         "seed": seed,
                         "final": metrics["final"],
+                        "final_calibrated": metrics.get("final_calibrated"),
+                        "temperature": metrics.get("temperature"),
                         "best": metrics["best"],
                         "wall_time_s": metrics["wall_time_s"],
                     }
                 )
                 print(
-                    f"{config} {precision} seed {seed}: acc {final['accuracy']:.4f} ece15 {final['ece_15']:.4f} "
-                    f"nll {final['nll']:.4f} ({time.perf_counter() - start:.0f}s)",
+                    f"{config} {mode} {precision} seed {seed}: acc {final['accuracy']:.4f} "
+                    f"ece15 {final['ece_15']:.4f} nll {final['nll']:.4f} "
+                    f"ts-ece15 {final.get('ts_ece_15', float('nan')):.4f} ({time.perf_counter() - start:.0f}s)",
                     flush=True,
                 )
-        for precision, runs in finals.items():
-            rows[(method, precision)] = {key: summarise([f[key] for f in runs]) for key, _ in COLUMNS}
+        for (mode, precision), runs in finals.items():
+            keys = [key for key, _ in COLUMNS if all(key in f for f in runs)]
+            rows[(method, mode, precision)] = {key: summarise([f[key] for f in runs]) for key in keys}
 
     md = table(rows, len(args.seeds))
     agreement = within_one_std(rows)
     print(md)
-    for method, ok in agreement.items():
-        print(f"{method}: bf16 within one float32 std: accuracy {ok['accuracy']}, ECE-15 {ok['ece_15']}")
+    for variant, ok in agreement.items():
+        print(f"{variant}: bf16 within one float32 std: accuracy {ok['accuracy']}, ECE-15 {ok['ece_15']}")
     args.out.mkdir(parents=True, exist_ok=True)
-    out = args.out / f"quality-{args.suite}.json"
+    out = args.out / f"quality-{args.suite}{'-' + args.tag if args.tag else ''}.json"
     payload = {
         "suite": args.suite,
         "seeds": args.seeds,
@@ -129,7 +167,8 @@ def main() -> int:
         "cpu_count": os.cpu_count(),
         "python": sys.version.split()[0],
         "precisions": {p: PRECISIONS[p] for p in args.precisions},
-        "summary": {f"{method}/{precision}": stats for (method, precision), stats in rows.items()},
+        "calibratemix": args.calibratemix,
+        "summary": {"/".join(key): stats for key, stats in rows.items()},
         "bf16_within_one_fp32_std": agreement,
         "runs": results,
         "markdown": md,

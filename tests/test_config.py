@@ -13,17 +13,23 @@ from trustmatch.errors import UserError
 from trustmatch.methods import METHODS
 from trustmatch.selection import SELECTORS
 
-SSL_METHODS = ["fixmatch", "flexmatch", "freematch", "softmatch"]
+SSL_METHODS = ["fixmatch", "flexmatch", "freematch", "softmatch", "uda"]
 PUBLISHED = {  # dataset -> (classes, label counts): USB's published settings
     "cifar10": (10, [40, 250, 4000]),
     "cifar100": (100, [400, 2500, 10000]),
     "svhn": (10, [40, 250, 1000]),
     "stl10": (10, [40, 250, 1000]),
 }
+CALIBRATEMIX = (
+    {"digits-calibratemix"}
+    | {f"fashionmnist-calibratemix-{n}" for n in (40, 250)}
+    | {f"{d}-calibratemix-{n}" for d, (_, counts) in PUBLISHED.items() for n in counts}
+)
 SHIPPED = (
     {f"digits-{m}" for m in ["supervised", *SSL_METHODS]}
-    | {f"fashionmnist-{m}-40" for m in ["supervised", *SSL_METHODS]}
+    | {f"fashionmnist-{m}-{n}" for m in ["supervised", *SSL_METHODS] for n in (40, 250)}
     | {f"{d}-{m}-{n}" for d, (_, counts) in PUBLISHED.items() for m in SSL_METHODS for n in counts}
+    | CALIBRATEMIX
 )
 
 
@@ -33,8 +39,17 @@ def test_method_table_matches_selectors_and_keys() -> None:
     assert read == {f.name for f in dataclasses.fields(MethodConfig)} - {"name"}
 
 
-def test_shipped_names_are_the_58_families() -> None:
-    assert len(SHIPPED) == 58 and set(shipped_configs()) == SHIPPED
+def test_shipped_names_are_the_93_families() -> None:
+    assert len(SHIPPED) == 93 and set(shipped_configs()) == SHIPPED
+
+
+def test_calibratemix_configs_are_the_released_softmatch_variant() -> None:
+    configs = shipped_configs()
+    for name in CALIBRATEMIX:
+        cfg = from_dict(configs[name])
+        assert cfg.method.name == "softmatch" and cfg.calibratemix.mode == "faithful", name
+        base = from_dict(configs[name.replace("calibratemix", "softmatch")])
+        assert cfg.train == base.train and cfg.data == base.data and cfg.method == base.method
 
 
 def test_every_shipped_config_loads_and_describes_itself() -> None:
@@ -72,7 +87,8 @@ def test_published_configs_train_on_exactly_the_named_labels(dataset: str) -> No
     classes, counts = PUBLISHED[dataset]
     for name in [n for n in SHIPPED if n.startswith(f"{dataset}-")]:
         cfg = load_config(name)
-        assert cfg.data.name == dataset and cfg.method.name == name.split("-")[1], name
+        method = name.split("-")[1].replace("calibratemix", "softmatch")
+        assert cfg.data.name == dataset and cfg.method.name == method, name
         assert cfg.data.labels_per_class * classes == int(name.split("-")[2]), name
         assert (cfg.data.val_per_class, cfg.data.strong_ops) == (0, 3), name
         assert cfg.method.ema_m == 0.999, name
@@ -81,7 +97,8 @@ def test_published_configs_train_on_exactly_the_named_labels(dataset: str) -> No
 def test_cpu_configs() -> None:
     for name in [n for n in SHIPPED if n.startswith(("digits-", "fashionmnist-"))]:
         cfg = load_config(name)
-        assert cfg.data.labels_per_class * 10 == 40 and cfg.data.strong_ops == 2, name
+        labels = 40 if name.startswith("digits-") else int(name.split("-")[2])
+        assert cfg.data.labels_per_class * 10 == labels and cfg.data.strong_ops == 2, name
         assert cfg.method.ema_m == (0.99 if "ema_m" in METHODS[cfg.method.name].keys else 0.999), name
         assert (cfg.model.bn_momentum, cfg.train.ema) == (0.1, 0.99), name
     assert load_config("digits-fixmatch").train.steps == 1500
@@ -203,7 +220,7 @@ def test_cli_bad_key_is_one_line_exit_2(capsys: pytest.CaptureFixture[str]) -> N
 def test_cli_list(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["list"]) == 0
     out = capsys.readouterr().out
-    assert len(out.splitlines()) == 58 and {row.split()[0] for row in out.splitlines()} == SHIPPED
+    assert len(out.splitlines()) == len(SHIPPED) and {row.split()[0] for row in out.splitlines()} == SHIPPED
     line = next(row for row in out.splitlines() if row.startswith("digits-fixmatch "))
     assert "FixMatch" in line
     line = next(row for row in out.splitlines() if row.startswith("cifar10-fixmatch-40 "))

@@ -11,8 +11,8 @@ PACKAGE = Path(trustmatch.__file__).parent
 # docs/architecture.md, "Layers": a module may import only from its own layer or lower ones.
 LAYERS = [
     {"errors", "registry", "fileio", "distributed", "methods", "presets", "schedules", "config"},
-    {"data", "models", "metrics", "selection", "report", "engine"},
-    {"step", "classification", "predict"},
+    {"data", "models", "metrics", "selection", "dynamics", "calibration", "report", "engine"},
+    {"step", "classification", "calibratemix", "datamap", "predict"},
     {"tasks"},
     {"runs", "trainer", "evaluate"},
     {"cli", "__main__", "__init__"},

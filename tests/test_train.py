@@ -44,7 +44,7 @@ def _trainer(method: str, out: Path, *extra: str) -> Trainer:
     return Trainer(load_config(f"digits-{method}", [*TINY, *extra]), out, progress=False)
 
 
-@pytest.mark.parametrize("method", ["supervised", "fixmatch", "flexmatch", "freematch", "softmatch"])
+@pytest.mark.parametrize("method", ["supervised", "fixmatch", "flexmatch", "freematch", "softmatch", "uda"])
 def test_every_method_writes_a_complete_run_directory(tmp_path: Path, method: str) -> None:
     metrics = _trainer(method, tmp_path / "run").fit()
     run = tmp_path / "run"

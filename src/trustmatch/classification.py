@@ -8,13 +8,13 @@ returns the logits and features of every view and the selection, for regularizer
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from trustmatch.selection import Selector
+from trustmatch.selection import Selection, Selector
 from trustmatch.step import StepOutput
 
 
@@ -29,6 +29,7 @@ class Batch:
     u_strong: Tensor | None = None
     idx_ulb: Tensor | None = None
     y_ulb: Tensor | None = None  # true labels (-1: unknown), diagnostics only, never in a loss; None: none known
+    extra: dict[str, Tensor] = field(default_factory=dict)  # a regularizer's images, joined to the forward
 
 
 def supervised_step(model: nn.Module, batch: Batch, step: int, total_steps: int) -> StepOutput:
@@ -38,26 +39,40 @@ def supervised_step(model: nn.Module, batch: Batch, step: int, total_steps: int)
     return StepOutput(loss, {"loss_sup": loss.detach()}, *views, step=step, total_steps=total_steps)
 
 
+def consistency_loss(strong_logits: Tensor, selection: Selection) -> Tensor:
+    """mean_i w_i CE(strong_i, target_i) over the whole unlabeled batch; the target is the hard
+    pseudo-label, or the soft one where the selector gives it (UDA: same gradient as its KL)."""
+    target = selection.labels if selection.targets is None else selection.targets.to(strong_logits.dtype)
+    return (F.cross_entropy(strong_logits, target, reduction="none") * selection.weights).mean()
+
+
+def joint_forward(model: nn.Module, views: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """One forward over the views concatenated (BatchNorm sees them all): logits and features per view."""
+    sizes = [len(x) for x in views.values()]
+    out = model(torch.cat(list(views.values())))
+    return dict(zip(views, out.logits.split(sizes))), dict(zip(views, out.features.split(sizes)))
+
+
 def weak_to_strong_step(
     model: nn.Module, batch: Batch, selector: Selector, lambda_u: float, step: int, total_steps: int
 ) -> StepOutput:
-    """L = CE(lb) + lambda_u * mean_i w_i CE(strong_i, yhat_i) (+ the selector's extra term)."""
+    """L = CE(lb) + lambda_u * mean_i w_i CE(strong_i, yhat_i) (+ the selector's extra term).
+
+    A regularizer's images in ``batch.extra`` join the same forward; their logits come back under
+    the regularizer's name."""
     assert batch.u_weak is not None and batch.u_strong is not None
-    sizes = [len(batch.x_lb), len(batch.u_weak), len(batch.u_strong)]
-    out = model(torch.cat([batch.x_lb, batch.u_weak, batch.u_strong]))
-    logits = dict(zip(("lb", "weak", "strong"), out.logits.split(sizes)))
-    features = dict(zip(("lb", "weak", "strong"), out.features.split(sizes)))
+    views = {"lb": batch.x_lb, "weak": batch.u_weak, "strong": batch.u_strong, **batch.extra}
+    logits, features = joint_forward(model, views)
     loss_sup = F.cross_entropy(logits["lb"], batch.y_lb)
     with torch.no_grad():
         selection = selector.select(logits["weak"].detach().softmax(dim=1), batch.idx_ulb)
-    per_sample = F.cross_entropy(logits["strong"], selection.labels, reduction="none")
-    loss_unsup = (per_sample * selection.weights).mean()
+    loss_unsup = consistency_loss(logits["strong"], selection)
     loss = loss_sup + lambda_u * loss_unsup
     logs = {"loss_sup": loss_sup.detach(), "loss_unsup": loss_unsup.detach(), "mask": selection.weights.mean()}
-    extra = selector.auxiliary_loss(logits["strong"], selection)
-    if extra is not None:
-        loss = loss + extra
-        logs["loss_aux"] = extra.detach()
+    aux = selector.auxiliary_loss(logits["strong"], selection)
+    if aux is not None:
+        loss = loss + aux
+        logs["loss_aux"] = aux.detach()
     if batch.y_ulb is not None:  # masks, not boolean indexing: no host sync in the step
         known = (batch.y_ulb >= 0).float()
         correct = (selection.labels == batch.y_ulb).float() * known

@@ -43,6 +43,9 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("inputs", nargs="+", type=Path, metavar="IMAGE_OR_FOLDER")
     pr.add_argument("--out", type=Path, default=Path("predictions.csv"))
     pr.add_argument("--checkpoint", default="auto", choices=["auto", "best", "last"], help="auto: best, else last")
+    pr.add_argument(
+        "--raw", action="store_true", help="uncalibrated confidences (default: the run's temperature, where fitted)"
+    )
 
     ls = sub.add_parser("list", help="list the shipped configs")
     ls.add_argument("--keys", action="store_true", help="list every config key instead")
@@ -119,8 +122,14 @@ def _predict(args: argparse.Namespace) -> int:
     if args.out.is_dir():
         raise UserError(f"--out {args.out} is a directory: name the CSV file to write, e.g. {args.out / 'preds.csv'}")
     run = load_run_model(checkpoint_path(args.run_dir, args.checkpoint))
-    n = run.task.predict(run.model, run.meta, args.inputs, args.out, run.precision)
-    print(f"wrote {n} predictions to {args.out}")
+    temperature = None if args.raw else run.meta.get("temperature")
+    n = run.task.predict(run.model, run.meta, args.inputs, args.out, run.precision, temperature)
+    how = (
+        "raw confidences"
+        if temperature is None
+        else f"confidences at temperature {temperature:.3f} (fitted on validation)"
+    )
+    print(f"wrote {n} predictions to {args.out} ({how})")
     return 0
 
 

@@ -23,6 +23,8 @@ from trustmatch.methods import METHODS
 from trustmatch.presets import PRESETS
 from trustmatch.schedules import SCHEDULES
 
+CALIBRATEMIX_MODES = ("off", "faithful", "efficient")
+
 
 def opt(default: Any, help: str) -> Any:
     """A config field with its one-line help (shown by ``trustmatch list --keys``)."""
@@ -71,6 +73,25 @@ class MethodConfig:
     n_sigma: float = opt(2.0, "SoftMatch: width of the truncated Gaussian in standard deviations")
     dist_align: bool = opt(True, "SoftMatch uniform distribution alignment")
     pseudo_label_from: str = opt("raw", "SoftMatch: take yhat from 'raw' (USB) or 'aligned' probabilities")
+    temperature: float = opt(0.4, "UDA: sharpening temperature of the soft pseudo-labels")
+
+
+@dataclass
+class CalibrateMixConfig:
+    mode: str = opt(
+        "off",
+        "off | faithful (as released: a second forward pass over the mixes) | efficient (one forward and "
+        "backward per step: the mixes built in step t join step t+1's forward)",
+    )
+    similarity: str = opt(
+        "pixel", "pairing by cosine similarity of weak-view 'pixel's (release) or penultimate 'feature's"
+    )
+    loss: str = opt("bce", "mix loss: 'bce' sigmoid cross-entropy over classes (release) or softmax 'ce'")
+    k: int = opt(15, "each anchor's partner is drawn from its k least similar candidates (release: 15 of 224)")
+    warmup: float = opt(150_000 / 2**20, "fraction of train.steps before mixing starts (release: 150,000 of 2^20)")
+    alpha: float = opt(0.4, "mixing weight lambda ~ Beta(alpha, alpha), one per group")
+    apm_delta: float = opt(0.997, "APM update a = delta / (1 + visits)")
+    apm_dtype: str = opt("float32", "storage of the per-class APM: float32, or float16 (half the memory)")
 
 
 @dataclass
@@ -111,6 +132,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    calibratemix: CalibrateMixConfig = field(default_factory=CalibrateMixConfig)
 
     def to_dict(self) -> dict[str, Any]:
         """Every key but the method keys this method does not read, which ``from_dict`` would reject."""
@@ -225,6 +247,25 @@ def _validate(cfg: Config, method_keys: set[str]) -> None:
         (0.0 <= cfg.method.ema_m < 1.0, "method.ema_m", "in [0, 1)"),
         (cfg.method.n_sigma > 0, "method.n_sigma", "positive"),
         (cfg.method.pseudo_label_from in ("raw", "aligned"), "method.pseudo_label_from", "'raw' or 'aligned'"),
+        (cfg.method.temperature > 0, "method.temperature", "positive"),
+        (cfg.calibratemix.mode in CALIBRATEMIX_MODES, "calibratemix.mode", " | ".join(CALIBRATEMIX_MODES)),
+        (
+            cfg.calibratemix.mode == "off" or cfg.method.name != "supervised",
+            "calibratemix.mode",
+            "off for method 'supervised' (CalibrateMix mixes labeled with unlabeled images)",
+        ),
+        (
+            cfg.calibratemix.mode == "off" or cfg.train.batch_size >= 2,
+            "train.batch_size",
+            "at least 2 with CalibrateMix (each batch is split into an easy and a hard half)",
+        ),
+        (cfg.calibratemix.similarity in ("pixel", "feature"), "calibratemix.similarity", "'pixel' or 'feature'"),
+        (cfg.calibratemix.loss in ("bce", "ce"), "calibratemix.loss", "'bce' or 'ce'"),
+        (cfg.calibratemix.k >= 1, "calibratemix.k", "at least 1"),
+        (0.0 <= cfg.calibratemix.warmup < 1.0, "calibratemix.warmup", "a fraction in [0, 1)"),
+        (cfg.calibratemix.alpha > 0, "calibratemix.alpha", "positive"),
+        (0.0 < cfg.calibratemix.apm_delta <= 1.0, "calibratemix.apm_delta", "in (0, 1]"),
+        (cfg.calibratemix.apm_dtype in ("float32", "float16"), "calibratemix.apm_dtype", "'float32' or 'float16'"),
     ]
     for ok, key, expected in checks:
         if not ok:
@@ -314,7 +355,12 @@ def from_dict(values: dict[str, Any]) -> Config:
     """A validated config from nested values; the keys not given keep their defaults."""
     cfg = Config()
     _merge(cfg, values)
-    _validate(cfg, set(values.get("method", {})))
+    given = set(values.get("method", {}))
+    if cfg.method.name in METHODS:  # a method's own defaults (UDA's tau 0.8) where the key is not given
+        for key, value in METHODS[cfg.method.name].defaults:
+            if key not in given:
+                setattr(cfg.method, key, value)
+    _validate(cfg, given)
     return cfg
 
 

@@ -22,9 +22,12 @@ def evaluate_run(run_dir: Path, checkpoint: str = "auto", split: str = "test") -
     task = run.task(run.cfg, run.precision)
     if not task.has_split(split):
         raise UserError(f"run {run_dir} has no {split} split: use --split test")
-    evaluation = task.evaluate(run.model, split)
+    temperature = meta.get("temperature")  # fitted on validation when the checkpoint was written
+    evaluation = task.evaluate(run.model, split, temperature)
     which = path.stem
     result = {"checkpoint": which, "step": int(meta["step"]), "split": split, **evaluation.metrics}
+    if evaluation.calibrated is not None:
+        result.update(temperature=temperature, calibrated=evaluation.calibrated)
     stem = run_dir / f"evaluation-{which}-{split}"
     atomic_write_text(stem.with_suffix(".json"), json.dumps(result, indent=2))
     task.write_artefacts(evaluation, stem, f"{which} checkpoint (step {meta['step']}), {split} split")

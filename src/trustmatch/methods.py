@@ -13,6 +13,7 @@ from dataclasses import dataclass
 class MethodSpec:
     description: str
     keys: tuple[str, ...]  # the method.* keys this method reads, besides `name`
+    defaults: tuple[tuple[str, object], ...] = ()  # this method's own defaults where they differ from the key's
 
 
 METHODS: dict[str, MethodSpec] = {
@@ -22,5 +23,8 @@ METHODS: dict[str, MethodSpec] = {
     "freematch": MethodSpec("FreeMatch (self-adaptive thresholds + fairness)", ("lambda_u", "ema_m", "saf_weight")),
     "softmatch": MethodSpec(
         "SoftMatch (truncated-Gaussian weights)", ("lambda_u", "ema_m", "n_sigma", "dist_align", "pseudo_label_from")
+    ),
+    "uda": MethodSpec(
+        "UDA (sharpened soft pseudo-labels above 0.8)", ("lambda_u", "tau", "temperature"), (("tau", 0.8),)
     ),
 }

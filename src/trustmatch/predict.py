@@ -37,14 +37,21 @@ def collect_images(inputs: list[Path]) -> list[Path]:
 
 
 def write_predictions(
-    model: nn.Module, meta: dict[str, Any], inputs: list[Path], out: Path, precision: Precision, batch_size: int = 256
+    model: nn.Module,
+    meta: dict[str, Any],
+    inputs: list[Path],
+    out: Path,
+    precision: Precision,
+    temperature: float | None = None,
+    batch_size: int = 256,
 ) -> int:
-    """Write a CSV row per image found in ``inputs`` to ``out``; returns the number of rows."""
+    """Write a CSV row per image found in ``inputs`` to ``out``; returns the number of rows.
+    Confidences are softmax(logits / temperature) when a temperature is given."""
     files = collect_images(inputs)
     mode = "L" if meta["channels"] == 1 else "RGB"
     images = torch.from_numpy(np.stack([decode_image(p, meta["image_size"], mode) for p in files]))
     views = Views(tuple(meta["mean"]), tuple(meta["std"]), hflip=False)
-    probs = predict_logits(model, images, views.plain, precision, batch_size).softmax(dim=1)
+    probs = (predict_logits(model, images, views.plain, precision, batch_size) / (temperature or 1.0)).softmax(dim=1)
     classes = meta["classes"]
     top = probs.topk(min(3, probs.shape[1]), dim=1)
     buffer = io.StringIO()

@@ -9,6 +9,7 @@ never sees a half-written PNG.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -17,7 +18,7 @@ from matplotlib.ticker import PercentFormatter
 
 from trustmatch.fileio import atomic_write_bytes
 
-__all__ = ["reliability_diagram", "training_curves"]
+__all__ = ["DataMapPanel", "data_map", "reliability_diagram", "training_curves"]
 
 _DPI = 120
 
@@ -90,6 +91,41 @@ def training_curves(history: list[dict], path: Path) -> Path:
             ax.legend()
         ax.yaxis.set_major_formatter(PercentFormatter(xmax=1.0))
         ax.set(xlabel="step", ylabel=label, title=label)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return _save_png(fig, path)
+
+
+@dataclass
+class DataMapPanel:
+    """One scatter of a data map: a training-dynamics score against the final model's confidence."""
+
+    title: str
+    x: Sequence[float]
+    y: Sequence[float]
+    x_label: str
+    y_label: str
+    flagged: Sequence[bool] | None = None
+    flag_label: str = ""
+
+
+def data_map(panels: Sequence[DataMapPanel], path: Path) -> Path:
+    """Side-by-side scatters (rasterized, so 60,000 points stay a small PNG); flagged points in red."""
+    fig = Figure(figsize=(5.5 * len(panels), 4.5), dpi=_DPI)
+    for ax, panel in zip(fig.subplots(1, len(panels), squeeze=False)[0], panels):
+        ax.set(xlabel=panel.x_label, ylabel=panel.y_label, title=panel.title)
+        if not len(panel.x):
+            ax.text(0.5, 0.5, "no samples", ha="center", va="center", transform=ax.transAxes)
+            continue
+        flagged = [False] * len(panel.x) if panel.flagged is None else list(panel.flagged)
+        for flag, colour, label in ((False, "tab:blue", "other samples"), (True, "tab:red", panel.flag_label)):
+            xs = [x for x, f in zip(panel.x, flagged) if f == flag]
+            ys = [y for y, f in zip(panel.y, flagged) if f == flag]
+            if xs:
+                ax.scatter(xs, ys, s=4, alpha=0.3, color=colour, label=label, rasterized=True)
+        ax.axvline(0.0, color="gray", linestyle="--", linewidth=1)
+        if panel.flagged is not None:
+            ax.legend(loc="lower right", markerscale=3)
         ax.grid(alpha=0.3)
     fig.tight_layout()
     return _save_png(fig, path)

@@ -12,7 +12,7 @@ current state and changes nothing (a second pass, CutMix partners); it runs no c
 process may call it alone.
 
 The pure functions (``fixed_threshold``, ``flexmatch_class_thresholds``, ``softmatch_weights``,
-``freematch_fairness_loss`` ...) are public so a user's own training loop can use them directly.
+``freematch_fairness_loss``, ``sharpen`` ...) are public so a user's own training loop can use them directly.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ class Selection:
 
     labels: Tensor  # int64, probs.shape without dim 1
     weights: Tensor  # float, same shape; 0 = ignored, 1 = fully trusted
+    targets: Tensor | None = None  # soft targets, probs' shape (UDA); None: the hard labels are the targets
 
 
 # ----------------------------------------------------------------------------- pure functions
@@ -43,6 +44,11 @@ def fixed_threshold(probs: Tensor, tau: float, valid: Tensor | None = None) -> S
     """FixMatch: yhat = argmax p, w = 1[max p >= tau] (0 where not ``valid``)."""
     conf, labels = probs.max(dim=1)
     return Selection(labels, _masked((conf >= tau).to(probs.dtype), valid))
+
+
+def sharpen(probs: Tensor, temperature: float) -> Tensor:
+    """p^(1/T), renormalised over dim 1 (UDA's sharpened soft pseudo-labels; T < 1 sharpens)."""
+    return (probs.clamp_min(1e-12).log() / temperature).softmax(dim=1)
 
 
 def flexmatch_class_thresholds(stored: Tensor, num_classes: int, tau: float, warmup: bool = True) -> Tensor:
@@ -284,6 +290,21 @@ class SoftMatchSelector(Selector):
         return {"mu": float(self.mu), "var": float(self.var)}
 
 
+class UDASelector(Selector):
+    """UDA: sharpened soft targets (temperature T) on the confident elements (max p >= tau)."""
+
+    def __init__(self, tau: float, temperature: float) -> None:
+        super().__init__()
+        self.tau, self.temperature = tau, temperature
+
+    def select(
+        self, probs: Tensor, indices: Tensor | None = None, valid: Tensor | None = None, update: bool = True
+    ) -> Selection:
+        selection = fixed_threshold(probs, self.tau, valid)
+        selection.targets = sharpen(probs, self.temperature)
+        return selection
+
+
 SelectorFactory = Callable[[MethodConfig, int, int], Selector]
 SELECTORS: Registry[SelectorFactory] = Registry("method")
 
@@ -306,6 +327,11 @@ def _freematch(cfg: MethodConfig, num_classes: int, num_unlabeled: int) -> Selec
 @SELECTORS.register("softmatch")
 def _softmatch(cfg: MethodConfig, num_classes: int, num_unlabeled: int) -> Selector:
     return SoftMatchSelector(num_classes, cfg.ema_m, cfg.n_sigma, cfg.dist_align, cfg.pseudo_label_from)
+
+
+@SELECTORS.register("uda")
+def _uda(cfg: MethodConfig, num_classes: int, num_unlabeled: int) -> Selector:
+    return UDASelector(cfg.tau, cfg.temperature)
 
 
 def build_selector(cfg: MethodConfig, num_classes: int, num_unlabeled: int) -> Selector:

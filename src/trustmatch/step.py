@@ -36,5 +36,9 @@ class Regularizer(nn.Module):
     FlexMatch's selector does), so that resume restores every process exactly.
     """
 
+    def prepare(self, batch: Any, step: int, total_steps: int) -> None:
+        """Before the step: put images in ``batch.extra[name]`` to have them join the step's forward
+        (their logits come back in ``out.logits[name]``): one backward pass for both losses."""
+
     def forward(self, model: nn.Module, batch: Any, out: StepOutput) -> tuple[Tensor, dict[str, Tensor]]:
         raise NotImplementedError

@@ -33,6 +33,7 @@ from trustmatch.tasks import TASKS, Evaluation, Stateful
 
 RESUME_KEYS = ("train.steps", "train.eval_every", "train.log_every")  # what --resume may change
 NO_BEST = "no validation split (data.val_per_class=0): no checkpoint is chosen, `final` is the result"
+NO_TEMPERATURE = "no validation split (data.val_per_class=0): temperature scaling cannot be fitted (never on test)"
 OPTIMISTIC = "max over evaluations of test {metric}, as USB reports it: optimistic, never used for a choice"
 
 
@@ -80,6 +81,7 @@ class Trainer:
         self.best: dict[str, Any] | None = None
         self.elapsed = 0.0
         self._last_test: Evaluation | None = None
+        self.temperature: float | None = None  # fitted on validation at the last evaluation
         if resume:
             self._restore(self.run_dir / "last.pt")
         self.writer = self._tensorboard()
@@ -108,7 +110,8 @@ class Trainer:
         return SummaryWriter(str(self.run_dir / "tensorboard"))
 
     def _meta(self) -> dict[str, Any]:
-        return {**self.task.meta(), "version": CHECKPOINT_VERSION, "step": self.step}
+        meta = {**self.task.meta(), "version": CHECKPOINT_VERSION, "step": self.step}
+        return meta if self.temperature is None else {**meta, "temperature": self.temperature}
 
     def _rng_state(self) -> dict[str, torch.Tensor]:
         state = {"aug": self.aug_rng.get_state(), "torch": torch.get_rng_state()}
@@ -246,17 +249,20 @@ class Trainer:
 
     # ------------------------------------------------------------------ evaluation
 
-    def evaluate(self, split: str) -> Evaluation:
-        """The EMA model on ``split``, streamed and sharded over processes."""
-        return self.task.evaluate(self.ema.module, split)
+    def evaluate(self, split: str, temperature: float | None = None) -> Evaluation:
+        """The EMA model on ``split``, streamed and sharded over processes (and temperature-scaled)."""
+        return self.task.evaluate(self.ema.module, split, temperature)
 
     def _evaluate_and_save(self, bar: tqdm) -> None:
         # EMA parameters agree across processes; its buffers, copied from each process's last
         # forward, do not: rank 0's are the ones saved, so every shard evaluates with them.
         dist.broadcast_module(self.ema.module)
         val = self.evaluate("val").metrics if self.task.has_split("val") else {}
-        self._last_test = test = self.evaluate("test")
+        self.temperature = self.task.fit_temperature(self.ema.module)
+        self._last_test = test = self.evaluate("test", self.temperature)
         entry = {"step": self.step, "elapsed_s": round(self.elapsed, 2), "val": val, "test": test.metrics}
+        if test.calibrated is not None:
+            entry.update(temperature=self.temperature, test_calibrated=test.calibrated)
         self.history.append(entry)
         score = self.task.score
         improved = bool(val) and (self.best is None or score(val) > score(self.best["val"]))
@@ -281,9 +287,18 @@ class Trainer:
 
     def _finish(self) -> dict[str, Any]:
         final = self.history[-1]["test"]
-        test = self._last_test or self.evaluate("test")  # a resumed, already finished run
+        if self._last_test is None:  # a resumed, already finished run
+            self.temperature = self.history[-1].get("temperature")
+            self._last_test = self.evaluate("test", self.temperature)
+        test = self._last_test
+        self.task.write_final(self.ema.module, self.run_dir)  # collective: every process takes part
         if dist.is_main():
-            self.task.write_artefacts(test, self.run_dir / "reliability_final", f"final EMA model (step {self.step})")
+            title = f"final EMA model (step {self.step})"
+            self.task.write_artefacts(test, self.run_dir / "reliability_final", title)
+            if test.calibrated is not None:
+                calibrated = Evaluation(test.calibrated, test.calibrated_detail)
+                scaled = f"{title}, temperature {self.temperature:.3f} fitted on validation"
+                self.task.write_artefacts(calibrated, self.run_dir / "reliability_final_calibrated", scaled)
             self.task.write_history(self.history, self.run_dir)
             self._write_metrics(final=final)
             if self.writer is not None:
@@ -296,6 +311,18 @@ class Trainer:
         best = None
         if self.best is not None:
             best = {**self.best["test"], "step": self.best["step"], "val": self.best["val"]}
+            if "temperature" in self.best:
+                best.update(temperature=self.best["temperature"], calibrated=self.best["test_calibrated"])
+        last, test = (self.history[-1] if self.history else {}), self._last_test
+        calibration = {
+            "temperature": last.get("temperature"),
+            **({} if "temperature" in last else {"temperature_note": NO_TEMPERATURE}),
+            "final_calibrated": last.get("test_calibrated") if final is not None else None,
+            "final_bins": {"15": test.detail} if final is not None and test is not None else None,
+            "final_calibrated_bins": {"15": test.calibrated_detail}
+            if final is not None and test is not None and test.calibrated is not None
+            else None,
+        }
         optimistic = max(self.history, key=lambda e: e["test"][key], default=None)
         return {
             "task": self.cfg.task,
@@ -306,6 +333,7 @@ class Trainer:
             "precision": self.precision.describe(),
             "wall_time_s": round(self.elapsed, 2),
             "final": final,
+            **calibration,
             "best": best,
             **({} if self.task.has_split("val") else {"best_note": NO_BEST}),
             "optimistic_best_test": None

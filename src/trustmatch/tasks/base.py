@@ -36,6 +36,8 @@ class Evaluation:
 
     metrics: dict[str, float]
     detail: Any = None
+    calibrated: dict[str, float] | None = None  # the same metrics after temperature scaling, when asked
+    calibrated_detail: Any = None
 
 
 class Task(ABC):
@@ -70,8 +72,13 @@ class Task(ABC):
         """Forward and losses of one step (under the trainer's autocast; no backward here)."""
 
     @abstractmethod
-    def evaluate(self, model: nn.Module, split: str) -> Evaluation:
-        """Streaming, sharded evaluation of ``split`` ("val" or "test"), reduced over processes."""
+    def evaluate(self, model: nn.Module, split: str, temperature: float | None = None) -> Evaluation:
+        """Streaming, sharded evaluation of ``split`` ("val" or "test"), reduced over processes;
+        with a ``temperature``, the temperature-scaled metrics too, from the same pass."""
+
+    def fit_temperature(self, model: nn.Module) -> float | None:
+        """Post-hoc temperature fitted on the validation split (never test); None where the task has none."""
+        return None
 
     @abstractmethod
     def has_split(self, split: str) -> bool:
@@ -101,6 +108,9 @@ class Task(ABC):
     def write_history(self, history: list[dict[str, Any]], run_dir: Path) -> None:
         """Plots over the run's evaluations."""
 
+    def write_final(self, model: nn.Module, run_dir: Path) -> None:  # noqa: B027 (an optional hook)
+        """Artefacts of the finished run that need the final model (called on every process)."""
+
     def describe(self, metrics: dict[str, float]) -> str:
         """The metrics of one evaluation in a few words, for the progress log and the final line."""
         return f"{self.primary} {metrics[self.primary]:.4f}"
@@ -110,6 +120,8 @@ class Task(ABC):
         return (metrics[self.primary],)
 
     def step_with_regularizers(self, model: nn.Module, batch: Any, step: int, total_steps: int) -> StepOutput:
+        for regularizer in self.regularizers.values():
+            regularizer.prepare(batch, step, total_steps)
         out = self.step(model, batch, step, total_steps)
         for name, regularizer in self.regularizers.items():
             loss, logs = regularizer(model, batch, out)
@@ -120,6 +132,13 @@ class Task(ABC):
     @classmethod
     @abstractmethod
     def predict(
-        cls, model: nn.Module, meta: dict[str, Any], inputs: list[Path], out: Path, precision: Precision
+        cls,
+        model: nn.Module,
+        meta: dict[str, Any],
+        inputs: list[Path],
+        out: Path,
+        precision: Precision,
+        temperature: float | None = None,
     ) -> int:
-        """``trustmatch predict``: the task's predictions for a user's files at ``out``; returns their number."""
+        """``trustmatch predict``: the task's predictions for a user's files at ``out``; returns their number.
+        ``temperature`` divides the logits before the softmax (post-hoc calibration)."""

@@ -3,17 +3,23 @@ streaming accuracy and calibration metrics, reliability diagrams, CSV prediction
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
-from trustmatch.classification import Batch, supervised_step, weak_to_strong_step
+from trustmatch import distributed as dist
+from trustmatch.calibratemix import NAME as CALIBRATEMIX
+from trustmatch.calibratemix import CalibrateMix
+from trustmatch.calibration import fit_temperature
+from trustmatch.classification import Batch, consistency_loss, supervised_step, weak_to_strong_step
 from trustmatch.config import Config
 from trustmatch.data import load_ssl_data
 from trustmatch.data.sampler import IndexStream
 from trustmatch.data.views import Views
+from trustmatch.datamap import write_data_map
 from trustmatch.engine.inference import iter_logits
 from trustmatch.engine.precision import Precision
 from trustmatch.metrics import ClassificationMeter
@@ -40,6 +46,17 @@ class ClassificationTask(Task):
             self.selector = build_selector(cfg.method, d.num_classes, len(d.unlabeled)).to(self.device)
             self.ulb_stream = IndexStream(len(d.unlabeled), t.batch_size * t.uratio, cfg.seed + 1)
             self.ulb_labels_known = bool((d.unlabeled.labels >= 0).any())
+        if cfg.calibratemix.mode != "off":
+            self.regularizers[CALIBRATEMIX] = CalibrateMix(
+                cfg.calibratemix, len(d.labeled), len(d.unlabeled), d.num_classes, self._second_pass_unlabeled_loss
+            )
+
+    def _second_pass_unlabeled_loss(self, weak: Tensor, strong: Tensor, indices: Tensor) -> Tensor:
+        """The base method's unlabeled loss on a second forward; its selector is read, not updated."""
+        assert self.selector is not None
+        with torch.no_grad():
+            selection = self.selector.select(weak.detach().softmax(dim=1), indices, update=False)
+        return self.cfg.method.lambda_u * consistency_loss(strong, selection)
 
     @classmethod
     def model_for(cls, meta: dict[str, Any]) -> nn.Module:
@@ -93,16 +110,38 @@ class ClassificationTask(Task):
     def has_split(self, split: str) -> bool:
         return split in SPLITS and len(getattr(self.data, split)) > 0
 
-    def evaluate(self, model: nn.Module, split: str) -> Evaluation:
+    def _logits(self, model: nn.Module, split: str) -> Iterator[tuple[Tensor, Tensor]]:
         images = getattr(self.data, split)
-        meter = ClassificationMeter(self.data.num_classes, self.device)
         batches = iter_logits(
             model, images.images, self.views.plain, self.precision, self.cfg.train.eval_batch_size, shard=True
         )
         for index, logits in batches:
-            meter.update(logits, images.labels[index].to(self.device))
-        meter.all_reduce()
-        return Evaluation(meter.compute(), meter.bins(15))
+            yield logits, images.labels[index].to(self.device)
+
+    def evaluate(self, model: nn.Module, split: str, temperature: float | None = None) -> Evaluation:
+        meters = [ClassificationMeter(self.data.num_classes, self.device) for _ in range(1 + (temperature is not None))]
+        for logits, labels in self._logits(model, split):
+            meters[0].update(logits, labels)
+            if temperature is not None:
+                meters[1].update(logits.float() / temperature, labels)
+        for meter in meters:
+            meter.all_reduce()
+        evaluation = Evaluation(meters[0].compute(), meters[0].bins(15))
+        if temperature is not None:
+            evaluation.calibrated, evaluation.calibrated_detail = meters[1].compute(), meters[1].bins(15)
+        return evaluation
+
+    def fit_temperature(self, model: nn.Module) -> float | None:
+        """T minimising the validation NLL; the validation split is small (a few labels per class),
+        so its logits are gathered from every process and fitted in one place."""
+        if not self.has_split("val"):
+            return None
+        logits, labels = [torch.empty(0, self.data.num_classes, device=self.device)], [self.data.val.labels[:0]]
+        for z, y in self._logits(model, "val"):
+            logits.append(z)
+            labels.append(y.cpu())
+        labels = torch.cat(labels).to(self.device)
+        return fit_temperature(dist.all_gather_cat(torch.cat(logits)), dist.all_gather_cat(labels))
 
     def summary(self) -> str:
         return f"{self.cfg.data.name}: {self.data.summary()}"
@@ -125,11 +164,29 @@ class ClassificationTask(Task):
     def write_artefacts(self, evaluation: Evaluation, stem: Path, title: str) -> None:
         reliability_diagram(evaluation.detail, stem.with_suffix(".png"), title, evaluation.metrics["ece_15"])
 
+    def write_final(self, model: nn.Module, run_dir: Path) -> None:
+        """With CalibrateMix: the data map of every labeled and unlabeled sample (CSV + scatter)."""
+        regularizer = self.regularizers.get(CALIBRATEMIX)
+        if regularizer is None or not dist.is_main():
+            return
+        predictions = {}
+        for split in ("labeled", "unlabeled"):
+            images = getattr(self.data, split)
+            logits = torch.cat([z for _, z in iter_logits(model, images.images, self.views.plain, self.precision)])
+            predictions[split] = logits.softmax(dim=1).max(dim=1)
+        write_data_map(regularizer, self.data, predictions, run_dir)
+
     def write_history(self, history: list[dict[str, Any]], run_dir: Path) -> None:
         training_curves(history, run_dir / "curves.png")
 
     @classmethod
     def predict(
-        cls, model: nn.Module, meta: dict[str, Any], inputs: list[Path], out: Path, precision: Precision
+        cls,
+        model: nn.Module,
+        meta: dict[str, Any],
+        inputs: list[Path],
+        out: Path,
+        precision: Precision,
+        temperature: float | None = None,
     ) -> int:
-        return write_predictions(model, meta, inputs, out, precision)
+        return write_predictions(model, meta, inputs, out, precision, temperature)
