@@ -149,7 +149,7 @@ def test_resume_restores_trackers_and_pending_mixes_exactly(tmp_path: Path, mode
     assert {"regularizer.calibratemix"} <= set(a["parts"])
     state = a["parts"]["regularizer.calibratemix"]
     assert int(state["aum.count"].sum()) == 6 * 8 and int(state["apm.visits"].sum()) > 0
-    assert (state["_extra_state"]["pending"] is not None) == (mode == "efficient")
+    assert (a["rng"][0]["regularizers"][NAME]["pending"] is not None) == (mode == "efficient")
     assert_same_state(a, b)
     assert_same_state(*(json.loads((tmp_path / run / "metrics.json").read_text()) for run in "ab"))
 

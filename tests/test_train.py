@@ -289,6 +289,7 @@ for name, run in (("straight", straight), ("resumed", resumed)):
         "optimizer": run.optimizer.state_dict(),
         "selector": run.task.selector.state_dict(),
         "scheduler": run.scheduler.state_dict(),
+        **{f"regularizer.{n}": r.state_dict() for n, r in run.task.regularizers.items()},
     }
     torch.save({k: {n: v.detach() if torch.is_tensor(v) else v for n, v in d.items()} for k, d in state.items()},
                out / f"{name}-rank{dist.rank()}.pt")
@@ -296,9 +297,19 @@ for name, run in (("straight", straight), ("resumed", resumed)):
 
 
 @pytest.mark.slow
-def test_torchrun_processes_agree_and_resume_is_bit_exact(tmp_path: Path) -> None:
-    """Under torchrun both processes hold the same weights, EMA, optimizer and selector state; a
-    run stopped and resumed there equals the uninterrupted one in everything it saved."""
+@pytest.mark.parametrize(
+    "extra",
+    [
+        [],
+        ["calibratemix.mode=faithful", "calibratemix.warmup=0.3"],
+        ["calibratemix.mode=efficient", "calibratemix.warmup=0.3"],
+    ],
+    ids=["softmatch", "calibratemix-faithful", "calibratemix-efficient"],
+)
+def test_torchrun_processes_agree_and_resume_is_bit_exact(tmp_path: Path, extra: list[str]) -> None:
+    """Under torchrun both processes hold the same weights, EMA, optimizer, selector and CalibrateMix
+    trackers (a second forward included); a run stopped and resumed there equals the uninterrupted
+    one in everything it saved, each process's pending mixes included."""
     import os
     import subprocess
     import sys
@@ -306,7 +317,17 @@ def test_torchrun_processes_agree_and_resume_is_bit_exact(tmp_path: Path) -> Non
     script = tmp_path / "ddp_resume.py"
     script.write_text(DDP_RESUME_SCRIPT)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script), str(tmp_path), *TINY]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        str(script),
+        str(tmp_path),
+        *TINY,
+        *extra,
+    ]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     for name in ("straight", "resumed"):

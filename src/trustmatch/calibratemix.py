@@ -133,10 +133,11 @@ class CalibrateMix(Regularizer):
             groups.append(torch.full((len(anchors),), group, device=pseudo.device))
         return torch.cat(images), torch.cat(targets), torch.cat(groups)
 
-    def get_extra_state(self) -> dict[str, Any]:
-        """The pending mixes (efficient mode): a resumed run trains them as the straight run does."""
+    def rank_state(self) -> dict[str, Any]:
+        """The pending mixes (efficient mode), built from this process's batch: a resumed run trains
+        them as the straight run does."""
         return {"pending": None if self.pending is None else [t.cpu() for t in self.pending]}
 
-    def set_extra_state(self, state: dict[str, Any]) -> None:
+    def load_rank_state(self, state: dict[str, Any]) -> None:
         pending = state["pending"]
         self.pending = None if pending is None else tuple(pending)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-
 BETA_RANGE = (0.01, 100.0)  # beta = 1 / T
 
 

@@ -31,10 +31,19 @@ class StepOutput:
 class Regularizer(nn.Module):
     """A loss added on top of a task's step; its state lives in buffers (checkpointed with the run).
 
-    Only rank 0's state is saved: under torchrun a regularizer keeps its state identical on every
-    process (per-sample trackers gather every process's indices and values before updating, as
-    FlexMatch's selector does), so that resume restores every process exactly.
+    Only rank 0's ``state_dict`` is saved: under torchrun a regularizer keeps that state identical on
+    every process (per-sample trackers gather every process's indices and values before updating, as
+    FlexMatch's selector does). What differs between processes (work built from a process's own
+    batch) goes in ``rank_state``, saved per rank beside the RNG streams, so resume restores every
+    process exactly.
     """
+
+    def rank_state(self) -> dict[str, Any]:
+        """This process's own state (CPU tensors), saved per rank."""
+        return {}
+
+    def load_rank_state(self, state: dict[str, Any]) -> None:
+        """Restore what ``rank_state`` returned on this rank."""
 
     def prepare(self, batch: Any, step: int, total_steps: int) -> None:
         """Before the step: put images in ``batch.extra[name]`` to have them join the step's forward

@@ -113,15 +113,17 @@ class Trainer:
         meta = {**self.task.meta(), "version": CHECKPOINT_VERSION, "step": self.step}
         return meta if self.temperature is None else {**meta, "temperature": self.temperature}
 
-    def _rng_state(self) -> dict[str, torch.Tensor]:
-        state = {"aug": self.aug_rng.get_state(), "torch": torch.get_rng_state()}
+    def _rank_state(self) -> dict[str, Any]:
+        """What differs between processes: RNG streams and the regularizers' per-rank state."""
+        state: dict[str, Any] = {"aug": self.aug_rng.get_state(), "torch": torch.get_rng_state()}
         if self.device.type == "cuda":
             state["cuda"] = torch.cuda.get_rng_state(self.device)
+        state["regularizers"] = {name: r.rank_state() for name, r in self.task.regularizers.items()}
         return state
 
     def _save_last(self) -> None:
         """``last.pt``: every part, every process's RNG streams (by rank) and the run's record."""
-        rng = dist.all_gather_objects(self._rng_state())  # collective: every process calls it
+        rng = dist.all_gather_objects(self._rank_state())  # collective: every process calls it
         if dist.is_main():
             state = {
                 **self._meta(),
@@ -155,6 +157,8 @@ class Trainer:
         torch.set_rng_state(rng["torch"])
         if self.device.type == "cuda" and "cuda" in rng:
             torch.cuda.set_rng_state(rng["cuda"], self.device)
+        for name, regularizer in self.task.regularizers.items():
+            regularizer.load_rank_state(rng["regularizers"][name])
         self.step = int(state["step"])
         run = state["run"]
         self.history, self.best, self.elapsed = run["history"], run["best"], float(run["elapsed"])
