@@ -2,6 +2,8 @@
 
     python benchmarks/step_time.py --methods fixmatch --repeats 5 --warmup 3 --out benchmarks/results
     python benchmarks/step_time.py --device cuda --repeats 20 --compile
+    python benchmarks/step_time.py --methods fixmatch softmatch --precisions bf16 \
+        --calibratemix off faithful efficient --tag calibratemix
 
 Shape: 64 labeled + 7 x 64 unlabeled images, 32 px, weak and strong views (960 images through the
 network per step). "with data" times the whole step: gathering indices from the in-memory uint8 set,
@@ -9,6 +11,8 @@ building the views on the device, forward, backward, update, EMA. "model only" t
 a batch prepared in advance; "batch + views" times the batch alone. After ``--warmup`` untimed rounds,
 every round times every (method, precision) once, interleaved, so that machine noise hits all of
 them alike; min and median are reported, and the bf16/fp32 speed-up as the median of per-round ratios.
+With ``--calibratemix``, each method also runs with CalibrateMix in the modes named (mixing from the
+first step), and the cost of each mode is the median of per-round ratios to its base method's step.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from trustmatch.config import Config, DataConfig, MethodConfig, ModelConfig, TrainConfig
+from trustmatch.config import CalibrateMixConfig, Config, DataConfig, MethodConfig, ModelConfig, TrainConfig
 from trustmatch.data.base import DATASETS, ImageSet, SourceData
 from trustmatch.methods import METHODS
 from trustmatch.trainer import Trainer
@@ -51,8 +55,9 @@ def _synthetic(cfg: DataConfig) -> SourceData:
     )
 
 
-def _build(method: str, precision: str, args: argparse.Namespace, root: Path) -> Trainer:
+def _build(method: str, precision: str, mode: str, args: argparse.Namespace, root: Path) -> Trainer:
     cfg = Config(
+        calibratemix=CalibrateMixConfig(mode=mode, warmup=0.0),
         seed=0,
         data=DataConfig(name="synthetic-cifar", labels_per_class=4, val_per_class=0, strong_ops=args.strong_ops),
         model=ModelConfig(name=args.model),
@@ -67,7 +72,7 @@ def _build(method: str, precision: str, args: argparse.Namespace, root: Path) ->
             channels_last=not args.no_channels_last,
         ),
     )
-    return Trainer(cfg, root / f"{method}-{precision}", progress=False)
+    return Trainer(cfg, root / f"{method}-{precision}-{mode}", progress=False)
 
 
 def _time_ms(fn: Callable[[], object], device: torch.device) -> float:
@@ -91,15 +96,17 @@ def main() -> int:
     p.add_argument("--strong-ops", type=int, default=2)
     p.add_argument("--compile", action="store_true")
     p.add_argument("--no-channels-last", action="store_true")
+    p.add_argument("--calibratemix", nargs="+", default=["off"], choices=["off", "faithful", "efficient"])
+    p.add_argument("--tag", default="", help="suffix of the JSON file name (step_time-<device>[-<tag>].json)")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = p.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
-        keys = [(m, pr) for m in args.methods for pr in args.precisions]
+        keys = [(m, pr, c) for m in args.methods for pr in args.precisions for c in args.calibratemix]
         trainers = {key: _build(*key, args, Path(tmp)) for key in keys}
         batches = {key: trainer.next_batch() for key, trainer in trainers.items()}
         device = next(iter(trainers.values())).device
-        times: dict[tuple[str, str], dict[str, list[float]]] = {
+        times: dict[tuple[str, str, str], dict[str, list[float]]] = {
             k: {"with_data": [], "model_only": [], "views": []} for k in keys
         }
         for round_ in range(args.warmup + args.repeats):
@@ -119,8 +126,9 @@ def main() -> int:
         precisions = {key: trainer.precision.describe() for key, trainer in trainers.items()}
 
     rows = []
-    for (method, precision), t in times.items():
-        row = {"method": method, "precision": precision, "resolved": precisions[(method, precision)]}
+    for (method, precision, mode), t in times.items():
+        row = {"method": method, "precision": precision, "calibratemix": mode}
+        row["resolved"] = precisions[(method, precision, mode)]
         for name, label in (
             ("with_data", "with_data_ms"),
             ("model_only", "model_only_ms"),
@@ -130,7 +138,8 @@ def main() -> int:
             row[label.replace("_ms", "_min_ms")] = round(min(t[name]), 1)
         rows.append(row)
         print(
-            f"{method:<11} {precision}  with data {row['with_data_ms']:9.1f} ms (min {row['with_data_min_ms']:.1f})"
+            f"{method:<11} {precision} {mode:<9}  with data {row['with_data_ms']:9.1f} ms"
+            f" (min {row['with_data_min_ms']:.1f})"
             f" | model only {row['model_only_ms']:9.1f} ms (min {row['model_only_min_ms']:.1f})"
             f" | batch + views {row['batch_and_views_ms']:7.1f} ms",
             flush=True,
@@ -138,7 +147,7 @@ def main() -> int:
     speedups = []
     if {"bf16", "fp32"} <= set(args.precisions):
         for method in args.methods:
-            fp32, bf16 = times[(method, "fp32")], times[(method, "bf16")]
+            fp32, bf16 = times[(method, "fp32", "off")], times[(method, "bf16", "off")]
             ratios = {name: [a / b for a, b in zip(fp32[name], bf16[name])] for name in ("with_data", "model_only")}
             entry = {
                 "method": method,
@@ -148,6 +157,19 @@ def main() -> int:
             speedups.append(entry)
             whole, model = entry["with_data_fp32_over_bf16"], entry["model_only_fp32_over_bf16"]
             print(f"{method:<11} bf16 speed-up (median of per-round fp32/bf16): step {whole}x, model only {model}x")
+    costs = []
+    for method, precision, mode in times:
+        if mode != "off" and (method, precision, "off") in times:
+            base, mixed = times[(method, precision, "off")], times[(method, precision, mode)]
+            ratios = {name: [b / a for a, b in zip(base[name], mixed[name])] for name in ("with_data", "model_only")}
+            entry = {"method": method, "precision": precision, "calibratemix": mode}
+            entry.update({f"{n}_over_base": round(statistics.median(r), 3) for n, r in ratios.items()})
+            entry.update({f"{n}_over_base_min": round(min(r), 3) for n, r in ratios.items()})
+            costs.append(entry)
+            print(
+                f"{method:<11} {precision} CalibrateMix {mode}: step {entry['with_data_over_base']}x its base "
+                f"(model only {entry['model_only_over_base']}x; median of per-round ratios)"
+            )
     payload = {
         "benchmark": "step_time",
         "model": args.model,
@@ -164,9 +186,10 @@ def main() -> int:
         "order": "interleaved: each round times every (method, precision): whole step, model only, batch + views",
         "results": rows,
         "speedups": speedups,
+        "calibratemix_cost": costs,
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    out = args.out / f"step_time-{device.type}.json"
+    out = args.out / f"step_time-{device.type}{'-' + args.tag if args.tag else ''}.json"
     out.write_text(json.dumps(payload, indent=2))
     print(f"wrote {out}")
     return 0

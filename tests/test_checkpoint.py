@@ -53,3 +53,14 @@ def test_weights_that_do_not_fit_the_model_are_one_line(tmp_path: Path) -> None:
 
     with pytest.raises(UserError, match="does not fit the model"):
         load_weights(torch.nn.Linear(3, 2), {"weight": torch.zeros(5, 5)}, tmp_path / "best.pt")
+
+
+def test_atomic_writes_get_the_permissions_of_a_plain_open(tmp_path: Path) -> None:
+    import os
+
+    from trustmatch.fileio import atomic_write_text
+
+    plain = tmp_path / "plain.txt"
+    plain.write_text("x")
+    atomic_write_text(tmp_path / "atomic.txt", "x")  # not mkstemp's 0600
+    assert os.stat(tmp_path / "atomic.txt").st_mode & 0o777 == os.stat(plain).st_mode & 0o777

@@ -14,7 +14,7 @@ LAYERS = [
     {"data", "models", "metrics", "selection", "dynamics", "calibration", "report", "engine"},
     {"step", "classification", "calibratemix", "datamap", "predict"},
     {"tasks"},
-    {"runs", "trainer", "evaluate"},
+    {"runs", "trainer", "evaluate", "compare"},
     {"cli", "__main__", "__init__"},
 ]
 LAYER = {name: i for i, names in enumerate(LAYERS) for name in names}

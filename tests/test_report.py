@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from trustmatch.metrics import reliability_bins
-from trustmatch.report import reliability_diagram, training_curves
+from trustmatch.report import DataMapPanel, data_map, reliability_diagram, training_curves
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -96,6 +96,34 @@ def test_training_curves_rejects_empty_history(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == []
 
 
+def _panel(n: int, flagged: bool | None) -> DataMapPanel:
+    x, y = (torch.randn(n) * 2).tolist(), torch.rand(n).tolist()
+    flags = None if flagged is None else (torch.rand(n) < 0.1).tolist()
+    return DataMapPanel(f"{n} samples", x, y, "AUM", "confidence", flags, "prediction disagrees with the label")
+
+
+def test_data_map_flagged_unflagged_and_empty_panels(tmp_path: Path) -> None:
+    panels = [_panel(5_000, flagged=True), _panel(300, flagged=None), _panel(0, flagged=True)]
+    out = data_map(panels, tmp_path / "datamap.png")
+    assert _only_file(tmp_path) == out
+    _assert_png(out)
+
+
+def test_data_map_single_empty_panel(tmp_path: Path) -> None:
+    _assert_png(data_map([_panel(0, flagged=None)], tmp_path / "datamap.png"))
+
+
+def test_data_map_rejects_mismatched_lengths_and_no_panels(tmp_path: Path) -> None:
+    panel = _panel(10, flagged=True)
+    with pytest.raises(ValueError, match="differ in length"):
+        data_map([DataMapPanel("bad", panel.x, panel.y[:-1], "x", "y")], tmp_path / "a.png")
+    with pytest.raises(ValueError, match="differ in length"):
+        data_map([DataMapPanel("bad", panel.x, panel.y, "x", "y", panel.flagged[:-1])], tmp_path / "b.png")
+    with pytest.raises(ValueError, match="at least one panel"):
+        data_map([], tmp_path / "c.png")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_failed_render_leaves_no_temp_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     class BrokenCanvas:
         def __init__(self, figure: object) -> None:
@@ -118,6 +146,7 @@ def test_plotting_leaves_global_matplotlib_state_alone(tmp_path: Path) -> None:
     backend = matplotlib.get_backend()
     reliability_diagram(_empty_bins(5), tmp_path / "rel.png", "state")
     training_curves(_history(), tmp_path / "curves.png")
+    data_map([_panel(10, flagged=True)], tmp_path / "datamap.png")
     assert matplotlib.get_backend() == backend
     if "matplotlib.pyplot" in sys.modules:
         assert sys.modules["matplotlib.pyplot"].get_fignums() == []

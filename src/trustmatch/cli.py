@@ -1,4 +1,4 @@
-"""``trustmatch train | evaluate | predict | list``.
+"""``trustmatch train | evaluate | predict | report | list``.
 
 Bad input ends in one line on stderr and exit code 2, never a traceback.
 """
@@ -46,6 +46,11 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument(
         "--raw", action="store_true", help="uncalibrated confidences (default: the run's temperature, where fitted)"
     )
+
+    rp = sub.add_parser("report", help="compare the calibration of finished classification runs")
+    rp.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR")
+    rp.add_argument("--out", type=Path, default=Path("report"), help="directory for report.md and report.png")
+    rp.add_argument("--labels", nargs="+", metavar="NAME", help="one name per RUN_DIR (default: directory names)")
 
     ls = sub.add_parser("list", help="list the shipped configs")
     ls.add_argument("--keys", action="store_true", help="list every config key instead")
@@ -133,6 +138,16 @@ def _predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report(args: argparse.Namespace) -> int:
+    from trustmatch.compare import load_runs, markdown_report, write_report
+
+    runs = load_runs(args.run_dirs, args.labels)
+    markdown, png = write_report(runs, args.out)
+    print(markdown_report(runs), end="")
+    print(f"wrote {markdown} and {png}")
+    return 0
+
+
 def _list(args: argparse.Namespace) -> int:
     from trustmatch.config import describe_keys, shipped_configs
 
@@ -149,7 +164,7 @@ def _list(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"train": _train, "evaluate": _evaluate, "predict": _predict, "list": _list}
+COMMANDS = {"train": _train, "evaluate": _evaluate, "predict": _predict, "report": _report, "list": _list}
 
 
 def main(argv: list[str] | None = None) -> int:

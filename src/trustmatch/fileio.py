@@ -9,11 +9,21 @@ from pathlib import Path
 from typing import IO, Any
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_bytes(path: Path, write: Callable[[IO[bytes]], Any]) -> None:
-    """Call ``write(file)`` on a temp file beside ``path``, fsync, then rename over ``path``."""
+    """Call ``write(file)`` on a temp file beside ``path``, fsync, then rename over ``path``.
+
+    The file gets the permissions a plain ``open`` would give (0666 less the umask), not mkstemp's
+    0600: run directories are read by colleagues and schedulers too."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()

@@ -12,13 +12,22 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import PercentFormatter
 
 from trustmatch.fileio import atomic_write_bytes
 
-__all__ = ["DataMapPanel", "data_map", "reliability_diagram", "training_curves"]
+__all__ = [
+    "DataMapPanel",
+    "ReliabilityPanel",
+    "data_map",
+    "draw_reliability",
+    "reliability_comparison",
+    "reliability_diagram",
+    "training_curves",
+]
 
 _DPI = 120
 
@@ -33,11 +42,11 @@ def _save_png(fig: Figure, path: Path) -> Path:
     return path
 
 
-def reliability_diagram(bins: dict, path: Path, title: str, ece: float | None = None) -> Path:
-    """Plot per-bin accuracy against confidence, as returned by ``metrics.calibration_bins``.
+def draw_reliability(top: Axes, bottom: Axes, bins: dict, title: str, ece: float | None = None) -> None:
+    """Draw one reliability diagram onto given axes, so single plots and side-by-side reports look alike.
 
-    Top panel: accuracy bars, the diagonal, and the gap to mean bin confidence shaded.
-    Bottom panel: sample count per bin, to show which bars rest on little data.
+    ``top``: accuracy bars, the diagonal, and the gap to mean bin confidence shaded.
+    ``bottom``: sample count per bin, to show which bars rest on little data.
     """
     lower, upper = bins["lower"], bins["upper"]
     centers = [(lo + hi) / 2 for lo, hi in zip(lower, upper)]
@@ -45,8 +54,6 @@ def reliability_diagram(bins: dict, path: Path, title: str, ece: float | None = 
     accuracy, confidence = bins["accuracy"], bins["confidence"]
     gap = [c - a for a, c in zip(accuracy, confidence)]
 
-    fig = Figure(figsize=(5, 6), dpi=_DPI)
-    top, bottom = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1]})
     top.bar(centers, accuracy, width=widths, color="tab:blue", edgecolor="black", label="accuracy")
     top.bar(
         centers,
@@ -66,8 +73,54 @@ def reliability_diagram(bins: dict, path: Path, title: str, ece: float | None = 
 
     bottom.bar(centers, bins["count"], width=widths, color="gray", edgecolor="black")
     bottom.set(xlabel="confidence", ylabel="count")
+
+
+def reliability_diagram(bins: dict, path: Path, title: str, ece: float | None = None) -> Path:
+    """Plot per-bin accuracy against confidence, as returned by ``metrics.calibration_bins``."""
+    fig = Figure(figsize=(5, 6), dpi=_DPI)
+    top, bottom = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    draw_reliability(top, bottom, bins, title, ece)
     fig.tight_layout()
     return _save_png(fig, path)
+
+
+@dataclass
+class ReliabilityPanel:
+    """One diagram of :func:`reliability_comparison`: ``bins`` as :func:`reliability_diagram` takes them."""
+
+    title: str
+    bins: dict
+    ece: float | None = None
+
+
+def reliability_comparison(
+    columns: Sequence[Sequence[ReliabilityPanel]], header: Sequence[str], rows: Sequence[Sequence[str]], path: Path
+) -> Path:
+    """One column of diagrams per run (raw above temperature-scaled), the metrics table under them.
+
+    Columns may hold different numbers of diagrams; a shorter column leaves its lower slots empty.
+    """
+    if not columns:
+        raise ValueError("reliability_comparison needs at least one column")
+    depth = max(map(len, columns))
+    table_height = 0.35 * (len(rows) + 1) + 0.3
+    fig = Figure(figsize=(max(4.5 * len(columns), 11), 6 * depth + table_height), dpi=_DPI, layout="constrained")
+    grid = fig.add_gridspec(2 * depth + 1, len(columns), height_ratios=[4.5, 1.5] * depth + [table_height])
+    for c, column in enumerate(columns):
+        for r, panel in enumerate(column):
+            top = fig.add_subplot(grid[2 * r, c])
+            draw_reliability(top, fig.add_subplot(grid[2 * r + 1, c], sharex=top), panel.bins, panel.title, panel.ece)
+    _draw_table(fig.add_subplot(grid[-1, :]), header, rows)
+    return _save_png(fig, path)
+
+
+def _draw_table(ax: Axes, header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
+    """The rows as a matplotlib table filling ``ax``, so the PNG carries the numbers too."""
+    ax.axis("off")
+    table = ax.table(cellText=[list(r) for r in rows], colLabels=list(header), cellLoc="center", bbox=[0, 0, 1, 1])
+    table.auto_set_font_size(False)
+    table.set_fontsize(9)
+    table.auto_set_column_width(range(len(header)))  # long run labels get the room they need
 
 
 def _series(history: Sequence[dict], split: str, key: str) -> tuple[list[int], list[float]]:
@@ -109,8 +162,19 @@ class DataMapPanel:
     flag_label: str = ""
 
 
+def _check_panel(panel: DataMapPanel) -> None:
+    """Refuse mismatched lengths, which ``zip`` would otherwise silently truncate into a wrong plot."""
+    lengths = {len(panel.x), len(panel.y)} | (set() if panel.flagged is None else {len(panel.flagged)})
+    if len(lengths) > 1:
+        raise ValueError(f"data map panel {panel.title!r}: x, y and flagged differ in length ({sorted(lengths)})")
+
+
 def data_map(panels: Sequence[DataMapPanel], path: Path) -> Path:
     """Side-by-side scatters (rasterized, so 60,000 points stay a small PNG); flagged points in red."""
+    if not panels:
+        raise ValueError("data_map needs at least one panel")
+    for panel in panels:
+        _check_panel(panel)
     fig = Figure(figsize=(5.5 * len(panels), 4.5), dpi=_DPI)
     for ax, panel in zip(fig.subplots(1, len(panels), squeeze=False)[0], panels):
         ax.set(xlabel=panel.x_label, ylabel=panel.y_label, title=panel.title)
@@ -118,7 +182,8 @@ def data_map(panels: Sequence[DataMapPanel], path: Path) -> Path:
             ax.text(0.5, 0.5, "no samples", ha="center", va="center", transform=ax.transAxes)
             continue
         flagged = [False] * len(panel.x) if panel.flagged is None else list(panel.flagged)
-        for flag, colour, label in ((False, "tab:blue", "other samples"), (True, "tab:red", panel.flag_label)):
+        groups = ((False, "tab:blue", "other samples"), (True, "tab:red", panel.flag_label or "flagged"))
+        for flag, colour, label in groups:
             xs = [x for x, f in zip(panel.x, flagged) if f == flag]
             ys = [y for y, f in zip(panel.y, flagged) if f == flag]
             if xs:
