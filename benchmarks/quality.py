@@ -50,14 +50,17 @@ COLUMNS = [
 ]
 
 
-def run_one(config: str, precision: str, seed: int, runs: Path, overrides: list[str]) -> dict:
-    """One training run, its directory named after everything that sets it apart (resumed if cut off)."""
+def run_one(config: str, precision: str, seed: int, runs: Path, overrides: list[str], existing: bool) -> dict | None:
+    """One training run, its directory named after everything that sets it apart (resumed if cut off);
+    with ``existing``, only a finished run's metrics (None if it has not finished)."""
     run_dir = runs / run_name(config, [precision, *overrides], seed)
     metrics_path = run_dir / "metrics.json"
     if metrics_path.exists():
         done = json.loads(metrics_path.read_text())
         if done.get("final"):
             return done
+    if existing:
+        return None
     cfg = load_config(config, [f"seed={seed}", PRECISIONS[precision], *overrides])
     if (run_dir / "last.pt").exists():
         return Trainer.resume(run_dir, progress=False).fit()
@@ -81,14 +84,16 @@ def table(rows: dict[tuple[str, str, str], dict], seeds: int) -> str:
     head = "| method | CalibrateMix | precision | " + " | ".join(label for _, label in COLUMNS) + " |"
     lines = [head, "|" + "---|" * (len(COLUMNS) + 3)]
     for (method, mode, precision), stats in rows.items():
-        cells = []
+        cells = [] if stats["seeds"] == seeds else [f"({stats['seeds']} seed{'s' * (stats['seeds'] > 1)})"]
         for key, _ in COLUMNS:
             if key not in stats:
                 cells.append("–")
                 continue
             m, s = stats[key]["mean"], stats[key]["std"]
             cells.append(f"{m:.0f} ± {s:.0f}" if key == "wall_time_s" else f"{m:.4f} ± {s:.4f}")
-        lines.append(f"| {method} | {mode} | {precision} | " + " | ".join(cells) + " |")
+        lines.append(f"| {method} | {mode} | {precision} | " + " | ".join(cells[-len(COLUMNS) :]) + " |")
+        if len(cells) > len(COLUMNS):  # fewer seeds than asked: say so in the row
+            lines[-1] = lines[-1].replace(f"| {precision} |", f"| {precision} {cells[0]} |", 1)
     note = "final EMA model on the test split; TS: temperature fitted on the validation split"
     return "\n".join(lines) + f"\n\n(mean ± std over {seeds} seeds; {note})"
 
@@ -112,6 +117,7 @@ def main() -> int:
     p.add_argument("--precisions", nargs="+", default=["bf16"], choices=list(PRECISIONS))
     p.add_argument("--calibratemix", nargs="+", default=["off"], choices=MODES, help="CalibrateMix modes to run")
     p.add_argument("--tag", default="", help="suffix of the JSON file name (quality-<suite>[-<tag>].json)")
+    p.add_argument("--existing", action="store_true", help="summarise the finished runs only; train nothing")
     p.add_argument("--runs", type=Path, default=Path("runs/benchmark"))
     p.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     p.add_argument("overrides", nargs="*", help="key=value overrides applied to every run")
@@ -126,7 +132,10 @@ def main() -> int:
             for mode, precision in variants:  # interleaved: machine load hits every variant alike
                 start = time.perf_counter()
                 extra = [] if mode == "off" else [f"calibratemix.mode={mode}"]
-                metrics = run_one(config, precision, seed, args.runs, [*extra, *args.overrides])
+                metrics = run_one(config, precision, seed, args.runs, [*extra, *args.overrides], args.existing)
+                if metrics is None:
+                    print(f"{config} {mode} {precision} seed {seed}: not finished, left out", flush=True)
+                    continue
                 final = flatten(metrics)
                 finals[(mode, precision)].append(final)
                 results.append(
@@ -150,8 +159,10 @@ def main() -> int:
                     flush=True,
                 )
         for (mode, precision), runs in finals.items():
-            keys = [key for key, _ in COLUMNS if all(key in f for f in runs)]
-            rows[(method, mode, precision)] = {key: summarise([f[key] for f in runs]) for key in keys}
+            if runs:
+                keys = [key for key, _ in COLUMNS if all(key in f for f in runs)]
+                rows[(method, mode, precision)] = {key: summarise([f[key] for f in runs]) for key in keys}
+                rows[(method, mode, precision)]["seeds"] = len(runs)
 
     md = table(rows, len(args.seeds))
     agreement = within_one_std(rows)

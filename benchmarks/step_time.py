@@ -145,7 +145,7 @@ def main() -> int:
             flush=True,
         )
     speedups = []
-    if {"bf16", "fp32"} <= set(args.precisions):
+    if {"bf16", "fp32"} <= set(args.precisions) and "off" in args.calibratemix:
         for method in args.methods:
             fp32, bf16 = times[(method, "fp32", "off")], times[(method, "bf16", "off")]
             ratios = {name: [a / b for a, b in zip(fp32[name], bf16[name])] for name in ("with_data", "model_only")}

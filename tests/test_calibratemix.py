@@ -98,6 +98,36 @@ def test_split_pairing_and_mix_loss() -> None:
     torch.testing.assert_close(mix_loss(logits, targets, groups, "ce"), ce[:3].mean() + ce[3:].mean())
 
 
+def test_mixes_pair_labeled_easy_with_unlabeled_hard_and_the_reverse() -> None:
+    """Images are basis vectors, so each mix reveals its anchor, its partner and its lambda."""
+    from trustmatch.calibratemix import CalibrateMix
+    from trustmatch.classification import Batch
+    from trustmatch.config import CalibrateMixConfig
+    from trustmatch.step import StepOutput
+
+    n_lb, n_ulb, k = 6, 10, 3
+    reg = CalibrateMix(CalibrateMixConfig(mode="efficient", k=2), 20, 50, k, lambda *a: torch.zeros(()))
+    idx_lb, idx_ulb = torch.arange(6) * 3, torch.arange(10) * 5
+    reg.aum.margin_sum[idx_lb] = torch.tensor([5.0, -1.0, 3.0, -2.0, 4.0, 0.0])  # easy: 0, 4, 2
+    reg.aum.count[idx_lb] = 1
+    pseudo = torch.arange(10) % k
+    apm = torch.tensor([0.1, 2.0, -1.0, 3.0, -2.0, 1.0, -3.0, 4.0, -4.0, 0.5])  # easy: 7, 3, 1, 5, 9
+    reg.apm.apm[idx_ulb, pseudo] = apm
+    eye = torch.eye(n_lb + n_ulb)
+    batch = Batch(eye[:n_lb], torch.tensor([0, 1, 2, 0, 1, 2]), idx_lb, eye[n_lb:], eye[n_lb:], idx_ulb)
+    out = StepOutput(torch.zeros(()), {})
+    images, targets, groups = reg.mixes(batch, out, pseudo)
+    lb_easy, ulb_easy = {0, 2, 4}, {1, 3, 5, 7, 9}
+    assert groups.tolist() == [0, 0, 0, 1, 1, 1]
+    for image, target, group in zip(images, targets, groups):
+        anchor, partner = int(image[:n_lb].argmax()), int(image[n_lb:].argmax())
+        lam = float(image[anchor])
+        assert (anchor in lb_easy) == (group == 0) and (partner in ulb_easy) == (group == 1)
+        expected = lam * F.one_hot(batch.y_lb[anchor], k) + (1 - lam) * F.one_hot(pseudo[partner], k)
+        torch.testing.assert_close(target, expected.float())
+        torch.testing.assert_close(image[n_lb + partner], torch.tensor(1 - lam))
+
+
 # ----------------------------------------------------------------------------- end to end
 
 
@@ -154,9 +184,26 @@ def test_resume_restores_trackers_and_pending_mixes_exactly(tmp_path: Path, mode
     assert_same_state(*(json.loads((tmp_path / run / "metrics.json").read_text()) for run in "ab"))
 
 
-def test_calibratemix_run_writes_the_data_map(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["calibratemix.similarity=feature", "calibratemix.loss=ce"],
+        ["calibratemix.apm_dtype=float16", "calibratemix.mode=efficient"],
+        ["method.name=uda"],
+        ["method.name=freematch", "calibratemix.mode=efficient", "train.amp=false"],
+    ],
+)
+def test_options_and_base_methods_train(tmp_path: Path, extra: list[str]) -> None:
+    overrides = [*TINY, *MIXING, "calibratemix.mode=faithful", "train.steps=3", *extra]
+    metrics = Trainer(load_config("digits-fixmatch", overrides), tmp_path / "run", progress=False).fit()
+    assert 0 <= metrics["final"]["accuracy"] <= 1 and math.isfinite(metrics["final"]["nll"])
+
+
+def test_calibratemix_run_writes_the_data_map(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     run = tmp_path / "run"
     Trainer(load_config("digits-calibratemix", [*TINY, *MIXING]), run, progress=False).fit()
+    assert main(["report", str(run), "--out", str(tmp_path / "report")]) == 0  # reads what training wrote
+    assert "+ TS" in capsys.readouterr().out and (tmp_path / "report" / "report.png").is_file()
     for name in ("datamap.png", "datamap_labeled.csv", "datamap_unlabeled.csv", "reliability_final_calibrated.png"):
         assert (run / name).is_file(), name
     with (run / "datamap_labeled.csv").open() as f:
@@ -166,6 +213,8 @@ def test_calibratemix_run_writes_the_data_map(tmp_path: Path) -> None:
     with (run / "datamap_unlabeled.csv").open() as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 1348 and {r["pseudo_label_wrong"] for r in rows} <= {"True", "False"}
+    scores = [float(r["apm"]) for r in rows if r["apm"]]
+    assert scores == sorted(scores) and all(not r["apm"] for r in rows[len(scores) :])  # unvisited last
 
 
 def test_bad_calibratemix_input_is_one_line(capsys: pytest.CaptureFixture[str]) -> None:
@@ -202,10 +251,10 @@ def test_temperature_is_fitted_on_validation_and_used_by_predict(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     run = tmp_path / "run"
-    Trainer(load_config("digits-fixmatch", TINY), run, progress=False).fit()
+    Trainer(load_config("digits-fixmatch", ["train.steps=60", "train.eval_every=60"]), run, progress=False).fit()
     saved = json.loads((run / "metrics.json").read_text())
     temperature = saved["temperature"]
-    assert temperature > 0 and saved["final_calibrated"]["accuracy"] == saved["final"]["accuracy"]
+    assert 0.01 < temperature < 100 and saved["final_calibrated"]["accuracy"] == saved["final"]["accuracy"]
     assert saved["best"]["temperature"] > 0 and saved["final_bins"]["15"]["count"]
     best = load_checkpoint(run / "best.pt")
     assert best["temperature"] == saved["best"]["temperature"]
@@ -216,7 +265,9 @@ def test_temperature_is_fitted_on_validation_and_used_by_predict(
     task = loaded.task(loaded.cfg, loaded.precision)
     logits = torch.cat([z for z, _ in task._logits(loaded.model, "val")])
     labels = task.data.val.labels
-    assert math.isclose(fit_temperature(logits, labels), best["temperature"], rel_tol=1e-6)  # val, not test
+    assert math.isclose(fit_temperature(logits, labels), best["temperature"], rel_tol=1e-6)  # val ...
+    test_logits = torch.cat([z for z, _ in task._logits(loaded.model, "test")])
+    assert abs(fit_temperature(test_logits, task.data.test.labels) - best["temperature"]) > 1e-3  # ... not test
 
     image = tmp_path / "x.png"
     from PIL import Image

@@ -11,8 +11,8 @@ cosine-similar candidates, with one lambda ~ Beta(alpha, alpha) per group:
 ``faithful`` is the release: a second forward over cat(x_lb, mixes, u_weak, u_strong) adding
 L_mix1 + L_mix2 + L_sup2 + L_unsup2 (the pass-2 selection reads the selector without updating it).
 ``efficient`` keeps one forward and one backward per step: the mixes built from step t's outputs
-join step t+1's forward (``prepare``) and are trained there, one step late, at about 1/8 of the
-base step's forward cost instead of a whole second pass. The pending mixes are part of the
+join step t+1's forward (``prepare``) and are trained there, one step late: B more images on a
+forward of B (1 + 2 uratio), 1/15 more for uratio 7, instead of a whole second pass. The pending mixes are part of the
 checkpointed state, so a resumed run continues exactly.
 """
 
@@ -87,6 +87,8 @@ class CalibrateMix(Regularizer):
     def prepare(self, batch: Batch, step: int, total_steps: int) -> None:
         if self.pending is not None:  # built from the previous batch's views: their device and layout
             batch.extra[NAME] = self.pending[0].to(batch.x_lb.device)
+        else:
+            batch.extra.pop(NAME, None)
 
     def forward(self, model: nn.Module, batch: Batch, out: StepOutput) -> tuple[Tensor, dict[str, Tensor]]:
         assert batch.u_weak is not None and batch.u_strong is not None and batch.idx_ulb is not None
@@ -115,7 +117,12 @@ class CalibrateMix(Regularizer):
 
     @torch.no_grad()
     def mixes(self, batch: Batch, out: StepOutput, pseudo: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Images, soft targets and group ids (0: labeled-easy x unlabeled-hard, 1: the reverse)."""
+        """Images, soft targets and group ids (0: labeled-easy x unlabeled-hard, 1: the reverse).
+        Float32 even under the step's autocast: near-equal similarities must not tie in bf16."""
+        with torch.autocast(pseudo.device.type, enabled=False):
+            return self._mixes(batch, out, pseudo)
+
+    def _mixes(self, batch: Batch, out: StepOutput, pseudo: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         assert batch.u_weak is not None and batch.idx_ulb is not None
         lb_easy, lb_hard = split_halves(self.aum.scores(batch.idx_lb))
         ulb_easy, ulb_hard = split_halves(self.apm.scores(batch.idx_ulb, pseudo))

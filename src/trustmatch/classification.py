@@ -42,8 +42,8 @@ def supervised_step(model: nn.Module, batch: Batch, step: int, total_steps: int)
 def consistency_loss(strong_logits: Tensor, selection: Selection) -> Tensor:
     """mean_i w_i CE(strong_i, target_i) over the whole unlabeled batch; the target is the hard
     pseudo-label, or the soft one where the selector gives it (UDA: same gradient as its KL)."""
-    target = selection.labels if selection.targets is None else selection.targets.to(strong_logits.dtype)
-    return (F.cross_entropy(strong_logits, target, reduction="none") * selection.weights).mean()
+    target = selection.labels if selection.targets is None else selection.targets.float()
+    return (F.cross_entropy(strong_logits.float(), target, reduction="none") * selection.weights).mean()
 
 
 def joint_forward(model: nn.Module, views: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:

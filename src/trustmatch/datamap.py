@@ -55,17 +55,19 @@ def write_data_map(regularizer: CalibrateMix, data: SSLData, predictions: Predic
     header = ["index", "path", "label", "aum", "visits", "predicted", "confidence", "prediction_agrees"]
     _write_csv(run_dir / "datamap_labeled.csv", header, rows)
 
+    seen = apm_visits > 0  # APM starts after the warm-up: samples never visited since carry no score
+    order = torch.where(seen, apm, float("inf")).argsort()  # hardest first, never-visited last (APM blank)
     known = ulb.labels >= 0
     wrong = (pred_ulb != ulb.labels) & known
     rows = [
-        [i, ulb.paths[i] if ulb.paths else "", classes[pred_ulb[i]], _fmt(apm[i]), int(apm_visits[i]),
-         _fmt(conf_ulb[i]), classes[ulb.labels[i]] if known[i] else "", bool(wrong[i]) if known[i] else ""]
-        for i in apm.argsort().tolist()
+        [i, ulb.paths[i] if ulb.paths else "", classes[pred_ulb[i]], _fmt(apm[i]) if seen[i] else "",
+         int(apm_visits[i]), _fmt(conf_ulb[i]), classes[ulb.labels[i]] if known[i] else "",
+         bool(wrong[i]) if known[i] else ""]
+        for i in order.tolist()
     ]  # fmt: skip
     header = ["index", "path", "pseudo_label", "apm", "visits", "confidence", "true_label", "pseudo_label_wrong"]
     _write_csv(run_dir / "datamap_unlabeled.csv", header, rows)
 
-    seen = apm_visits > 0  # APM starts after the warm-up: samples never visited since carry no score
     panels = [
         DataMapPanel(
             f"labeled ({len(lb)})", aum.tolist(), conf_lb.tolist(), "AUM (area under the margin)",

@@ -22,7 +22,8 @@ def evaluate_run(run_dir: Path, checkpoint: str = "auto", split: str = "test") -
     task = run.task(run.cfg, run.precision)
     if not task.has_split(split):
         raise UserError(f"run {run_dir} has no {split} split: use --split test")
-    temperature = meta.get("temperature")  # fitted on validation when the checkpoint was written
+    # fitted on validation when the checkpoint was written: scaled validation metrics would be in-sample
+    temperature = meta.get("temperature") if split == "test" else None
     evaluation = task.evaluate(run.model, split, temperature)
     which = path.stem
     result = {"checkpoint": which, "step": int(meta["step"]), "split": split, **evaluation.metrics}

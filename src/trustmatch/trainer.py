@@ -162,6 +162,7 @@ class Trainer:
         self.step = int(state["step"])
         run = state["run"]
         self.history, self.best, self.elapsed = run["history"], run["best"], float(run["elapsed"])
+        self.temperature = state.get("temperature")
 
     @classmethod
     def resume(cls, run_dir: Path, overrides: list[str] | None = None, progress: bool = True) -> Trainer:
@@ -239,6 +240,9 @@ class Trainer:
         bar.close()
         if self.step < t.steps:
             self.elapsed = time.perf_counter() - start
+            if self.history and self.history[-1]["step"] != self.step:  # last.pt keeps the T of its model
+                dist.broadcast_module(self.ema.module)
+                self.temperature = self.task.fit_temperature(self.ema.module)
             self._save_last()
             return self.metrics(final=None)
         return self._finish()
@@ -295,7 +299,7 @@ class Trainer:
             self.temperature = self.history[-1].get("temperature")
             self._last_test = self.evaluate("test", self.temperature)
         test = self._last_test
-        self.task.write_final(self.ema.module, self.run_dir)  # collective: every process takes part
+        self.task.write_final(self.ema.module, self.run_dir)  # every process calls it (the task may use collectives)
         if dist.is_main():
             title = f"final EMA model (step {self.step})"
             self.task.write_artefacts(test, self.run_dir / "reliability_final", title)
@@ -320,7 +324,7 @@ class Trainer:
         last, test = (self.history[-1] if self.history else {}), self._last_test
         calibration = {
             "temperature": last.get("temperature"),
-            **({} if "temperature" in last else {"temperature_note": NO_TEMPERATURE}),
+            **({} if self.task.has_split("val") else {"temperature_note": NO_TEMPERATURE}),
             "final_calibrated": last.get("test_calibrated") if final is not None else None,
             "final_bins": {"15": test.detail} if final is not None and test is not None else None,
             "final_calibrated_bins": {"15": test.calibrated_detail}

@@ -171,9 +171,10 @@ class ClassificationTask(Task):
             return
         predictions = {}
         for split in ("labeled", "unlabeled"):
-            images = getattr(self.data, split)
-            logits = torch.cat([z for _, z in iter_logits(model, images.images, self.views.plain, self.precision)])
-            predictions[split] = logits.softmax(dim=1).max(dim=1)
+            images, size = getattr(self.data, split).images, self.cfg.train.eval_batch_size
+            batches = iter_logits(model, images, self.views.plain, self.precision, size)
+            top = [z.softmax(dim=1).max(dim=1) for _, z in batches]  # kept per sample, never [N, K]
+            predictions[split] = torch.cat([t.values.cpu() for t in top]), torch.cat([t.indices.cpu() for t in top])
         write_data_map(regularizer, self.data, predictions, run_dir)
 
     def write_history(self, history: list[dict[str, Any]], run_dir: Path) -> None:
