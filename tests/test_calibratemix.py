@@ -169,6 +169,7 @@ def test_modes_mix_easy_with_hard_in_the_forwards_they_promise(tmp_path: Path, m
     torch.testing.assert_close(targets.sum(dim=1), torch.ones(8))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["faithful", "efficient"])
 def test_resume_restores_trackers_and_pending_mixes_exactly(tmp_path: Path, mode: str) -> None:
     overrides = [*TINY, *MIXING, f"calibratemix.mode={mode}"]
@@ -184,6 +185,7 @@ def test_resume_restores_trackers_and_pending_mixes_exactly(tmp_path: Path, mode
     assert_same_state(*(json.loads((tmp_path / run / "metrics.json").read_text()) for run in "ab"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "extra",
     [
