@@ -247,6 +247,8 @@ def test_fit_temperature_finds_the_nll_minimum() -> None:
             options={"xatol": 1e-10},
         )  # fmt: skip
         assert math.isclose(fit_temperature(z, y), ref.x, rel_tol=1e-5)
+    separable = torch.randn(50, 10, generator=g)
+    assert fit_temperature(separable, separable.argmax(dim=1)) is None  # the NLL falls as T -> 0: no T
 
 
 def test_temperature_is_fitted_on_validation_and_used_by_predict(

@@ -13,19 +13,23 @@ from torch import Tensor
 BETA_RANGE = (0.01, 100.0)  # beta = 1 / T
 
 
-def fit_temperature(logits: Tensor, labels: Tensor, max_iter: int = 100, tol: float = 1e-10) -> float:
-    """The T > 0 minimising the mean NLL of softmax(logits / T) on (``logits``, ``labels``).
+def fit_temperature(logits: Tensor, labels: Tensor, max_iter: int = 100, tol: float = 1e-10) -> float | None:
+    """The T > 0 minimising the mean NLL of softmax(logits / T) on (``logits``, ``labels``); None when
+    every sample is classified correctly: the NLL then falls as T -> 0, so no T is identified (a
+    small validation split of an accurate model, e.g. 50 digits), and sharpening would be unbounded.
 
     Newton on beta = 1/T with the exact derivatives: d NLL/d beta = E_p[z] - z_y, d2 NLL/d beta2 = Var_p[z]
     (mean over samples), damped so that every step lowers the NLL. T is kept in [0.01, 100]: beyond,
-    separable data (the NLL falls as T -> 0) or a model worse than uniform (T -> infinity) would get
-    a temperature that only rounding separates from one that changes the argmax.
+    nearly separable data or a model worse than uniform (T -> infinity) would get a temperature that
+    only rounding separates from one that changes the argmax.
     """
     if logits.ndim != 2 or len(logits) != len(labels) or len(labels) == 0:
         raise ValueError(f"temperature scaling needs logits [N, K] and N labels, got {tuple(logits.shape)}")
     z = logits.detach().double().cpu()
     y = labels.cpu().long()
     zy = z.gather(1, y[:, None]).squeeze(1)
+    if bool((z.argmax(dim=1) == y).all()):
+        return None
 
     def nll(beta: float) -> float:
         return float(torch.nn.functional.cross_entropy(beta * z, y))

@@ -34,6 +34,10 @@ from trustmatch.tasks import TASKS, Evaluation, Stateful
 RESUME_KEYS = ("train.steps", "train.eval_every", "train.log_every")  # what --resume may change
 NO_BEST = "no validation split (data.val_per_class=0): no checkpoint is chosen, `final` is the result"
 NO_TEMPERATURE = "no validation split (data.val_per_class=0): temperature scaling cannot be fitted (never on test)"
+SEPARABLE = (
+    "the validation split is classified without error, so its NLL falls as T -> 0 and identifies no "
+    "temperature: the model is reported raw"
+)
 OPTIMISTIC = "max over evaluations of test {metric}, as USB reports it: optimistic, never used for a choice"
 
 
@@ -324,7 +328,7 @@ class Trainer:
         last, test = (self.history[-1] if self.history else {}), self._last_test
         calibration = {
             "temperature": last.get("temperature"),
-            **({} if self.task.has_split("val") else {"temperature_note": NO_TEMPERATURE}),
+            **({"temperature_note": self._temperature_note()} if self._temperature_missing(last) else {}),
             "final_calibrated": last.get("test_calibrated") if final is not None else None,
             "final_bins": {"15": test.detail} if final is not None and test is not None else None,
             "final_calibrated_bins": {"15": test.calibrated_detail}
@@ -350,6 +354,13 @@ class Trainer:
             "history": self.history,
             "split": self.task.split_sizes(),
         }
+
+    def _temperature_missing(self, last: dict[str, Any]) -> bool:
+        """No temperature where one was tried (an evaluation ran), or where none can be (no val split)."""
+        return last.get("temperature") is None and (bool(last) or not self.task.has_split("val"))
+
+    def _temperature_note(self) -> str:
+        return SEPARABLE if self.task.has_split("val") else NO_TEMPERATURE
 
     def _write_metrics(self, final: dict[str, float] | None) -> None:
         atomic_write_text(self.run_dir / "metrics.json", json.dumps(self.metrics(final), indent=2))
