@@ -108,6 +108,9 @@ def _train(args: argparse.Namespace) -> int:
         line += "no validation split, so no best checkpoint: the final model is the result"
     else:
         line += f"best (step {best['step']}, chosen on validation) test {describe(best)}"
+    if metrics["final_calibrated"] is not None:
+        scaled = f"T {metrics['temperature']:.2f}, fitted on validation"
+        line += f"; final after temperature scaling ({scaled}) {describe(metrics['final_calibrated'])}"
     print(line)
     print(f"run directory: {trainer.run_dir}")
     return 0

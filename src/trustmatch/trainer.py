@@ -246,7 +246,7 @@ class Trainer:
             self.elapsed = time.perf_counter() - start
             if self.history and self.history[-1]["step"] != self.step:  # last.pt keeps the T of its model
                 dist.broadcast_module(self.ema.module)
-                self.temperature = self.task.fit_temperature(self.ema.module)
+                _, self.temperature = self._validate()
             self._save_last()
             return self.metrics(final=None)
         return self._finish()
@@ -265,12 +265,15 @@ class Trainer:
         """The EMA model on ``split``, streamed and sharded over processes (and temperature-scaled)."""
         return self.task.evaluate(self.ema.module, split, temperature)
 
+    def _validate(self) -> tuple[dict[str, float], float | None]:
+        """The EMA model's validation metrics and temperature ({} and None without a validation split)."""
+        return self.task.validate(self.ema.module) if self.task.has_split("val") else ({}, None)
+
     def _evaluate_and_save(self, bar: tqdm) -> None:
         # EMA parameters agree across processes; its buffers, copied from each process's last
         # forward, do not: rank 0's are the ones saved, so every shard evaluates with them.
         dist.broadcast_module(self.ema.module)
-        val = self.evaluate("val").metrics if self.task.has_split("val") else {}
-        self.temperature = self.task.fit_temperature(self.ema.module)
+        val, self.temperature = self._validate()
         self._last_test = test = self.evaluate("test", self.temperature)
         entry = {"step": self.step, "elapsed_s": round(self.elapsed, 2), "val": val, "test": test.metrics}
         if test.calibrated is not None:
@@ -309,7 +312,7 @@ class Trainer:
             self.task.write_artefacts(test, self.run_dir / "reliability_final", title)
             if test.calibrated is not None:
                 calibrated = Evaluation(test.calibrated, test.calibrated_detail)
-                scaled = f"{title}, temperature {self.temperature:.3f} fitted on validation"
+                scaled = f"{title}\ntemperature {self.temperature:.3f}, fitted on validation"
                 self.task.write_artefacts(calibrated, self.run_dir / "reliability_final_calibrated", scaled)
             self.task.write_history(self.history, self.run_dir)
             self._write_metrics(final=final)

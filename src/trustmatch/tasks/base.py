@@ -76,9 +76,10 @@ class Task(ABC):
         """Streaming, sharded evaluation of ``split`` ("val" or "test"), reduced over processes;
         with a ``temperature``, the temperature-scaled metrics too, from the same pass."""
 
-    def fit_temperature(self, model: nn.Module) -> float | None:
-        """Post-hoc temperature fitted on the validation split (never test); None where the task has none."""
-        return None
+    def validate(self, model: nn.Module) -> tuple[dict[str, float], float | None]:
+        """Validation metrics and, from the same pass, the post-hoc temperature fitted on them (never
+        on test; None where the task fits none)."""
+        return self.evaluate(model, "val").metrics, None
 
     @abstractmethod
     def has_split(self, split: str) -> bool:

@@ -131,17 +131,18 @@ class ClassificationTask(Task):
             evaluation.calibrated, evaluation.calibrated_detail = meters[1].compute(), meters[1].bins(15)
         return evaluation
 
-    def fit_temperature(self, model: nn.Module) -> float | None:
-        """T minimising the validation NLL; the validation split is small (a few labels per class),
-        so its logits are gathered from every process and fitted in one place."""
-        if not self.has_split("val"):
-            return None
+    def validate(self, model: nn.Module) -> tuple[dict[str, float], float | None]:
+        """One pass: the validation split is small (a few labels per class), so its logits are
+        gathered from every process; each scores them and fits T (minimising their NLL) alike."""
         logits, labels = [torch.empty(0, self.data.num_classes, device=self.device)], [self.data.val.labels[:0]]
         for z, y in self._logits(model, "val"):
             logits.append(z)
             labels.append(y.cpu())
-        labels = torch.cat(labels).to(self.device)
-        return fit_temperature(dist.all_gather_cat(torch.cat(logits)), dist.all_gather_cat(labels))
+        all_logits = dist.all_gather_cat(torch.cat(logits))
+        all_labels = dist.all_gather_cat(torch.cat(labels).to(self.device))
+        meter = ClassificationMeter(self.data.num_classes, self.device)
+        meter.update(all_logits, all_labels)
+        return meter.compute(), fit_temperature(all_logits, all_labels)
 
     def summary(self) -> str:
         return f"{self.cfg.data.name}: {self.data.summary()}"
@@ -180,14 +181,4 @@ class ClassificationTask(Task):
     def write_history(self, history: list[dict[str, Any]], run_dir: Path) -> None:
         training_curves(history, run_dir / "curves.png")
 
-    @classmethod
-    def predict(
-        cls,
-        model: nn.Module,
-        meta: dict[str, Any],
-        inputs: list[Path],
-        out: Path,
-        precision: Precision,
-        temperature: float | None = None,
-    ) -> int:
-        return write_predictions(model, meta, inputs, out, precision, temperature)
+    predict = staticmethod(write_predictions)  # the CSV writer is the whole of classification's predict
