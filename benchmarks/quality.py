@@ -84,16 +84,16 @@ def table(rows: dict[tuple[str, str, str], dict], seeds: int) -> str:
     head = "| method | CalibrateMix | precision | " + " | ".join(label for _, label in COLUMNS) + " |"
     lines = [head, "|" + "---|" * (len(COLUMNS) + 3)]
     for (method, mode, precision), stats in rows.items():
-        cells = [] if stats["seeds"] == seeds else [f"({stats['seeds']} seed{'s' * (stats['seeds'] > 1)})"]
+        n = stats["seeds"]
+        label = precision if n == seeds else f"{precision} ({n} seed{'s' * (n > 1)})"  # fewer seeds than asked
+        cells = []
         for key, _ in COLUMNS:
             if key not in stats:
                 cells.append("–")
                 continue
             m, s = stats[key]["mean"], stats[key]["std"]
             cells.append(f"{m:.0f} ± {s:.0f}" if key == "wall_time_s" else f"{m:.4f} ± {s:.4f}")
-        lines.append(f"| {method} | {mode} | {precision} | " + " | ".join(cells[-len(COLUMNS) :]) + " |")
-        if len(cells) > len(COLUMNS):  # fewer seeds than asked: say so in the row
-            lines[-1] = lines[-1].replace(f"| {precision} |", f"| {precision} {cells[0]} |", 1)
+        lines.append(f"| {method} | {mode} | {label} | " + " | ".join(cells) + " |")
     note = "final EMA model on the test split; TS: temperature fitted on the validation split"
     return "\n".join(lines) + f"\n\n(mean ± std over {seeds} seeds; {note})"
 
