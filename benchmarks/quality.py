@@ -37,7 +37,7 @@ SUITES = {
     "fashionmnist": "fashionmnist-{method}-40",
     "fashionmnist-250": "fashionmnist-{method}-250",
 }
-METHODS = list(methods.METHODS)
+METHODS = [name for name, spec in methods.METHODS.items() if "classification" in spec.tasks]
 PRECISIONS = {"bf16": "train.amp=true", "fp32": "train.amp=false"}
 MODES = ("off", "faithful", "efficient")
 COLUMNS = [

@@ -36,6 +36,7 @@ from trustmatch.methods import METHODS
 from trustmatch.trainer import Trainer
 
 PRECISIONS = {"bf16": True, "fp32": False}  # name -> train.amp
+CLASSIFIERS = [name for name, spec in METHODS.items() if "classification" in spec.tasks]
 
 
 @DATASETS.register("synthetic-cifar")
@@ -87,7 +88,7 @@ def _time_ms(fn: Callable[[], object], device: torch.device) -> float:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    p.add_argument("--methods", nargs="+", default=CLASSIFIERS, choices=CLASSIFIERS)
     p.add_argument("--precisions", nargs="+", default=list(PRECISIONS), choices=list(PRECISIONS))
     p.add_argument("--model", default="wrn_28_2")
     p.add_argument("--device", default="auto")

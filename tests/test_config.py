@@ -25,11 +25,21 @@ CALIBRATEMIX = (
     | {f"fashionmnist-calibratemix-{n}" for n in (40, 250)}
     | {f"{d}-calibratemix-{n}" for d, (_, counts) in PUBLISHED.items() for n in counts}
 )
+SEG_METHODS = ["supervised", "freematch", "softmatch", "uda", "unimatch"]
+SEG_SPLITS = {  # UniMatch's published splits
+    "pascal": ["92", "183", "366", "732", "1464"],
+    "cityscapes": ["1_16", "1_8", "1_4", "1_2"],
+    "coco": ["1_512", "1_256", "1_128", "1_64", "1_32"],
+}
+SEGMENTATION = {f"digitscenes-{m}" for m in SEG_METHODS} | {
+    f"{d}-{m}-{split}" for d, splits in SEG_SPLITS.items() for m in SEG_METHODS for split in splits
+}
 SHIPPED = (
     {f"digits-{m}" for m in ["supervised", *SSL_METHODS]}
     | {f"fashionmnist-{m}-{n}" for m in ["supervised", *SSL_METHODS] for n in (40, 250)}
     | {f"{d}-{m}-{n}" for d, (_, counts) in PUBLISHED.items() for m in SSL_METHODS for n in counts}
     | CALIBRATEMIX
+    | SEGMENTATION
 )
 
 
@@ -39,8 +49,38 @@ def test_method_table_matches_selectors_and_keys() -> None:
     assert read == {f.name for f in dataclasses.fields(MethodConfig)} - {"name"}
 
 
-def test_shipped_names_are_the_93_families() -> None:
-    assert len(SHIPPED) == 93 and set(shipped_configs()) == SHIPPED
+def test_shipped_names_are_the_168_families() -> None:
+    assert len(SHIPPED) == 93 + 75 and set(shipped_configs()) == SHIPPED
+
+
+def test_published_segmentation_settings() -> None:
+    """UniMatch's: batch 8 + 8, SGD 0.9 / wd 1e-4, poly 0.9, DeepLabV3+ at stride 16, threshold 0.95;
+    steps = epochs x iterations over the unlabeled set (Pascal 80 epochs of 10,582 - labeled)."""
+    cfg = load_config("pascal-unimatch-92")
+    assert (cfg.task, cfg.data.name, cfg.data.split, cfg.data.crop_size) == ("segmentation", "pascal", "92", 321)
+    assert (cfg.model.name, cfg.model.pretrained, cfg.model.output_stride) == ("deeplabv3plus_r101", True, 16)
+    t = cfg.train
+    assert (t.batch_size, t.uratio, t.lr, t.head_lr_scale, t.schedule, t.poly_power) == (8, 1, 0.001, 10.0, "poly", 0.9)
+    assert (t.momentum, t.nesterov, t.weight_decay, cfg.method.tau) == (0.9, False, 1e-4, 0.95)
+    assert t.steps == 80 * -(-(10582 - 92) // 8)
+    city = load_config("cityscapes-unimatch-1_16")
+    assert (city.data.crop_size, city.data.sliding_window, city.train.lr, city.train.head_lr_scale) == (
+        801,
+        True,
+        0.005,
+        1.0,
+    )
+    assert city.train.steps == 240 * -(-(2975 - 186) // 8)
+    assert load_config("coco-softmatch-1_512").data.crop_size == 513
+
+
+def test_methods_are_checked_against_the_task() -> None:
+    with pytest.raises(UserError, match="'fixmatch' does not train task 'segmentation'.*'unimatch'"):
+        load_config("digitscenes-unimatch", ["method.name=fixmatch"])
+    with pytest.raises(UserError, match="'unimatch' does not train task 'classification'"):
+        load_config("digits-fixmatch", ["method.name=unimatch"])
+    with pytest.raises(UserError, match="calibratemix.mode"):
+        load_config("digitscenes-softmatch", ["calibratemix.mode=efficient"])
 
 
 def test_calibratemix_configs_are_the_released_softmatch_variant() -> None:

@@ -15,7 +15,15 @@ def n_params(model: nn.Module) -> int:
 
 
 def test_registered_names() -> None:
-    assert MODELS.names() == ["cnn", "wrn_28_2", "wrn_28_8", "wrn_37_2"]
+    assert MODELS.names() == [
+        "cnn",
+        "deeplabv3plus_r101",
+        "deeplabv3plus_r50",
+        "segnet_small",
+        "wrn_28_2",
+        "wrn_28_8",
+        "wrn_37_2",
+    ]
 
 
 @pytest.mark.parametrize("name", SMALL)

@@ -38,10 +38,15 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--checkpoint", default="auto", choices=["auto", "best", "last"], help="auto: best, else last")
     e.add_argument("--split", default="test", choices=["test", "val"])
 
-    pr = sub.add_parser("predict", help="predict classes for images or folders and write a CSV")
+    pr = sub.add_parser(
+        "predict", help="predict images or folders: a CSV of classes, or a directory of PNG masks (segmentation)"
+    )
     pr.add_argument("run_dir", type=Path)
     pr.add_argument("inputs", nargs="+", type=Path, metavar="IMAGE_OR_FOLDER")
-    pr.add_argument("--out", type=Path, default=Path("predictions.csv"))
+    pr.add_argument(
+        "--out", type=Path, help="classification: the CSV (predictions.csv); segmentation: a directory (predictions/)"
+    )
+    pr.add_argument("--confidence-maps", action="store_true", help="segmentation: also <stem>_confidence.png per image")
     pr.add_argument("--checkpoint", default="auto", choices=["auto", "best", "last"], help="auto: best, else last")
     pr.add_argument(
         "--raw", action="store_true", help="uncalibrated confidences (default: the run's temperature, where fitted)"
@@ -125,13 +130,27 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _predict(args: argparse.Namespace) -> int:
+    from trustmatch.config import read_yaml
     from trustmatch.runs import checkpoint_path, load_run_model
 
-    if args.out.is_dir():
-        raise UserError(f"--out {args.out} is a directory: name the CSV file to write, e.g. {args.out / 'preds.csv'}")
-    run = load_run_model(checkpoint_path(args.run_dir, args.checkpoint))
+    path = checkpoint_path(args.run_dir, args.checkpoint)
+    config = args.run_dir / "config.yaml"
+    segmentation = config.is_file() and read_yaml(config).get("task") == "segmentation"  # checked before loading
+    options = {}
+    if segmentation:
+        args.out = args.out or Path("predictions")
+        options["confidence_maps"] = args.confidence_maps
+    else:
+        args.out = args.out or Path("predictions.csv")
+        if args.confidence_maps:
+            raise UserError("--confidence-maps is for segmentation runs: the classification CSV has the confidence")
+        if args.out.is_dir():
+            raise UserError(
+                f"--out {args.out} is a directory: name the CSV file to write, e.g. {args.out / 'preds.csv'}"
+            )
+    run = load_run_model(path)
     temperature = None if args.raw else run.meta.get("temperature")
-    n = run.task.predict(run.model, run.meta, args.inputs, args.out, run.precision, temperature)
+    n = run.task.predict(run.model, run.meta, args.inputs, args.out, run.precision, temperature, **options)
     how = (
         "raw confidences"
         if temperature is None

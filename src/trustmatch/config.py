@@ -19,7 +19,7 @@ from typing import Any
 import yaml
 
 from trustmatch.errors import UserError
-from trustmatch.methods import METHODS
+from trustmatch.methods import METHODS, TASK_NAMES
 from trustmatch.presets import PRESETS
 from trustmatch.schedules import SCHEDULES
 
@@ -33,8 +33,12 @@ def opt(default: Any, help: str) -> Any:
 
 @dataclass
 class DataConfig:
-    name: str = opt("digits", "dataset: digits, fashionmnist, mnist, cifar10, cifar100, svhn, stl10, folder")
-    root: str | None = opt(None, "dataset directory (torchvision layout) or labeled image folder")
+    name: str = opt(
+        "digits",
+        "dataset: digits, fashionmnist, mnist, cifar10, cifar100, svhn, stl10, folder; "
+        "segmentation: digitscenes, pascal, cityscapes, coco, folder",
+    )
+    root: str | None = opt(None, "dataset directory (torchvision or standard layout) or the user's folder")
     download: bool = opt(False, "only on request: nothing is fetched unless this is true")
     labels_per_class: int = opt(4, "labeled images per class drawn from the training pool")
     val_per_class: int = opt(5, "labeled validation split held out of the training pool")
@@ -42,7 +46,20 @@ class DataConfig:
         None, "square side images are resized to (None: the dataset's native size; folders: 32)"
     )
     unlabeled_dir: str | None = opt(None, "folder dataset: a folder of unlabeled images, searched recursively")
-    test_dir: str | None = opt(None, "folder dataset: optional test folder with the same class subfolders")
+    test_dir: str | None = opt(
+        None, "folder dataset: optional test folder (classification: class subfolders; segmentation: images/ + masks/)"
+    )
+    val_dir: str | None = opt(None, "segmentation folder: optional validation folder with images/ + masks/")
+    split: str | None = opt(None, "segmentation: UniMatch split name under <root>/splits/ (92, 1464, 1_16 ...)")
+    split_dir: str | None = opt(
+        None, "segmentation: folder with labeled.txt and unlabeled.txt (None: <root>/splits/<split>); val.txt beside it"
+    )
+    crop_size: int = opt(64, "segmentation: training crop side (Pascal 321, Cityscapes 801, COCO 513)")
+    sliding_window: bool = opt(False, "segmentation: evaluate in crop-sized windows (stride 2/3 crop; Cityscapes)")
+    workers: int = opt(0, "segmentation: threads that decode and crop images from files (0: the main thread)")
+    scenes: int = opt(1000, "digitscenes: training scenes generated (the labeled + unlabeled pool)")
+    labeled_images: int = opt(20, "digitscenes: labeled scenes drawn from the pool")
+    val_images: int = opt(100, "digitscenes: validation scenes (generated apart from the pool)")
     test_fraction: float = opt(0.2, "share held out as a fixed, stratified test split when the dataset has none")
     include_labeled_in_unlabeled: bool = opt(False, "also use the labeled images as unlabeled ones (USB does)")
     strong_ops: int = opt(2, "RandAugment ops per strong view (FixMatch: 2; USB's published configs: 3)")
@@ -55,7 +72,11 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    name: str = opt("cnn", "network: cnn, wrn_28_2, wrn_28_8, wrn_37_2")
+    name: str = opt(
+        "cnn", "network: cnn, wrn_28_2, wrn_28_8, wrn_37_2; segmentation: segnet_small, deeplabv3plus_r50, _r101"
+    )
+    pretrained: bool = opt(False, "segmentation: ImageNet encoder weights (fetched; random init if they cannot be)")
+    output_stride: int = opt(16, "DeepLabV3+ encoder output stride: 16 (UniMatch) or 8 (CSL)")
     bn_momentum: float = opt(
         0.001, "BatchNorm momentum (PyTorch convention); 0.001 as USB for 2^20-step runs, ~0.1 for short ones"
     )
@@ -127,7 +148,7 @@ class TrainConfig:
 class Config:
     description: str = opt("", "one line shown by `trustmatch list`")
     seed: int = opt(0, "fixes the labeled/validation split, the initialisation and the data order")
-    task: str = opt("classification", "what is learned: classification (segmentation to come)")
+    task: str = opt("classification", "what is learned: classification or segmentation")
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
@@ -210,7 +231,14 @@ def _validate(cfg: Config, method_keys: set[str]) -> None:
     """Check values; ``method_keys`` are the method.* keys set explicitly, which the method must read."""
     if cfg.method.name not in METHODS:
         raise UserError(f"config key 'method.name' must be one of {', '.join(METHODS)}, got {cfg.method.name!r}")
-    reads = METHODS[cfg.method.name].keys
+    spec = METHODS[cfg.method.name]
+    if cfg.task in TASK_NAMES and cfg.task not in spec.tasks:  # a task of the user's own reads every method
+        others = [name for name, m in METHODS.items() if cfg.task in m.tasks]
+        hint = " (its fixed-threshold selection is 'unimatch' there)" if cfg.method.name == "fixmatch" else ""
+        raise UserError(
+            f"method {cfg.method.name!r} does not train task {cfg.task!r}{hint}: use one of {', '.join(others)}"
+        )
+    reads = spec.keys
     foreign = sorted(method_keys - {"name"} - set(reads))
     if foreign:
         raise UserError(
@@ -248,6 +276,17 @@ def _validate(cfg: Config, method_keys: set[str]) -> None:
         (cfg.method.n_sigma > 0, "method.n_sigma", "positive"),
         (cfg.method.pseudo_label_from in ("raw", "aligned"), "method.pseudo_label_from", "'raw' or 'aligned'"),
         (cfg.method.temperature > 0, "method.temperature", "positive"),
+        (cfg.data.crop_size >= 8, "data.crop_size", "at least 8 pixels"),
+        (cfg.data.workers >= 0, "data.workers", "0 or more"),
+        (cfg.data.scenes >= 2, "data.scenes", "at least 2"),
+        (1 <= cfg.data.labeled_images < cfg.data.scenes, "data.labeled_images", "at least 1 and below data.scenes"),
+        (cfg.data.val_images >= 0, "data.val_images", "0 or more"),
+        (cfg.model.output_stride in (8, 16), "model.output_stride", "8 or 16"),
+        (
+            cfg.calibratemix.mode == "off" or cfg.task == "classification",
+            "calibratemix.mode",
+            "off for segmentation (CalibrateMix is a classification method)",
+        ),
         (cfg.calibratemix.mode in CALIBRATEMIX_MODES, "calibratemix.mode", " | ".join(CALIBRATEMIX_MODES)),
         (
             cfg.calibratemix.mode == "off" or cfg.method.name != "supervised",

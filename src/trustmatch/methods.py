@@ -1,12 +1,15 @@
 """The methods trustmatch trains, and the ``method.*`` keys each one reads.
 
 One table, so that config validation, the shipped configs and the benchmarks agree on the names,
-and so that a key meant for another method is rejected instead of silently ignored.
+and so that a key meant for another method is rejected instead of silently ignored. In segmentation
+every semi-supervised method runs UniMatch's step; the method picks the per-pixel selector.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+TASK_NAMES = ("classification", "segmentation")
 
 
 @dataclass(frozen=True)
@@ -14,17 +17,26 @@ class MethodSpec:
     description: str
     keys: tuple[str, ...]  # the method.* keys this method reads, besides `name`
     defaults: tuple[tuple[str, object], ...] = ()  # this method's own defaults where they differ from the key's
+    tasks: tuple[str, ...] = TASK_NAMES  # the tasks it trains
 
 
 METHODS: dict[str, MethodSpec] = {
     "supervised": MethodSpec("Supervised baseline (labeled images only)", ()),
-    "fixmatch": MethodSpec("FixMatch (confidence threshold 0.95)", ("lambda_u", "tau")),
-    "flexmatch": MethodSpec("FlexMatch (curriculum class thresholds)", ("lambda_u", "tau", "threshold_warmup")),
+    # in segmentation the fixed threshold is UniMatch's; FlexMatch keeps a per-sample state that pixels lack
+    "fixmatch": MethodSpec("FixMatch (confidence threshold 0.95)", ("lambda_u", "tau"), tasks=("classification",)),
+    "flexmatch": MethodSpec(
+        "FlexMatch (curriculum class thresholds)", ("lambda_u", "tau", "threshold_warmup"), tasks=("classification",)
+    ),
     "freematch": MethodSpec("FreeMatch (self-adaptive thresholds + fairness)", ("lambda_u", "ema_m", "saf_weight")),
     "softmatch": MethodSpec(
         "SoftMatch (truncated-Gaussian weights)", ("lambda_u", "ema_m", "n_sigma", "dist_align", "pseudo_label_from")
     ),
     "uda": MethodSpec(
         "UDA (sharpened soft pseudo-labels above 0.8)", ("lambda_u", "tau", "temperature"), (("tau", 0.8),)
+    ),
+    "unimatch": MethodSpec(
+        "UniMatch (two CutMix strong views + feature perturbation, threshold 0.95)",
+        ("lambda_u", "tau"),
+        tasks=("segmentation",),
     ),
 }

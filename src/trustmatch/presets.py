@@ -4,6 +4,8 @@ Each config is a nested mapping of config keys, the shape of a YAML file, so a u
 from one with ``base: <name>``. A new dataset is one entry in FAMILIES; a new method is one entry
 in ``trustmatch.methods.METHODS`` and joins every family that trains all methods (or all SSL ones).
 Every family also gets ``<dataset>-calibratemix-<labels>``: CalibrateMix on SoftMatch, as released.
+Segmentation: ``digitscenes-<method>`` (CPU-sized) and UniMatch's published Pascal, Cityscapes and
+COCO settings for every segmentation method.
 """
 
 from __future__ import annotations
@@ -13,8 +15,8 @@ from typing import Any
 
 from trustmatch.methods import METHODS
 
-ALL = tuple(METHODS)
-SSL = tuple(m for m in METHODS if m != "supervised")  # the published tables compare SSL methods only
+ALL = tuple(name for name, spec in METHODS.items() if "classification" in spec.tasks)
+SSL = tuple(m for m in ALL if m != "supervised")  # the published tables compare SSL methods only
 
 
 @dataclass(frozen=True)
@@ -115,6 +117,114 @@ def _calibratemix(family: Family, labels: int) -> dict[str, Any]:
 
 
 CALIBRATEMIX_BASE = "softmatch"  # the only variant the authors released
+SEGMENTATION = tuple(name for name, spec in METHODS.items() if "segmentation" in spec.tasks)
+
+
+@dataclass(frozen=True)
+class SegFamily:
+    """Segmentation configs: ``splits`` maps a split name to (labeled, unlabeled) image counts."""
+
+    name: str  # with {method} and {split}
+    title: str
+    splits: dict[str, tuple[int, int]]
+    epochs: int  # UniMatch counts epochs over the unlabeled set: steps = epochs * ceil(unlabeled / batch)
+    settings: dict[str, Any]
+    note: str
+
+
+def _unimatch(dataset: str, crop: int, lr: float, head_lr_scale: float, model: str, **data: Any) -> dict[str, Any]:
+    """UniMatch's published setting: global batch 8 labeled + 8 unlabeled, SGD (momentum 0.9, wd 1e-4),
+    poly decay (power 0.9), DeepLabV3+ with an ImageNet encoder at output stride 16, threshold 0.95."""
+    return {
+        "task": "segmentation",
+        "data": {"name": dataset, "crop_size": crop, **data},
+        "model": {"name": model, "pretrained": True, "output_stride": 16, "bn_momentum": 0.1},
+        "method": {"tau": 0.95},
+        "train": {
+            "batch_size": 8,
+            "uratio": 1,
+            "lr": lr,
+            "head_lr_scale": head_lr_scale,
+            "schedule": "poly",
+            "poly_power": 0.9,
+            "momentum": 0.9,
+            "nesterov": False,
+            "weight_decay": 1e-4,
+            "ema": 0.999,
+            "eval_every": 5000,
+            "eval_batch_size": 1,
+            "log_every": 100,
+        },
+    }
+
+
+def _pascal_splits() -> dict[str, tuple[int, int]]:
+    # UniMatch's "original" splits: labeled from the 1,464 fine masks, unlabeled the rest of the
+    # 10,582 SBD-augmented set
+    return {str(n): (n, 10582 - n) for n in (92, 183, 366, 732, 1464)}
+
+
+def _fraction_splits(total: int, denominators: tuple[int, ...]) -> dict[str, tuple[int, int]]:
+    return {f"1_{d}": (round(total / d), total - round(total / d)) for d in denominators}
+
+
+SEG_FAMILIES = (
+    SegFamily(
+        "pascal-{method}-{split}", "Pascal VOC 2012 (+SBD)", _pascal_splits(), 80,
+        _unimatch("pascal", 321, 0.001, 10.0, "deeplabv3plus_r101"), "DeepLabV3+ R101, crop 321 (UniMatch setting)",
+    ),
+    SegFamily(
+        "cityscapes-{method}-{split}", "Cityscapes", _fraction_splits(2975, (16, 8, 4, 2)), 240,
+        _unimatch("cityscapes", 801, 0.005, 1.0, "deeplabv3plus_r101", sliding_window=True),
+        "DeepLabV3+ R101, crop 801, sliding-window evaluation (UniMatch setting; its public config crops 769 "
+        "with R50 and an OHEM labeled loss)",
+    ),
+    SegFamily(
+        "coco-{method}-{split}", "COCO (81 classes)", _fraction_splits(118287, (512, 256, 128, 64, 32)), 30,
+        _unimatch("coco", 513, 0.004, 10.0, "deeplabv3plus_r101"),
+        "DeepLabV3+ R101, crop 513 (UniMatch setting, which uses Xception-65)",
+    ),
+)  # fmt: skip
+
+
+def _digitscenes(method: str) -> dict[str, Any]:
+    """Scenes of real handwritten digits, 64 px: a small network trains in minutes on 2 CPU cores."""
+    spec = METHODS[method]
+    return {
+        "description": f"{spec.description} on digitscenes (20 labeled scenes), small network, 1,500 steps (CPU-sized)",
+        "task": "segmentation",
+        "data": {"name": "digitscenes", "crop_size": 64, "scenes": 1000, "labeled_images": 20, "val_images": 100},
+        "model": {"name": "segnet_small", "bn_momentum": 0.1},
+        "method": {"name": method, **({"ema_m": 0.99} if "ema_m" in spec.keys else {})},
+        "train": {
+            "steps": 1500,
+            "batch_size": 8,
+            "uratio": 1,
+            "lr": 0.02,
+            "schedule": "poly",
+            "momentum": 0.9,
+            "nesterov": False,
+            "weight_decay": 1e-4,
+            "ema": 0.99,
+            "eval_every": 250,
+            "eval_batch_size": 100,
+        },
+    }
+
+
+def _segmentation(family: SegFamily, method: str, split: str) -> dict[str, Any]:
+    labeled, unlabeled = family.splits[split]
+    settings, spec = family.settings, METHODS[method]
+    batch = settings["train"]["batch_size"]
+    return {
+        "description": f"{spec.description} on {family.title}, split {split} ({labeled} labeled), {family.note}",
+        **settings,
+        "data": {**settings["data"], "split": split},
+        "method": {"name": method, **{k: v for k, v in settings["method"].items() if k in spec.keys}},
+        "train": {**settings["train"], "steps": family.epochs * -(-unlabeled // batch)},
+    }
+
+
 PRESETS: dict[str, dict[str, Any]] = {
     family.name.format(method=method, labels=labels): _config(family, method, labels)
     for family in FAMILIES
@@ -126,5 +236,14 @@ PRESETS.update(
         family.name.format(method="calibratemix", labels=labels): _calibratemix(family, labels)
         for family in FAMILIES
         for labels in family.labels
+    }
+)
+PRESETS.update({f"digitscenes-{method}": _digitscenes(method) for method in SEGMENTATION})
+PRESETS.update(
+    {
+        family.name.format(method=method, split=split): _segmentation(family, method, split)
+        for family in SEG_FAMILIES
+        for method in SEGMENTATION
+        for split in family.splits
     }
 )

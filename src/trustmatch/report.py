@@ -12,6 +12,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+import torch
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
@@ -26,6 +28,7 @@ __all__ = [
     "draw_reliability",
     "reliability_comparison",
     "reliability_diagram",
+    "segmentation_overlays",
     "training_curves",
 ]
 
@@ -129,13 +132,17 @@ def _series(history: Sequence[dict], split: str, key: str) -> tuple[list[int], l
     return [s for s, _ in points], [v for _, v in points]
 
 
-def training_curves(history: list[dict], path: Path) -> Path:
-    """Plot val/test accuracy and ECE-15 against step, to spot calibration drifting as accuracy rises."""
+CLASSIFICATION_CURVES = (("accuracy", "accuracy"), ("ece_15", "ECE (15 bins)"))
+
+
+def training_curves(history: list[dict], path: Path, panels: Sequence[tuple[str, str]] = CLASSIFICATION_CURVES) -> Path:
+    """Plot val/test metrics (accuracy and ECE-15; segmentation: mIoU and pixel ECE-15) against step,
+    one panel per (key, label), to spot calibration drifting as the headline metric rises."""
     if not history:
         raise ValueError("training_curves needs at least one history entry")
-    fig = Figure(figsize=(10, 4), dpi=_DPI)
-    panels = fig.subplots(1, 2)
-    for ax, key, label in zip(panels, ("accuracy", "ece_15"), ("accuracy", "ECE (15 bins)")):
+    fig = Figure(figsize=(5 * len(panels), 4), dpi=_DPI)
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    for ax, (key, label) in zip(axes, panels):
         for split, style in (("val", "-o"), ("test", "--s")):
             steps, values = _series(history, split, key)
             if steps:
@@ -193,4 +200,64 @@ def data_map(panels: Sequence[DataMapPanel], path: Path) -> Path:
             ax.legend(loc="lower right", markerscale=3)
         ax.grid(alpha=0.3)
     fig.tight_layout()
+    return _save_png(fig, path)
+
+
+_NEUTRAL = (128, 128, 128)  # ignored pixels (255): no class colour, no image, so they cannot pass for a class
+
+
+def _overlay(image: np.ndarray, ids: np.ndarray, lut: np.ndarray, alpha: float = 0.5) -> np.ndarray:
+    """Class colours blended over the image [H, W, 3]; ignored pixels flat neutral grey."""
+    blended = (1 - alpha) * image + alpha * lut[ids]
+    return np.where((ids == 255)[..., None], np.array(_NEUTRAL), blended).astype(np.uint8)
+
+
+def segmentation_overlays(
+    images: Sequence[torch.Tensor],
+    masks: Sequence[torch.Tensor | None] | None,
+    predictions: Sequence[torch.Tensor],
+    palette: Sequence[tuple[int, int, int]],
+    path: Path,
+    title: str,
+) -> Path:
+    """One row per image: the image, its ground truth (when ``masks`` is given) and the prediction, each
+    class in its ``palette`` colour over the image, ignore pixels (255) neutral grey.
+
+    Per image (sizes may differ, as Pascal's do): uint8 [3, H, W]; masks uint8 [H, W] (a row's mask may
+    be None); predictions integer [H, W]. A stacked batch [N, ...] works as the sequence it is.
+    """
+    n = len(images)
+    if n == 0 or len(predictions) != n or (masks is not None and len(masks) != n):
+        raise ValueError(f"segmentation_overlays needs one prediction (and mask) per image, got {n} images")
+    for i in range(n):
+        sizes = {tuple(images[i].shape[1:]), tuple(predictions[i].shape)}
+        if masks is not None and masks[i] is not None:
+            sizes.add(tuple(masks[i].shape))
+        if images[i].ndim != 3 or len(sizes) > 1:
+            raise ValueError(
+                f"image {i}: expected [3, H, W] with masks and predictions [H, W], got "
+                f"{tuple(images[i].shape)} and {sorted(sizes)}"
+            )
+        for name, ids in (("masks", None if masks is None else masks[i]), ("predictions", predictions[i])):
+            if ids is not None and bool(((ids < 0) | ((ids >= len(palette)) & (ids != 255))).any()):
+                raise ValueError(f"{name} hold ids outside the palette's {len(palette)} classes (and 255, ignore)")
+    lut = np.full((256, 3), _NEUTRAL, dtype=np.float64)
+    lut[: len(palette)] = np.asarray(palette, dtype=np.float64).reshape(-1, 3)
+    columns = ["image", *([] if masks is None else ["ground truth"]), "prediction"]
+    fig = Figure(figsize=(2.6 * len(columns), 2.6 * n + 0.4), dpi=_DPI, layout="constrained")
+    axes = fig.subplots(n, len(columns), squeeze=False)
+    for i in range(n):
+        image = images[i].permute(1, 2, 0).cpu().numpy().astype(np.float64)
+        panels = [image.astype(np.uint8)]
+        if masks is not None:
+            mask = masks[i]
+            panels.append(image.astype(np.uint8) if mask is None else _overlay(image, mask.cpu().long().numpy(), lut))
+        panels.append(_overlay(image, predictions[i].cpu().long().numpy(), lut))
+        for ax, panel in zip(axes[i], panels):
+            ax.imshow(panel, interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+    for ax, name in zip(axes[0], columns):
+        ax.set_title(name)
+    fig.suptitle(title)
     return _save_png(fig, path)

@@ -310,6 +310,7 @@ SELECTORS: Registry[SelectorFactory] = Registry("method")
 
 
 @SELECTORS.register("fixmatch")
+@SELECTORS.register("unimatch")  # segmentation's name for the same per-pixel fixed threshold
 def _fixmatch(cfg: MethodConfig, num_classes: int, num_unlabeled: int) -> Selector:
     return FixMatchSelector(cfg.tau)
 

@@ -32,11 +32,15 @@ from trustmatch.step import StepOutput
 from trustmatch.tasks import TASKS, Evaluation, Stateful
 
 RESUME_KEYS = ("train.steps", "train.eval_every", "train.log_every")  # what --resume may change
-NO_BEST = "no validation split (data.val_per_class=0): no checkpoint is chosen, `final` is the result"
+NO_BEST = "no validation split: no checkpoint is chosen, `final` is the result"
 NO_TEMPERATURE = "no validation split (data.val_per_class=0): temperature scaling cannot be fitted (never on test)"
 SEPARABLE = (
     "the validation split is classified without error, so its NLL falls as T -> 0 and identifies no "
     "temperature: the model is reported raw"
+)
+NO_TEST = (
+    "no test split (a segmentation folder without data.test_dir): `final` and every history entry's `test` "
+    "are the validation split, which also chose `best`; give a test folder for an unbiased figure"
 )
 OPTIMISTIC = "max over evaluations of test {metric}, as USB reports it: optimistic, never used for a choice"
 
@@ -261,6 +265,11 @@ class Trainer:
 
     # ------------------------------------------------------------------ evaluation
 
+    @property
+    def report_split(self) -> str:
+        """The split behind `final` and `test`: the test split, or validation where a task has no test."""
+        return "test" if self.task.has_split("test") else "val"
+
     def evaluate(self, split: str, temperature: float | None = None) -> Evaluation:
         """The EMA model on ``split``, streamed and sharded over processes (and temperature-scaled)."""
         return self.task.evaluate(self.ema.module, split, temperature)
@@ -274,7 +283,7 @@ class Trainer:
         # forward, do not: rank 0's are the ones saved, so every shard evaluates with them.
         dist.broadcast_module(self.ema.module)
         val, self.temperature = self._validate()
-        self._last_test = test = self.evaluate("test", self.temperature)
+        self._last_test = test = self.evaluate(self.report_split, self.temperature)
         entry = {"step": self.step, "elapsed_s": round(self.elapsed, 2), "val": val, "test": test.metrics}
         if test.calibrated is not None:
             entry.update(temperature=self.temperature, test_calibrated=test.calibrated)
@@ -294,7 +303,8 @@ class Trainer:
         if self.writer is not None:
             for split, m in (("val", val), ("test", test.metrics)):
                 for k, v in m.items():
-                    self.writer.add_scalar(f"{split}/{k}", v, self.step)
+                    if isinstance(v, (int, float)):  # not segmentation's per-class table
+                        self.writer.add_scalar(f"{split}/{k}", v, self.step)
         if improved:
             title = f"best (step {self.step}, chosen on validation)"
             self.task.write_artefacts(test, self.run_dir / "reliability_best", title)
@@ -304,7 +314,7 @@ class Trainer:
         final = self.history[-1]["test"]
         if self._last_test is None:  # a resumed, already finished run
             self.temperature = self.history[-1].get("temperature")
-            self._last_test = self.evaluate("test", self.temperature)
+            self._last_test = self.evaluate(self.report_split, self.temperature)
         test = self._last_test
         self.task.write_final(self.ema.module, self.run_dir)  # every process calls it (the task may use collectives)
         if dist.is_main():
@@ -351,6 +361,7 @@ class Trainer:
             **calibration,
             "best": best,
             **({} if self.task.has_split("val") else {"best_note": NO_BEST}),
+            **({} if self.report_split == "test" else {"test_note": NO_TEST}),
             "optimistic_best_test": None
             if optimistic is None
             else {key: optimistic["test"][key], "step": optimistic["step"], "note": OPTIMISTIC.format(metric=key)},
@@ -360,7 +371,8 @@ class Trainer:
 
     def _temperature_missing(self, last: dict[str, Any]) -> bool:
         """No temperature where one was tried (an evaluation ran), or where none can be (no val split)."""
-        return last.get("temperature") is None and (bool(last) or not self.task.has_split("val"))
+        tried = bool(last) or not self.task.has_split("val")
+        return self.task.fits_temperature and last.get("temperature") is None and tried
 
     def _temperature_note(self) -> str:
         return SEPARABLE if self.task.has_split("val") else NO_TEMPERATURE

@@ -1,9 +1,10 @@
-"""Datasets: embedded digits, torchvision-format benchmarks, the user's folders; the SSL split."""
+"""Datasets: embedded digits, torchvision-format benchmarks, the user's folders; the SSL split.
+Segmentation: embedded digitscenes, Pascal VOC, Cityscapes, COCO and the user's folders."""
 
 from __future__ import annotations
 
 from trustmatch.config import DataConfig
-from trustmatch.data import digits, folders, torchvision_sets  # noqa: F401  (register loaders)
+from trustmatch.data import digits, digitscenes, folders, segfiles, torchvision_sets  # noqa: F401  (register loaders)
 from trustmatch.data.base import DATASETS, ImageSet, SourceData
 from trustmatch.data.split import SSLData, make_ssl_split
 

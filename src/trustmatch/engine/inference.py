@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 
 import torch
@@ -46,3 +47,44 @@ def predict_logits(
     """All logits (float32, CPU) of a set a user asked predictions for, in order."""
     outputs = [logits.cpu() for _, logits in iter_logits(model, images, preprocess, precision, batch_size)]
     return torch.cat(outputs) if outputs else torch.empty(0)
+
+
+def _window_starts(size: int, crop: int, stride: int) -> list[int]:
+    """Offsets of windows of side ``crop`` every ``stride`` pixels, the last one flush with the border."""
+    if size <= crop:
+        return [0]
+    return [*range(0, size - crop, stride), size - crop]
+
+
+@torch.no_grad()
+def segment(
+    model: nn.Module, image: Tensor, precision: Precision, crop: int | None = None, stride_frac: float = 2 / 3
+) -> Tensor:
+    """Float32 logits [B, K, H, W] of normalised images [B, 3, H, W] (on the device) at their own size.
+
+    The whole image in one forward when ``crop`` is None or the image fits in it; otherwise windows of
+    ``crop`` x ``crop`` every ``ceil(crop * stride_frac)`` pixels (the last flush with the border), whose
+    logits are summed and divided by how many windows covered each pixel: the model then sees inputs of
+    its training size, and activation memory stays that of one crop.
+    """
+    model.eval()
+    height, width = image.shape[-2:]
+    if crop is None or (height <= crop and width <= crop):
+        with precision.autocast():
+            return model(precision.layout(image)).logits.float()
+    if crop < 1 or not 0 < stride_frac <= 1:
+        raise ValueError(f"need crop >= 1 and 0 < stride_frac <= 1, got crop={crop!r}, stride_frac={stride_frac!r}")
+    stride = math.ceil(crop * stride_frac)
+    total: Tensor | None = None
+    counts = torch.zeros(height, width, device=image.device)
+    for top in _window_starts(height, crop, stride):
+        for left in _window_starts(width, crop, stride):
+            rows, cols = slice(top, top + crop), slice(left, left + crop)
+            with precision.autocast():
+                logits = model(precision.layout(image[..., rows, cols])).logits.float()
+            if total is None:
+                total = logits.new_zeros(*logits.shape[:2], height, width)
+            total[..., rows, cols] += logits
+            counts[rows, cols] += 1
+    assert total is not None  # at least one window: the image is larger than the crop
+    return total / counts

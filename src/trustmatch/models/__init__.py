@@ -1,22 +1,27 @@
-"""Classifiers by name. Every model maps images to logits and exposes the features behind them.
+"""Classifiers and segmentation networks by name. Every model maps images to logits and exposes the
+features behind them.
 
 Contract: ``forward(x)`` returns ``Output(logits, features)`` with ``logits == head(features)``,
 ``head`` an ``nn.Linear`` (run in float32) and ``features`` the globally pooled penultimate
 features [N, D] that ``forward_features`` also returns, so feature-space methods (CalibrateMix
 pairing) reuse the training pass itself. Any spatial size works.
+
+Segmentation networks (``segnets``) return per-pixel logits [N, K, H, W] at the input's size and
+take ``perturb`` (UniMatch's feature perturbation); see that module for their contract.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 from torch import nn
 
-from trustmatch.models import cnn, wideresnet
+from trustmatch.models import cnn, segnets, wideresnet
 from trustmatch.models.output import Output
 from trustmatch.registry import Registry
 
-__all__ = ["MODELS", "Output", "build_model"]
+__all__ = ["MODELS", "SEGMENTATION_MODELS", "Output", "build_model"]
 
 ModelFactory = Callable[..., nn.Module]
 
@@ -25,15 +30,25 @@ MODELS.register("wrn_28_2")(wideresnet.wrn_28_2)
 MODELS.register("wrn_28_8")(wideresnet.wrn_28_8)
 MODELS.register("wrn_37_2")(wideresnet.wrn_37_2)
 MODELS.register("cnn")(cnn.SmallCNN)
+MODELS.register("deeplabv3plus_r50")(segnets.deeplabv3plus_r50)
+MODELS.register("deeplabv3plus_r101")(segnets.deeplabv3plus_r101)
+MODELS.register("segnet_small")(segnets.segnet_small)
+
+# The names whose factories take ``pretrained`` and ``output_stride`` and return per-pixel logits.
+SEGMENTATION_MODELS = ("deeplabv3plus_r50", "deeplabv3plus_r101", "segnet_small")
 
 
 def build_model(
-    name: str, num_classes: int, in_channels: int, bn_momentum: float = 0.001, dropout: float = 0.0
+    name: str, num_classes: int, in_channels: int, bn_momentum: float = 0.001, dropout: float = 0.0, **extra: Any
 ) -> nn.Module:
     """Build a registered model; an unknown name raises ``UserError`` with the closest known name.
+
+    ``extra`` goes to the factory as keywords: the :data:`SEGMENTATION_MODELS` take ``pretrained`` and
+    ``output_stride`` (classifiers take none).
 
     ``bn_momentum=0.001`` is FixMatch's, made for ~10^6 steps: BN running statistics need a few
     ``1/bn_momentum`` steps to settle, so short runs want ~0.01 (a 600-step digits run evaluated at
     58 % with 0.001 and 98 % with 0.01).
     """
-    return MODELS.get(name)(num_classes=num_classes, in_channels=in_channels, bn_momentum=bn_momentum, dropout=dropout)
+    factory = MODELS.get(name)
+    return factory(num_classes=num_classes, in_channels=in_channels, bn_momentum=bn_momentum, dropout=dropout, **extra)

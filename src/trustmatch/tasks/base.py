@@ -45,6 +45,8 @@ class Task(ABC):
 
     #: metric of ``Evaluation.metrics`` that ``score`` ranks by and reports as the headline
     primary: str
+    #: whether ``validate`` fits a post-hoc temperature (metrics.json explains a missing one only then)
+    fits_temperature: bool = True
 
     def __init__(self, cfg: Config, precision: Precision) -> None:
         self.cfg, self.precision, self.device = cfg, precision, precision.device
@@ -142,4 +144,5 @@ class Task(ABC):
         temperature: float | None = None,
     ) -> int:
         """``trustmatch predict``: the task's predictions for a user's files at ``out``; returns their number.
-        ``temperature`` divides the logits before the softmax (post-hoc calibration)."""
+        ``temperature`` divides the logits before the softmax (post-hoc calibration). Tasks may take
+        options of their own (segmentation: ``confidence_maps``)."""

@@ -1,0 +1,247 @@
+"""Segmentation networks: DeepLabV3+ (ResNet-50/101 through segmentation-models-pytorch) and a small CPU net.
+
+Contract (UniMatch's feature perturbation in one decoder pass): ``forward(x, perturb=False)`` returns
+``Output(logits, features)`` with float32 logits [N, K, H, W] at the input's size; ``perturb=True``
+gives [2N, K, H, W], the clean images first, then the same images decoded from encoder features passed
+through ``nn.Dropout2d(0.5)``. The encoder runs once either way. ``features`` [N, D] are the globally
+pooled high-level encoder features of the clean images. ``encoder`` and ``head`` (everything after the
+encoder) are attributes, so ``train.head_lr_scale`` gives the decoder its own learning rate.
+``dropout`` (``model.dropout``) is a Dropout2d before the final 1x1 classifier (0: none).
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from trustmatch.models.output import Output
+
+if TYPE_CHECKING:
+    import segmentation_models_pytorch as smp
+
+__all__ = ["DeepLabV3Plus", "SegNetSmall", "deeplabv3plus_r50", "deeplabv3plus_r101", "segnet_small"]
+
+
+def _perturb(features: Tensor, dropout: nn.Module) -> Tensor:
+    """Clean and channel-dropped copies along the batch: one decoder pass serves both."""
+    return torch.cat([features, dropout(features)])
+
+
+def _classify(classifier: nn.Module, x: Tensor, size: tuple[int, int]) -> Tensor:
+    """Classifier conv and upsampling in float32 even under bf16 autocast, as ``output.float32_head``:
+    calibration is measured on these logits. Bilinear with ``align_corners=True``, as smp and UniMatch."""
+    with torch.autocast(x.device.type, enabled=False):
+        logits = classifier(x.float())
+        return F.interpolate(logits, size=size, mode="bilinear", align_corners=True)
+
+
+def _set_bn_momentum(model: nn.Module, momentum: float) -> None:
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.momentum = momentum
+
+
+class _DeepLabHead(nn.Module):
+    """smp's DeepLabV3+ decoder and the 1x1 classifier of its segmentation head (the upsampling is ours)."""
+
+    # smp 0.6 DeepLabV3PlusDecoder.forward reads features[-1] (ASPP input) and features[2] (stride-4 skip)
+    READS = (2, -1)
+
+    def __init__(self, decoder: nn.Module, classifier: nn.Conv2d, dropout: float) -> None:
+        super().__init__()
+        self.decoder = decoder
+        self.drop = nn.Dropout2d(dropout)
+        self.classifier = classifier
+
+    def forward(self, features: list[Tensor], size: tuple[int, int]) -> Tensor:
+        return _classify(self.classifier, self.drop(self.decoder(features)), size)
+
+
+class DeepLabV3Plus(nn.Module):
+    """smp's DeepLabV3+ split into ``encoder`` and ``head`` so features can be perturbed between them.
+
+    Inputs whose sides are not multiples of the output stride are zero-padded (bottom, right) to one,
+    since smp's decoder upsamples the ASPP output by a fixed factor to meet the stride-4 skip; the
+    logits are cropped back to the input size.
+    """
+
+    def __init__(
+        self,
+        encoder_name: str,
+        num_classes: int,
+        in_channels: int,
+        bn_momentum: float,
+        dropout: float,
+        pretrained: bool,
+        output_stride: int,
+    ) -> None:
+        super().__init__()
+        if output_stride not in (8, 16):
+            raise ValueError(f"output_stride must be 8 or 16, got {output_stride!r}")
+        net = _build_smp(encoder_name, num_classes, in_channels, pretrained, output_stride)
+        self.encoder = net.encoder
+        self.head = _DeepLabHead(net.decoder, net.segmentation_head[0], dropout)
+        self.perturbation = nn.Dropout2d(0.5)
+        self.output_stride = output_stride
+        _set_bn_momentum(self, bn_momentum)
+
+    def forward(self, x: Tensor, perturb: bool = False) -> Output:
+        h, w = x.shape[-2:]
+        s = self.output_stride
+        padded = (-(-h // s) * s, -(-w // s) * s)
+        if padded != (h, w):
+            x = F.pad(x, (0, padded[1] - w, 0, padded[0] - h))
+        features = self.encoder(x)
+        pooled = features[-1].mean(dim=(2, 3))
+        if perturb:
+            reads = {i % len(features) for i in _DeepLabHead.READS}
+            features = [_perturb(f, self.perturbation) if i in reads else f for i, f in enumerate(features)]
+        logits = self.head(features, padded)
+        return Output(logits[..., :h, :w], pooled)
+
+
+def _build_smp(
+    encoder_name: str, num_classes: int, in_channels: int, pretrained: bool, output_stride: int
+) -> smp.DeepLabV3Plus:
+    """smp's model; ImageNet weights when asked and reachable, else random init with one line on stderr.
+
+    smp is imported here: its import (timm) costs ~1 s that runs not needing a DeepLabV3+ should not pay.
+    """
+    import segmentation_models_pytorch as smp
+
+    def build(weights: str | None) -> smp.DeepLabV3Plus:
+        return smp.DeepLabV3Plus(
+            encoder_name=encoder_name,
+            encoder_weights=weights,
+            encoder_output_stride=output_stride,
+            in_channels=in_channels,
+            classes=num_classes,
+        )
+
+    if pretrained:
+        try:
+            return build("imagenet")
+        except OSError as exc:  # huggingface_hub's network and cache errors are all OSErrors
+            print(
+                f"warning: ImageNet weights for {encoder_name} could not be fetched "
+                f"({type(exc).__name__}); the encoder starts from random init",
+                file=sys.stderr,
+            )
+    return build(None)
+
+
+def deeplabv3plus_r50(
+    num_classes: int,
+    in_channels: int = 3,
+    bn_momentum: float = 0.1,
+    dropout: float = 0.0,
+    pretrained: bool = False,
+    output_stride: int = 16,
+) -> DeepLabV3Plus:
+    return DeepLabV3Plus("resnet50", num_classes, in_channels, bn_momentum, dropout, pretrained, output_stride)
+
+
+def deeplabv3plus_r101(
+    num_classes: int,
+    in_channels: int = 3,
+    bn_momentum: float = 0.1,
+    dropout: float = 0.0,
+    pretrained: bool = False,
+    output_stride: int = 16,
+) -> DeepLabV3Plus:
+    return DeepLabV3Plus("resnet101", num_classes, in_channels, bn_momentum, dropout, pretrained, output_stride)
+
+
+def _conv_bn_relu(c_in: int, c_out: int, stride: int = 1, dilation: int = 1, kernel: int = 3) -> nn.Sequential:
+    padding = dilation * (kernel // 2)
+    return nn.Sequential(
+        nn.Conv2d(c_in, c_out, kernel, stride, padding, dilation, bias=False), nn.BatchNorm2d(c_out), nn.ReLU()
+    )
+
+
+class _Context(nn.Module):
+    """A light ASPP: 1x1, two dilated 3x3 and an image-pool branch, concatenated and projected."""
+
+    def __init__(self, c_in: int, c_out: int, rates: tuple[int, int]) -> None:
+        super().__init__()
+        self.branches = nn.ModuleList(
+            [_conv_bn_relu(c_in, c_out, kernel=1), *(_conv_bn_relu(c_in, c_out, dilation=r) for r in rates)]
+        )
+        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(c_in, c_out, 1, bias=False), nn.ReLU())
+        self.project = _conv_bn_relu(4 * c_out, c_out, kernel=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        pooled = self.pool(x).expand(-1, -1, *x.shape[-2:])
+        return self.project(torch.cat([*(b(x) for b in self.branches), pooled], dim=1))
+
+
+class _SmallHead(nn.Module):
+    """DeepLabV3+-style: context at stride 8, upsampled to the stride-4 skip, fused, classified."""
+
+    def __init__(self, num_classes: int, dropout: float) -> None:
+        super().__init__()
+        self.context = _Context(128, 64, rates=(2, 4))
+        self.skip = _conv_bn_relu(64, 32, kernel=1)
+        self.fuse = _conv_bn_relu(64 + 32, 64)
+        self.drop = nn.Dropout2d(dropout)
+        self.classifier = nn.Conv2d(64, num_classes, 1)
+
+    def forward(self, low: Tensor, high: Tensor, size: tuple[int, int]) -> Tensor:
+        context = F.interpolate(self.context(high), size=low.shape[-2:], mode="bilinear", align_corners=True)
+        fused = self.fuse(torch.cat([context, self.skip(low)], dim=1))
+        return _classify(self.classifier, self.drop(fused), size)
+
+
+class _SmallEncoder(nn.Module):
+    """Stride 2-4-8 conv stages at 32-64-128 channels (a third conv where the maps are smallest);
+    returns the stride-4 and stride-8 maps."""
+
+    def __init__(self, in_channels: int) -> None:
+        super().__init__()
+        self.stage1 = nn.Sequential(_conv_bn_relu(in_channels, 32, stride=2), _conv_bn_relu(32, 32))
+        self.stage2 = nn.Sequential(_conv_bn_relu(32, 64, stride=2), _conv_bn_relu(64, 64))
+        self.stage3 = nn.Sequential(_conv_bn_relu(64, 128, stride=2), _conv_bn_relu(128, 128), _conv_bn_relu(128, 128))
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        low = self.stage2(self.stage1(x))
+        return low, self.stage3(low)
+
+
+class SegNetSmall(nn.Module):
+    """A 0.67 M-parameter DeepLabV3+-like net for 64x64 scenes on a few CPU cores (see the module docstring
+    for the contract). Activations are channels-last, as in ``cnn.SmallCNN``: faster BatchNorm on CPU."""
+
+    def __init__(self, num_classes: int, in_channels: int = 3, bn_momentum: float = 0.1, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.encoder = _SmallEncoder(in_channels)
+        self.head = _SmallHead(num_classes, dropout)
+        self.perturbation = nn.Dropout2d(0.5)
+        _set_bn_momentum(self, bn_momentum)
+        self.to(memory_format=torch.channels_last)
+
+    def forward(self, x: Tensor, perturb: bool = False) -> Output:
+        low, high = self.encoder(x.contiguous(memory_format=torch.channels_last))
+        pooled = high.mean(dim=(2, 3))
+        if perturb:
+            low, high = _perturb(low, self.perturbation), _perturb(high, self.perturbation)
+        return Output(self.head(low, high, x.shape[-2:]), pooled)
+
+
+def segnet_small(
+    num_classes: int,
+    in_channels: int = 3,
+    bn_momentum: float = 0.1,
+    dropout: float = 0.0,
+    pretrained: bool = False,
+    output_stride: int = 8,
+) -> SegNetSmall:
+    """The segmentation factories' signature; this net has no ImageNet weights (``pretrained`` says so in
+    one line and starts from random init, as a failed fetch does) and a fixed output stride of 8
+    (``output_stride`` is a DeepLabV3+ setting)."""
+    if pretrained:
+        print("warning: segnet_small has no ImageNet weights; it starts from random init", file=sys.stderr)
+    return SegNetSmall(num_classes, in_channels, bn_momentum, dropout)

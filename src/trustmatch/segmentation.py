@@ -1,0 +1,113 @@
+"""UniMatch's step for semi-supervised segmentation, with any per-pixel selector, and the supervised step.
+
+UniMatch (Yang et al., CVPR 2023): a weak view u_w, two strong views u_s1, u_s2 with CutMix boxes
+pasted from a partner batch, and feature perturbation (Dropout2d(0.5) on the encoder features of
+u_w, decoded by the same head). The partner batch is predicted in eval mode without gradient, so
+its forward does not move the BatchNorm statistics, and its pseudo-labels are read from the
+selector with ``update=False``. Pixels outside the image (crop padding, 255) are invalid: weight 0,
+in no statistic, and out of the normaliser. Loss (UniMatch, per pixel, over valid pixels):
+
+    L = (L_x + lambda_u * (0.25 L_s1 + 0.25 L_s2 + 0.5 L_fp)) / 2
+
+The method's selector (``unimatch``: fixed threshold 0.95; SoftMatch, FreeMatch, UDA ...) decides
+pseudo-labels and weights; the step is the same for all of them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from trustmatch.selection import Selection, Selector
+from trustmatch.step import StepOutput
+
+IGNORE = 255
+
+
+@dataclass
+class SegBatch:
+    """One training batch on the device: normalised images, int64 masks (255 = ignore)."""
+
+    x_lb: Tensor
+    y_lb: Tensor
+    u_weak: Tensor | None = None
+    u_strong: tuple[Tensor, Tensor] | None = None  # already CutMixed with the partner's strong views
+    valid_u: Tensor | None = None  # bool [B, H, W]: pixels of the image, not padding
+    mix_weak: Tensor | None = None  # the CutMix partner batch, weak view
+    valid_mix: Tensor | None = None
+    boxes: tuple[Tensor, Tensor] | None = None  # bool [B, H, W]: where each strong view shows the partner
+    extra: dict[str, Tensor] = field(default_factory=dict)  # the Regularizer slot (unused by segmentation today)
+
+
+def supervised_step(model: nn.Module, batch: SegBatch, step: int, total_steps: int) -> StepOutput:
+    out = model(batch.x_lb)
+    loss = F.cross_entropy(out.logits, batch.y_lb, ignore_index=IGNORE)
+    return StepOutput(
+        loss, {"loss_sup": loss.detach()}, {"lb": out.logits}, {"lb": out.features}, None, step, total_steps
+    )
+
+
+def pixel_loss(logits: Tensor, selection: Selection, valid: Tensor) -> Tensor:
+    """sum_p w_p CE(logits_p, target_p) / #valid pixels (UniMatch's normaliser; 0 with none valid)."""
+    target = selection.labels if selection.targets is None else selection.targets.float()
+    ce = F.cross_entropy(logits.float(), target, reduction="none")
+    return (ce * selection.weights).sum() / valid.sum().clamp_min(1)
+
+
+def paste(inside: Selection, outside: Selection, box: Tensor) -> Selection:
+    """The selection of a CutMixed image: ``inside`` within the box, ``outside`` elsewhere."""
+    targets = None
+    if inside.targets is not None and outside.targets is not None:
+        targets = torch.where(box[:, None], inside.targets, outside.targets)
+    return Selection(
+        torch.where(box, inside.labels, outside.labels), torch.where(box, inside.weights, outside.weights), targets
+    )
+
+
+def unimatch_step(
+    model: nn.Module, batch: SegBatch, selector: Selector, lambda_u: float, step: int, total_steps: int
+) -> StepOutput:
+    assert batch.u_weak is not None and batch.u_strong is not None and batch.boxes is not None
+    assert batch.valid_u is not None and batch.mix_weak is not None and batch.valid_mix is not None
+    with torch.no_grad():  # the partner: eval mode, so BatchNorm statistics stay as they are
+        model.eval()
+        mix_probs = model(batch.mix_weak).logits.float().softmax(dim=1)
+        model.train()
+        mix = selector.select(mix_probs, valid=batch.valid_mix, update=False)
+
+    n_lb = len(batch.x_lb)
+    out = model(torch.cat([batch.x_lb, batch.u_weak]), perturb=True)
+    clean, perturbed = out.logits.chunk(2)
+    logits_lb, logits_w = clean.split([n_lb, len(batch.u_weak)])
+    logits_fp = perturbed[n_lb:]
+    strong = model(torch.cat(batch.u_strong)).logits
+    logits_s1, logits_s2 = strong.chunk(2)
+
+    with torch.no_grad():
+        weak = selector.select(logits_w.detach().float().softmax(dim=1), valid=batch.valid_u)
+    box1, box2 = batch.boxes
+    sel1, sel2 = paste(mix, weak, box1), paste(mix, weak, box2)
+    valid1 = torch.where(box1, batch.valid_mix, batch.valid_u)
+    valid2 = torch.where(box2, batch.valid_mix, batch.valid_u)
+
+    loss_sup = F.cross_entropy(logits_lb, batch.y_lb, ignore_index=IGNORE)
+    loss_s1, loss_s2 = pixel_loss(logits_s1, sel1, valid1), pixel_loss(logits_s2, sel2, valid2)
+    loss_fp = pixel_loss(logits_fp, weak, batch.valid_u)
+    loss_unsup = 0.25 * loss_s1 + 0.25 * loss_s2 + 0.5 * loss_fp
+    loss = (loss_sup + lambda_u * loss_unsup) / 2
+    used = weak.weights.sum() / batch.valid_u.sum().clamp_min(1)
+    logs = {
+        "loss_sup": loss_sup.detach(),
+        "loss_unsup": ((loss_s1 + loss_s2) / 2).detach(),
+        "loss_fp": loss_fp.detach(),
+        "mask": used,
+    }
+    aux = selector.auxiliary_loss(logits_s1, sel1)
+    if aux is not None:
+        loss = loss + aux
+        logs["loss_aux"] = aux.detach()
+    logits = {"lb": logits_lb, "weak": logits_w, "strong": logits_s1, "strong2": logits_s2, "fp": logits_fp}
+    return StepOutput(loss, logs, logits, {}, weak, step, total_steps)

@@ -1,0 +1,208 @@
+"""Semantic segmentation: image/mask crops with joint transforms, UniMatch's step with any per-pixel
+selector, streaming mIoU and pixel calibration, overlays and PNG masks.
+
+Crops are cut on the CPU (in ``data.workers`` threads for files: decoding dominates there) with
+parameters drawn from the run's generator in the main thread, so a batch is a pure function of the
+generator state and resume stays bit-exact; the photometric strong views and CutMix run on the device.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from trustmatch import distributed as dist
+from trustmatch.config import Config
+from trustmatch.data.sampler import IndexStream
+from trustmatch.data.segmentation import SegmentationSet, load_segmentation_data
+from trustmatch.data.segviews import SegViews
+from trustmatch.engine.inference import segment
+from trustmatch.engine.precision import Precision
+from trustmatch.errors import UserError
+from trustmatch.metrics import SegmentationMeter
+from trustmatch.models import SEGMENTATION_MODELS, build_model
+from trustmatch.predict_masks import write_masks
+from trustmatch.report import reliability_diagram, segmentation_overlays, training_curves
+from trustmatch.segmentation import SegBatch, supervised_step, unimatch_step
+from trustmatch.selection import build_selector
+from trustmatch.tasks.base import Evaluation, Stateful, StepOutput, Task
+
+SPLITS = ("val", "test")
+OVERLAY_IMAGES = 4
+
+
+class SegmentationTask(Task):
+    primary = "miou"
+    fits_temperature = False  # post-hoc temperature scaling is fitted for classification only (so far)
+
+    def __init__(self, cfg: Config, precision: Precision) -> None:
+        super().__init__(cfg, precision)
+        if cfg.model.name not in SEGMENTATION_MODELS:
+            raise UserError(
+                f"model.name={cfg.model.name!r} is a classifier: segmentation needs one of "
+                f"{', '.join(SEGMENTATION_MODELS)}"
+            )
+        self.data = d = load_segmentation_data(cfg.data, cfg.seed)
+        if not any(s is not None and len(s) for s in (d.val, d.test)):
+            raise UserError(
+                f"{cfg.data.name}: nothing to evaluate on: give data.val_dir and/or data.test_dir "
+                "(folders with images/ and masks/)"
+            )
+        self.views = SegViews(d.mean, d.std, cfg.data.crop_size)
+        t = cfg.train
+        self.lb_stream = IndexStream(len(d.labeled), t.batch_size, cfg.seed)
+        self.selector = None
+        if cfg.method.name != "supervised":
+            if d.unlabeled is None or len(d.unlabeled) == 0:
+                raise UserError(
+                    f"method {cfg.method.name!r} needs unlabeled images: set data.unlabeled_dir "
+                    "(or use method.name=supervised)"
+                )
+            self.selector = build_selector(cfg.method, len(d.classes), len(d.unlabeled)).to(self.device)
+            self.ulb_stream = IndexStream(len(d.unlabeled), t.batch_size * t.uratio, cfg.seed + 1)
+            self.mix_stream = IndexStream(len(d.unlabeled), t.batch_size * t.uratio, cfg.seed + 2)
+
+    @classmethod
+    def model_for(cls, meta: dict[str, Any]) -> nn.Module:
+        return cls._model(meta, pretrained=False)  # the checkpoint's weights replace any download
+
+    def build_model(self) -> nn.Module:
+        return self._model(self.meta(), pretrained=self.cfg.model.pretrained)
+
+    @staticmethod
+    def _model(meta: dict[str, Any], pretrained: bool) -> nn.Module:
+        model = meta["config"]["model"]
+        return build_model(
+            model["name"],
+            len(meta["classes"]),
+            meta["channels"],
+            bn_momentum=model["bn_momentum"],
+            dropout=model["dropout"],
+            pretrained=pretrained,
+            output_stride=model["output_stride"],
+        )
+
+    def state_parts(self) -> dict[str, Stateful]:
+        parts: dict[str, Stateful] = {"lb_stream": self.lb_stream}
+        if self.selector is not None:
+            parts.update(selector=self.selector, ulb_stream=self.ulb_stream, mix_stream=self.mix_stream)
+        return parts
+
+    def _crops(
+        self, dataset: SegmentationSet, stream: IndexStream, generator: torch.Generator
+    ) -> tuple[Tensor, Tensor]:
+        images, masks = self.views.crops(dataset, stream.next(), generator, self.cfg.data.workers)
+        return images.to(self.device, non_blocking=True), masks.to(self.device, non_blocking=True)
+
+    def next_batch(self, generator: torch.Generator) -> SegBatch:
+        d, views, layout = self.data, self.views, self.precision.layout
+        images, masks = self._crops(d.labeled, self.lb_stream, generator)
+        batch = SegBatch(layout(views.plain(images)), masks.long())
+        if self.selector is None:
+            return batch
+        assert d.unlabeled is not None
+        u, pad_u = self._crops(d.unlabeled, self.ulb_stream, generator)
+        m, pad_m = self._crops(d.unlabeled, self.mix_stream, generator)
+        strong = [views.strong(u, generator), views.strong(u, generator)]
+        partner = [views.strong(m, generator), views.strong(m, generator)]
+        boxes = tuple(views.cutmix_boxes(len(u), generator, self.device) for _ in range(2))
+        mixed = [torch.where(box[:, None], p, s) for box, p, s in zip(boxes, partner, strong)]
+        batch.u_weak, batch.mix_weak = layout(views.plain(u)), layout(views.plain(m))
+        batch.u_strong = (layout(mixed[0]), layout(mixed[1]))
+        batch.valid_u, batch.valid_mix, batch.boxes = pad_u != 255, pad_m != 255, boxes
+        return batch
+
+    def step(self, model: nn.Module, batch: SegBatch, step: int, total_steps: int) -> StepOutput:
+        if self.selector is None:
+            return supervised_step(model, batch, step, total_steps)
+        return unimatch_step(model, batch, self.selector, self.cfg.method.lambda_u, step, total_steps)
+
+    def train_stats(self) -> dict[str, float]:
+        return self.selector.stats() if self.selector is not None else {}
+
+    # ------------------------------------------------------------------ evaluation
+
+    def has_split(self, split: str) -> bool:
+        dataset = getattr(self.data, split, None) if split in SPLITS else None
+        return dataset is not None and len(dataset) > 0
+
+    def _batches(self, dataset: SegmentationSet, indices: list[int]) -> Iterator[tuple[Tensor, Tensor | None]]:
+        """uint8 images and masks: stacked where every image has one size, else one image at a time."""
+        size = self.cfg.train.eval_batch_size if dataset.fixed_size is not None else 1
+        for start in range(0, len(indices), size):
+            loaded = [dataset.load(i) for i in indices[start : start + size]]
+            masks = [mask for _, mask in loaded]
+            yield torch.stack([image for image, _ in loaded]), None if masks[0] is None else torch.stack(masks)
+
+    def _logits(self, model: nn.Module, images: Tensor) -> Tensor:
+        x = self.precision.layout(self.views.plain(images.to(self.device, non_blocking=True)))
+        return segment(model, x, self.precision, self.cfg.data.crop_size if self.cfg.data.sliding_window else None)
+
+    def evaluate(self, model: nn.Module, split: str, temperature: float | None = None) -> Evaluation:
+        dataset = getattr(self.data, split)
+        meter = SegmentationMeter(len(self.data.classes), self.device)
+        for images, masks in self._batches(dataset, list(range(dist.rank(), len(dataset), dist.world_size()))):
+            assert masks is not None, f"the {split} split has no masks"
+            meter.update(self._logits(model, images), masks.to(self.device))
+        meter.all_reduce()
+        metrics: dict[str, Any] = meter.compute()
+        metrics["per_class_iou"] = dict(zip(self.data.classes, meter.per_class_iou()))
+        return Evaluation(metrics, meter.bins())
+
+    def describe(self, metrics: dict[str, float]) -> str:
+        return f"miou {metrics['miou']:.4f} pixel_ece15 {metrics['pixel_ece_15']:.4f}"
+
+    def score(self, metrics: dict[str, float]) -> tuple[float, ...]:
+        """Validation mIoU, ties broken by lower pixel NLL."""
+        return (metrics["miou"], -metrics["pixel_nll"])
+
+    # ------------------------------------------------------------------ description and artefacts
+
+    def summary(self) -> str:
+        return f"{self.cfg.data.name}: {self.data.summary()}"
+
+    def split_sizes(self) -> dict[str, int]:
+        d = self.data
+        sizes = {"labeled": len(d.labeled), "unlabeled": len(d.unlabeled) if d.unlabeled is not None else 0}
+        return {**sizes, **{s: len(getattr(d, s)) if self.has_split(s) else 0 for s in SPLITS}}
+
+    def meta(self) -> dict[str, Any]:
+        d = self.data
+        return {
+            "config": self.cfg.to_dict(),
+            "classes": d.classes,
+            "palette": [list(c) for c in d.palette],
+            "mean": list(d.mean),
+            "std": list(d.std),
+            "channels": 3,
+            "crop_size": self.cfg.data.crop_size,
+            "sliding_window": self.cfg.data.sliding_window,
+        }
+
+    def write_artefacts(self, evaluation: Evaluation, stem: Path, title: str) -> None:
+        """The pixel reliability diagram (every labeled pixel of the split is one sample)."""
+        ece = evaluation.metrics["pixel_ece_15"]
+        reliability_diagram(evaluation.detail, stem.with_suffix(".png"), f"{title}, per pixel", ece)
+
+    def write_final(self, model: nn.Module, run_dir: Path) -> None:
+        """Prediction overlays of the first validation (else test) images, on the main process."""
+        split = next((s for s in SPLITS if self.has_split(s)), None)
+        if split is None or not dist.is_main():
+            return
+        dataset = getattr(self.data, split)
+        images, masks, predictions = [], [], []
+        for image, mask in self._batches(dataset, list(range(min(OVERLAY_IMAGES, len(dataset))))):
+            predictions += list(self._logits(model, image).argmax(dim=1).cpu())
+            images += list(image)
+            masks += list(mask) if mask is not None else [None] * len(image)
+        title = f"final EMA model, {split} images: image | ground truth | prediction"
+        segmentation_overlays(images, masks, predictions, self.data.palette, run_dir / "overlays.png", title)
+
+    def write_history(self, history: list[dict[str, Any]], run_dir: Path) -> None:
+        training_curves(history, run_dir / "curves.png", (("miou", "mIoU"), ("pixel_ece_15", "pixel ECE (15 bins)")))
+
+    predict = staticmethod(write_masks)

@@ -1,0 +1,260 @@
+"""Segmentation end to end: UniMatch's step against its formula, runs on digitscenes (directory,
+resume in one process and under torchrun), a user's folders through train / evaluate / predict,
+and bad input as one line with exit code 2."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+from test_train import assert_same_state, check_torchrun_resume
+from trustmatch.cli import main
+from trustmatch.config import load_config
+from trustmatch.engine.checkpoint import load_checkpoint
+from trustmatch.models.output import Output
+from trustmatch.segmentation import SegBatch, paste, pixel_loss, unimatch_step
+from trustmatch.selection import FixMatchSelector, Selection
+from trustmatch.trainer import Trainer
+
+SMALL = [
+    "data.scenes=40",
+    "data.labeled_images=8",
+    "data.val_images=6",
+    "train.batch_size=4",
+    "train.steps=6",
+    "train.eval_every=3",
+    "train.log_every=2",
+    "train.eval_batch_size=64",
+]
+
+
+class PixelNet(nn.Module):
+    """1x1 convolutions with BatchNorm: per-pixel logits; ``perturb`` drops encoder channels."""
+
+    def __init__(self, classes: int = 3) -> None:
+        super().__init__()
+        self.encoder = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4))
+        self.head = nn.Conv2d(4, classes, 1)
+        self.modes: list[bool] = []
+
+    def forward(self, x: torch.Tensor, perturb: bool = False) -> Output:
+        self.modes.append(self.training)
+        f = self.encoder(x)
+        if perturb:
+            f = torch.cat([f, F.dropout2d(f, 0.5, self.training)])
+        return Output(self.head(f), f.mean(dim=(2, 3)))
+
+
+def _batch(n: int = 2, size: int = 6, seed: int = 0) -> SegBatch:
+    g = torch.Generator().manual_seed(seed)
+    rand = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    y = torch.randint(0, 3, (n, size, size), generator=g)
+    y[:, 0] = 255
+    valid_u = torch.rand(n, size, size, generator=g) > 0.2
+    valid_mix = torch.rand(n, size, size, generator=g) > 0.2
+    boxes = tuple(torch.rand(n, size, size, generator=g) > 0.5 for _ in range(2))
+    views = [rand(n, 3, size, size) for _ in range(4)]
+    return SegBatch(views[0], y, views[1], (views[2], views[3]), valid_u, rand(n, 3, size, size), valid_mix, boxes)
+
+
+def test_unimatch_step_is_unimatch_loss() -> None:
+    """Against a hand computation: the partner predicted in eval mode, pasted pseudo-labels, losses
+    normalised by valid pixels, (L_x + 0.25 L_s1 + 0.25 L_s2 + 0.5 L_fp) / 2."""
+    torch.manual_seed(0)
+    model, batch, selector = PixelNet(), _batch(), FixMatchSelector(0.4)
+    reference = PixelNet()
+    reference.load_state_dict(model.state_dict())
+    torch.manual_seed(1)
+    out = unimatch_step(model, batch, selector, 1.0, 0, 10)
+    assert model.modes == [False, True, True]  # partner in eval mode, then training forwards
+
+    torch.manual_seed(1)
+    reference.eval()
+    with torch.no_grad():
+        p_mix = reference(batch.mix_weak).logits.softmax(1)
+    reference.train()
+    both = reference(torch.cat([batch.x_lb, batch.u_weak]), perturb=True).logits
+    n = len(batch.x_lb)
+    logits_lb, logits_w, logits_fp = both[:n], both[n : 2 * n], both[3 * n :]
+    s1, s2 = reference(torch.cat(batch.u_strong)).logits.chunk(2)
+    p_w = logits_w.detach().softmax(1)
+
+    def loss_u(logits: torch.Tensor, conf: torch.Tensor, label: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        ce = F.cross_entropy(logits, label, reduction="none")
+        return (ce * ((conf >= 0.4) & valid)).sum() / valid.sum()
+
+    conf_w, lab_w = p_w.max(1)
+    conf_m, lab_m = p_mix.max(1)
+    terms = []
+    for box, logits in zip(batch.boxes, (s1, s2)):
+        conf = torch.where(box, conf_m, conf_w)
+        label = torch.where(box, lab_m, lab_w)
+        valid = torch.where(box, batch.valid_mix, batch.valid_u)
+        terms.append(loss_u(logits, conf, label, valid))
+    loss_x = F.cross_entropy(logits_lb, batch.y_lb, ignore_index=255)
+    loss_fp = loss_u(logits_fp, conf_w, lab_w, batch.valid_u)
+    expected = (loss_x + 0.25 * terms[0] + 0.25 * terms[1] + 0.5 * loss_fp) / 2
+    torch.testing.assert_close(out.loss, expected)
+    torch.testing.assert_close(out.logs["loss_fp"], loss_fp.detach())
+
+
+def test_paste_and_pixel_loss() -> None:
+    inside = Selection(torch.full((1, 2, 2), 1), torch.full((1, 2, 2), 0.5))
+    outside = Selection(torch.full((1, 2, 2), 2), torch.ones(1, 2, 2))
+    box = torch.tensor([[[True, False], [False, False]]])
+    pasted = paste(inside, outside, box)
+    assert pasted.labels.tolist() == [[[1, 2], [2, 2]]] and pasted.weights.tolist() == [[[0.5, 1.0], [1.0, 1.0]]]
+    logits = torch.zeros(1, 3, 2, 2)
+    valid = torch.tensor([[[True, True], [True, False]]])
+    pasted.weights[~valid] = 0
+    # uniform logits: CE = log 3 everywhere; weights 0.5 + 1 + 1 over 3 valid pixels
+    torch.testing.assert_close(
+        pixel_loss(logits, pasted, valid), torch.tensor(2.5 * np.log(3) / 3, dtype=torch.float32)
+    )
+
+
+@pytest.mark.parametrize("method", ["supervised", "unimatch", "softmatch"])
+def test_digitscenes_run_directory(tmp_path: Path, method: str) -> None:
+    metrics = Trainer(load_config(f"digitscenes-{method}", SMALL), tmp_path / "run", progress=False).fit()
+    run = tmp_path / "run"
+    for name in [
+        "config.yaml",
+        "metrics.json",
+        "last.pt",
+        "best.pt",
+        "reliability_final.png",
+        "curves.png",
+        "overlays.png",
+    ]:
+        assert (run / name).is_file(), name
+    saved = json.loads((run / "metrics.json").read_text())
+    final = saved["final"]
+    assert 0.0 <= final["miou"] <= 1.0 and 0.0 <= final["pixel_ece_15"] <= 1.0
+    assert set(final["per_class_iou"]) == {"background", *map(str, range(10))}
+    assert saved["best"]["val"]["miou"] >= 0 and saved["temperature"] is None and "temperature_note" not in saved
+    assert metrics["final"] == final and [h["step"] for h in saved["history"]] == [3, 6]
+
+
+def test_digitscenes_resume_is_bit_exact(tmp_path: Path) -> None:
+    straight = Trainer(load_config("digitscenes-unimatch", SMALL), tmp_path / "a", progress=False)
+    straight.fit()
+    Trainer(load_config("digitscenes-unimatch", SMALL), tmp_path / "b", progress=False).fit(stop_at=4)
+    Trainer.resume(tmp_path / "b", progress=False).fit()
+    a, b = load_checkpoint(tmp_path / "a" / "last.pt"), load_checkpoint(tmp_path / "b" / "last.pt")
+    assert {"selector", "lb_stream", "ulb_stream", "mix_stream"} <= set(a["parts"])
+    assert_same_state(a, b)
+    assert_same_state(*(json.loads((tmp_path / r / "metrics.json").read_text()) for r in "ab"))
+
+
+@pytest.mark.slow
+def test_digitscenes_torchrun_resume_is_bit_exact(tmp_path: Path) -> None:
+    check_torchrun_resume(tmp_path, "digitscenes-unimatch", [*SMALL, "train.batch_size=2"])
+
+
+# ----------------------------------------------------------------------------- the user's folders
+
+
+def _scene(rng: np.random.Generator, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """A red square (class 1) and a blue one (class 2) on grey; the square borders are ignored."""
+    h, w = size
+    image = np.full((h, w, 3), 128, np.uint8)
+    mask = np.zeros((h, w), np.uint8)
+    for cls, colour in ((1, (220, 20, 20)), (2, (20, 20, 220))):
+        y, x = rng.integers(0, h - 10), rng.integers(0, w - 10)
+        image[y : y + 8, x : x + 8] = colour
+        mask[y : y + 8, x : x + 8] = cls
+        mask[y, x : x + 8] = 255
+    return image, mask
+
+
+def _folders(root: Path, labeled: int = 6) -> None:
+    rng = np.random.default_rng(0)
+    for split, count in (("train", labeled), ("val", 3)):
+        for sub in ("images", "masks"):
+            (root / split / sub).mkdir(parents=True)
+        for i in range(count):
+            image, mask = _scene(rng, (40 + 4 * i, 48))
+            Image.fromarray(image).save(root / split / "images" / f"s{i}.jpg", quality=95)
+            Image.fromarray(mask).save(root / split / "masks" / f"s{i}.png")
+    (root / "train" / "classes.txt").write_text("background\nred\nblue\n")
+    (root / "unlabeled").mkdir()
+    for i in range(8):
+        Image.fromarray(_scene(rng, (44, 44))[0]).save(root / "unlabeled" / f"u{i}.png")
+
+
+def _folder_args(root: Path) -> list[str]:
+    return [
+        "data.name=folder",
+        f"data.root={root / 'train'}",
+        f"data.unlabeled_dir={root / 'unlabeled'}",
+        f"data.val_dir={root / 'val'}",
+        "data.crop_size=32",
+        "train.batch_size=2",
+        "train.steps=4",
+        "train.eval_every=2",
+        "train.eval_batch_size=1",
+    ]
+
+
+@pytest.mark.slow
+def test_user_folders_train_evaluate_predict(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    _folders(tmp_path)
+    run = tmp_path / "run"
+    assert main(["train", "digitscenes-unimatch", *_folder_args(tmp_path), "--out", str(run), "--quiet"]) == 0
+    assert "final test" in capsys.readouterr().out or (run / "metrics.json").is_file()
+    assert main(["evaluate", str(run), "--split", "val"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["split"] == "val" and 0.0 <= result["miou"] <= 1.0
+    out = tmp_path / "predictions"
+    assert main(["predict", str(run), str(tmp_path / "val" / "images"), "--out", str(out), "--confidence-maps"]) == 0
+    for i in range(3):
+        mask = Image.open(out / f"s{i}.png")
+        assert mask.mode == "P" and mask.size == (48, 40 + 4 * i)
+        assert set(np.unique(np.array(mask))) <= {0, 1, 2}
+        confidence = np.array(Image.open(out / f"s{i}_confidence.png"))
+        assert confidence.shape == (40 + 4 * i, 48) and confidence.min() >= 255 // 3 - 1
+
+
+@pytest.mark.parametrize(
+    "breakage, named",
+    [
+        ("size", "s1.png"),
+        ("unknown id", "s2.png"),
+        ("no mask", "s3.jpg"),
+    ],
+)
+def test_bad_folders_exit_2_naming_the_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], breakage: str, named: str
+) -> None:
+    _folders(tmp_path)
+    masks = tmp_path / "train" / "masks"
+    if breakage == "size":
+        Image.fromarray(np.zeros((10, 10), np.uint8)).save(masks / "s1.png")
+    elif breakage == "unknown id":
+        Image.fromarray(np.full((48, 48), 7, np.uint8)).save(masks / "s2.png")
+    else:
+        (masks / "s3.png").unlink()
+    assert main(["train", "digitscenes-unimatch", *_folder_args(tmp_path), "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and named in err and "Traceback" not in err
+
+
+def test_split_file_naming_a_missing_file_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    root = tmp_path / "voc"
+    (root / "JPEGImages").mkdir(parents=True)
+    (root / "SegmentationClass").mkdir()
+    split = root / "splits" / "92"
+    split.mkdir(parents=True)
+    (split / "labeled.txt").write_text("JPEGImages/a.jpg SegmentationClass/a.png\n")
+    (split / "unlabeled.txt").write_text("JPEGImages/b.jpg SegmentationClass/b.png\n")
+    (root / "splits" / "val.txt").write_text("JPEGImages/a.jpg SegmentationClass/a.png\n")
+    code = main(
+        ["train", "pascal-unimatch-92", f"data.root={root}", "model.pretrained=false", "--out", str(tmp_path / "r")]
+    )
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.count("\n") == 0 and "labeled.txt" in err and "a.jpg" in err
