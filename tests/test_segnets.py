@@ -162,7 +162,7 @@ def test_sliding_window_equals_whole_for_a_per_pixel_model(size: tuple[int, int]
     model.sizes.clear()
     sliding = segment(model, image, PRECISION, crop=32)
     assert sliding.shape == (1, K, *size) and sliding.dtype == torch.float32
-    torch.testing.assert_close(sliding, whole)
+    torch.testing.assert_close(sliding.softmax(1), whole.softmax(1))
     assert set(model.sizes) == {(32, 32)}
 
 
@@ -175,8 +175,31 @@ def test_image_within_the_crop_is_one_forward() -> None:
 def test_one_side_within_the_crop() -> None:
     model = _PixelNet()
     image = torch.randn(1, 3, 20, 90)
-    torch.testing.assert_close(segment(model, image, PRECISION, crop=32), segment(model, image, PRECISION))
+    sliding, whole = segment(model, image, PRECISION, crop=32), segment(model, image, PRECISION)
+    torch.testing.assert_close(sliding.softmax(1), whole.softmax(1))
     assert set(model.sizes[:-1]) == {(20, 32)}
+
+
+class _WindowNet(nn.Module):
+    """Window k gets constant logits k * e_0: overlaps show how windows are combined."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> Output:
+        logits = torch.zeros(x.shape[0], K, *x.shape[-2:])
+        logits[:, 0] = float(self.calls)
+        self.calls += 1
+        return Output(logits, logits.mean(dim=(2, 3)))
+
+
+def test_overlapping_windows_average_probabilities() -> None:
+    """UniMatch averages the windows' softmax, not their logits: what pixel calibration is measured on."""
+    out = segment(_WindowNet(), torch.zeros(1, 3, 8, 12), PRECISION, crop=8, stride_frac=0.5)  # windows at 0, 4
+    probs = [torch.zeros(K).index_fill_(0, torch.tensor([0]), float(k)).softmax(0) for k in range(2)]
+    torch.testing.assert_close(out[0, :, 0, 6].softmax(0), (probs[0] + probs[1]) / 2)  # both windows
+    torch.testing.assert_close(out[0, :, 0, 0].softmax(0), probs[0])  # the first only
 
 
 @pytest.mark.parametrize(("size", "crop", "stride"), [(100, 64, 43), (65, 32, 22), (64, 32, 32), (33, 32, 1)])

@@ -107,12 +107,12 @@ def _train(args: argparse.Namespace) -> int:
     if not distributed.is_main():  # under torchrun, one report
         return 0
     describe = trainer.task.describe
-    final, best = metrics["final"], metrics["best"]
-    line = f"done in {metrics['wall_time_s']:.0f}s: final test {describe(final)}; "
+    final, best, split = metrics["final"], metrics["best"], trainer.report_split
+    line = f"done in {metrics['wall_time_s']:.0f}s: final {split} {describe(final)}; "
     if best is None:
         line += "no validation split, so no best checkpoint: the final model is the result"
     else:
-        line += f"best (step {best['step']}, chosen on validation) test {describe(best)}"
+        line += f"best (step {best['step']}, chosen on validation) {split} {describe(best)}"
     if metrics["final_calibrated"] is not None:
         scaled = f"T {metrics['temperature']:.2f}, fitted on validation"
         line += f"; final after temperature scaling ({scaled}) {describe(metrics['final_calibrated'])}"

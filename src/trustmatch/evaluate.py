@@ -21,7 +21,8 @@ def evaluate_run(run_dir: Path, checkpoint: str = "auto", split: str = "test") -
         raise UserError(f"run {run_dir} has no val split (data.val_per_class=0): use --split test")
     task = run.task(run.cfg, run.precision)
     if not task.has_split(split):
-        raise UserError(f"run {run_dir} has no {split} split: use --split test")
+        other = "val" if split == "test" else "test"
+        raise UserError(f"run {run_dir} has no {split} split: use --split {other}")
     # fitted on validation when the checkpoint was written: scaled validation metrics would be in-sample
     temperature = meta.get("temperature") if split == "test" else None
     evaluation = task.evaluate(run.model, split, temperature)

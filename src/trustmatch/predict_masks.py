@@ -19,6 +19,8 @@ from trustmatch.errors import UserError
 from trustmatch.fileio import atomic_write_bytes
 from trustmatch.predict import collect_images
 
+LARGE = 4  # an image whose longer side exceeds this many crops is predicted in sliding windows
+
 
 def _write_png(path: Path, image: Image.Image) -> None:
     atomic_write_bytes(path, lambda f: image.save(f, format="PNG"))
@@ -46,12 +48,14 @@ def write_masks(
         raise UserError(f"--out {out} is a file: segmentation writes one mask per image into a directory")
     out.mkdir(parents=True, exist_ok=True)
     views = SegViews(tuple(meta["mean"]), tuple(meta["std"]), meta["crop_size"])
-    crop = meta["crop_size"] if meta["sliding_window"] else None
+    window = meta["crop_size"]
     palette = [value for colour in meta["palette"] for value in colour]
     images = FileSegSet([(path, None) for path in files], len(meta["classes"]))
     for i, path in enumerate(files):
         image, _ = images.load(i)
         x = precision.layout(views.plain(image[None].to(precision.device)))
+        # crop-sized windows where the run evaluates so, or where a whole photo would not fit in memory
+        crop = window if meta["sliding_window"] or max(image.shape[1:]) > LARGE * window else None
         probs = (segment(model, x, precision, crop)[0] / (temperature or 1.0)).softmax(dim=0)
         confidence, classes = probs.max(dim=0)
         mask = Image.fromarray(classes.to(torch.uint8).cpu().numpy(), mode="P")

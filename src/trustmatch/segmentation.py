@@ -15,16 +15,15 @@ pseudo-labels and weights; the step is the same for all of them.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from trustmatch.data.segmentation import IGNORE
 from trustmatch.selection import Selection, Selector
 from trustmatch.step import StepOutput
-
-IGNORE = 255
 
 
 @dataclass
@@ -39,7 +38,6 @@ class SegBatch:
     mix_weak: Tensor | None = None  # the CutMix partner batch, weak view
     valid_mix: Tensor | None = None
     boxes: tuple[Tensor, Tensor] | None = None  # bool [B, H, W]: where each strong view shows the partner
-    extra: dict[str, Tensor] = field(default_factory=dict)  # the Regularizer slot (unused by segmentation today)
 
 
 def supervised_step(model: nn.Module, batch: SegBatch, step: int, total_steps: int) -> StepOutput:

@@ -234,8 +234,8 @@ class Trainer:
         count = 0
         start = time.perf_counter() - self.elapsed
         while self.step < end:
-            out = self.train_step()
-            for k, v in out.logs.items():
+            logs = self.train_step().logs  # the step's logits are not kept alive through the next step
+            for k, v in logs.items():
                 sums[k] = sums.get(k, 0.0) + v.detach().float()
             count += 1
             bar.update(1)

@@ -28,7 +28,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as nnf
@@ -37,20 +37,16 @@ from torch import Tensor
 from torchvision import tv_tensors
 from torchvision.transforms import InterpolationMode
 
-from trustmatch.data.views import to_device
+from trustmatch.data.segmentation import IGNORE, SegmentationSet
+from trustmatch.data.views import adjust_brightness, adjust_contrast, adjust_saturation, to_device
 from trustmatch.errors import UserError
 
-if TYPE_CHECKING:
-    from trustmatch.data.segmentation import SegmentationSet
-
-PAD_LABEL = 255  # the ignore id (trustmatch.data.segmentation.IGNORE) written on padding
 JITTER = (0.5, 0.5, 0.5, 0.25)  # ColorJitter brightness, contrast, saturation, hue (UniMatch)
 P_JITTER, P_GRAY, P_BLUR, P_CUTMIX = 0.8, 0.2, 0.5, 0.5
 SIGMA = (0.1, 2.0)
 BLUR_RADIUS = math.ceil(3 * SIGMA[1])  # kernel taps: 2 * 6 + 1
 CUTMIX_AREA = (0.02, 0.4)
 CUTMIX_RATIO = (0.3, 1 / 0.3)
-JITTER_OPS = ("brightness", "contrast", "saturation", "hue")
 
 
 class StrongParams(NamedTuple):
@@ -58,7 +54,7 @@ class StrongParams(NamedTuple):
 
     jitter: Tensor  # bool: colour jitter applied
     factors: Tensor  # [n, 4] brightness, contrast, saturation factors in [0.5, 1.5], hue shift in [-0.25, 0.25]
-    order: Tensor  # [n, 4] a permutation of JITTER_OPS indices: the order the jitter ops run in
+    order: Tensor  # [n, 4] a permutation of the _JITTER_FNS indices: the order the jitter ops run in
     gray: Tensor  # bool: converted to grayscale (3 equal channels)
     blur: Tensor  # bool: blurred
     sigma: Tensor  # blur sigma in SIGMA
@@ -85,28 +81,6 @@ def resized_size(height: int, width: int, scale: float) -> tuple[int, int]:
     if height > width:
         return long, max(1, int(width * long / height + 0.5))
     return max(1, int(height * long / width + 0.5)), long
-
-
-def _per_sample(t: Tensor) -> Tensor:
-    return t.view(-1, 1, 1, 1)
-
-
-def _blend(x: Tensor, other: Tensor, factor: Tensor) -> Tensor:
-    """torchvision's ``factor * x + (1 - factor) * other``, clamped to [0, 1], one factor per image."""
-    f = _per_sample(factor)
-    return (x * f + other * (1.0 - f)).clamp_(0.0, 1.0)
-
-
-def adjust_brightness(x: Tensor, factor: Tensor) -> Tensor:
-    return (x * _per_sample(factor)).clamp_(0.0, 1.0)
-
-
-def adjust_contrast(x: Tensor, factor: Tensor) -> Tensor:
-    return _blend(x, tvf.rgb_to_grayscale(x).mean(dim=(1, 2, 3), keepdim=True), factor)
-
-
-def adjust_saturation(x: Tensor, factor: Tensor) -> Tensor:
-    return _blend(x, tvf.rgb_to_grayscale(x), factor)
 
 
 def adjust_hue(x: Tensor, shift: Tensor) -> Tensor:
@@ -224,7 +198,7 @@ class SegViews:
         pad_h, pad_w = max(c - size[0], 0), max(c - size[1], 0)
         if pad_h or pad_w:
             img = tvf.pad(img, [0, 0, pad_w, pad_h], fill=0)
-            lab = tvf.pad(lab, [0, 0, pad_w, pad_h], fill=PAD_LABEL)
+            lab = tvf.pad(lab, [0, 0, pad_w, pad_h], fill=IGNORE)
         top, left = int(u * (size[0] + pad_h - c + 1)), int(v * (size[1] + pad_w - c + 1))
         img, lab = tvf.crop(img, top, left, c, c), tvf.crop(lab, top, left, c, c)
         if flip >= 0.5:
@@ -253,6 +227,15 @@ class SegViews:
         torch.stack([p[0] for p in pairs], out=images)
         torch.stack([p[1] for p in pairs], out=masks)
         return images, masks
+
+    def load(
+        self, dataset: SegmentationSet, indices: list[int], workers: int = 0
+    ) -> list[tuple[Tensor, Tensor | None]]:
+        """``dataset.load`` of each index, in order; in the pool's threads when ``workers`` > 0, so that
+        evaluation decodes large files while the device works on the previous ones."""
+        if workers > 0:
+            return list(self._executor(workers).map(dataset.load, indices))
+        return [dataset.load(i) for i in indices]
 
     def plain(self, images: Tensor) -> Tensor:
         """Float in [0, 1], then ``(x - mean) / std``, on the images' device."""

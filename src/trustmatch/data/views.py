@@ -103,15 +103,18 @@ def _gray(x: Tensor) -> Tensor:
     return tvf.rgb_to_grayscale(x) if x.shape[1] == 3 else x
 
 
-def _brightness(x: Tensor, m: Tensor) -> Tensor:
+def adjust_brightness(x: Tensor, m: Tensor) -> Tensor:
+    """One brightness factor per image (shared with the segmentation strong view)."""
     return (x * _per_sample(m)).clamp_(0.0, 1.0)
 
 
-def _color(x: Tensor, m: Tensor) -> Tensor:
+def adjust_saturation(x: Tensor, m: Tensor) -> Tensor:
+    """PIL's Color / torchvision's saturation: blend with the grayscale image, one factor per image."""
     return _blend(x, _gray(x), m) if x.shape[1] == 3 else x
 
 
-def _contrast(x: Tensor, m: Tensor) -> Tensor:
+def adjust_contrast(x: Tensor, m: Tensor) -> Tensor:
+    """Blend with the mean grey level, one factor per image."""
     return _blend(x, _gray(x).mean(dim=(1, 2, 3), keepdim=True), m)
 
 
@@ -153,9 +156,9 @@ def _autocontrast(x: Tensor, m: Tensor) -> Tensor:
 
 PIXEL_OPS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
     "AutoContrast": _autocontrast,
-    "Brightness": _brightness,
-    "Color": _color,
-    "Contrast": _contrast,
+    "Brightness": adjust_brightness,
+    "Color": adjust_saturation,
+    "Contrast": adjust_contrast,
     "Equalize": _equalize,
     "Posterize": _posterize,
     "Sharpness": _sharpness,

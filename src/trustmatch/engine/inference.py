@@ -63,9 +63,11 @@ def segment(
     """Float32 logits [B, K, H, W] of normalised images [B, 3, H, W] (on the device) at their own size.
 
     The whole image in one forward when ``crop`` is None or the image fits in it; otherwise windows of
-    ``crop`` x ``crop`` every ``ceil(crop * stride_frac)`` pixels (the last flush with the border), whose
-    logits are summed and divided by how many windows covered each pixel: the model then sees inputs of
-    its training size, and activation memory stays that of one crop.
+    ``crop`` x ``crop`` every ``ceil(crop * stride_frac)`` pixels (the last flush with the border): the
+    model then sees inputs of its training size, and activation memory stays that of one crop. Where
+    windows overlap their softmax probabilities are averaged, as UniMatch does (not their logits: the
+    pixel confidence is what calibration measures), and the log of the average is returned, so a
+    softmax of the result gives those probabilities.
     """
     model.eval()
     height, width = image.shape[-2:]
@@ -84,7 +86,7 @@ def segment(
                 logits = model(precision.layout(image[..., rows, cols])).logits.float()
             if total is None:
                 total = logits.new_zeros(*logits.shape[:2], height, width)
-            total[..., rows, cols] += logits
+            total[..., rows, cols] += logits.softmax(dim=1)
             counts[rows, cols] += 1
     assert total is not None  # at least one window: the image is larger than the crop
-    return total / counts
+    return (total / counts).clamp_min(torch.finfo(torch.float32).tiny).log()

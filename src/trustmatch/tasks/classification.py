@@ -22,8 +22,9 @@ from trustmatch.data.views import Views
 from trustmatch.datamap import write_data_map
 from trustmatch.engine.inference import iter_logits
 from trustmatch.engine.precision import Precision
+from trustmatch.errors import UserError
 from trustmatch.metrics import ClassificationMeter
-from trustmatch.models import build_model
+from trustmatch.models import MODELS, SEGMENTATION_MODELS, build_model
 from trustmatch.predict import write_predictions
 from trustmatch.report import reliability_diagram, training_curves
 from trustmatch.selection import build_selector
@@ -37,6 +38,11 @@ class ClassificationTask(Task):
 
     def __init__(self, cfg: Config, precision: Precision) -> None:
         super().__init__(cfg, precision)
+        if cfg.model.name in SEGMENTATION_MODELS:
+            raise UserError(
+                f"model.name={cfg.model.name!r} is a segmentation network: classification needs one of "
+                f"{', '.join(n for n in MODELS.names() if n not in SEGMENTATION_MODELS)} (or task=segmentation)"
+            )
         self.data = d = load_ssl_data(cfg.data, cfg.seed)
         self.views = Views(d.mean, d.std, d.hflip, n_ops=cfg.data.strong_ops, magnitude=cfg.data.strong_magnitude)
         t = cfg.train

@@ -58,9 +58,10 @@ class SegmentationTask(Task):
         self.selector = None
         if cfg.method.name != "supervised":
             if d.unlabeled is None or len(d.unlabeled) == 0:
+                where = "data.unlabeled_dir" if cfg.data.name == "folder" else "an unlabeled.txt beside labeled.txt"
                 raise UserError(
-                    f"method {cfg.method.name!r} needs unlabeled images: set data.unlabeled_dir "
-                    "(or use method.name=supervised)"
+                    f"method {cfg.method.name!r} needs unlabeled images and {cfg.data.name} has none: "
+                    f"give {where} (or use method.name=supervised)"
                 )
             self.selector = build_selector(cfg.method, len(d.classes), len(d.unlabeled)).to(self.device)
             self.ulb_stream = IndexStream(len(d.unlabeled), t.batch_size * t.uratio, cfg.seed + 1)
@@ -131,12 +132,17 @@ class SegmentationTask(Task):
         return dataset is not None and len(dataset) > 0
 
     def _batches(self, dataset: SegmentationSet, indices: list[int]) -> Iterator[tuple[Tensor, Tensor | None]]:
-        """uint8 images and masks: stacked where every image has one size, else one image at a time."""
+        """uint8 images and masks: stacked where every image has one size, else one image at a time;
+        files are decoded a few at a time in ``data.workers`` threads."""
+        workers = self.cfg.data.workers
         size = self.cfg.train.eval_batch_size if dataset.fixed_size is not None else 1
-        for start in range(0, len(indices), size):
-            loaded = [dataset.load(i) for i in indices[start : start + size]]
-            masks = [mask for _, mask in loaded]
-            yield torch.stack([image for image, _ in loaded]), None if masks[0] is None else torch.stack(masks)
+        chunk = size if dataset.fixed_size is not None else max(1, 2 * workers)
+        for start in range(0, len(indices), chunk):
+            loaded = self.views.load(dataset, indices[start : start + chunk], workers)
+            for first in range(0, len(loaded), size):
+                group = loaded[first : first + size]
+                masks = [mask for _, mask in group]
+                yield torch.stack([image for image, _ in group]), None if masks[0] is None else torch.stack(masks)
 
     def _logits(self, model: nn.Module, images: Tensor) -> Tensor:
         x = self.precision.layout(self.views.plain(images.to(self.device, non_blocking=True)))

@@ -1,0 +1,158 @@
+"""Speed benchmark of one segmentation training step, data pipeline included, and the pipeline's share.
+
+    python benchmarks/seg_step_time.py --shape digitscenes --repeats 10 --warmup 3
+    python benchmarks/seg_step_time.py --shape pascal --device cuda --workers 8 --repeats 20   # on a GPU
+
+Shapes: ``digitscenes`` (the shipped digitscenes-<method> config: segnet_small, 8 + 8 at 64 px) and
+``pascal`` (UniMatch's Pascal step: DeepLabV3+ R101, 8 labeled + 8 unlabeled at crop 321, read from
+JPEG/PNG files of VOC's typical 500x375 size that the script writes, decoded and cropped in
+``--workers`` threads every step, strong views and CutMix on the device). "step" times the whole
+step (batch from files + views + forward + backward + update + EMA); "model only" the same on a batch
+prepared in advance; "batch" the data pipeline alone. After ``--warmup`` untimed rounds every round
+times every method once, interleaved; min and median are reported, and the pipeline's share as the
+median of per-round batch / step ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from trustmatch.config import load_config
+from trustmatch.trainer import Trainer
+
+
+def _write_pascal_like_folder(root: Path, images: int = 64) -> None:
+    """A segmentation folder of random JPEGs + PNG masks (21 classes) at VOC's typical 500x375."""
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for sub in ("images", "masks"):
+            (root / split / sub).mkdir(parents=True)
+    (root / "unlabeled").mkdir()
+    for i in range(images):
+        h, w = (375, 500) if i % 3 else (500, 375)
+        pixels = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        mask = rng.integers(0, 21, (h, w), dtype=np.uint8)
+        Image.fromarray(pixels).save(root / "unlabeled" / f"u{i}.jpg", quality=90)
+        if i < 16:
+            Image.fromarray(pixels).save(root / "train" / "images" / f"l{i}.jpg", quality=90)
+            Image.fromarray(mask).save(root / "train" / "masks" / f"l{i}.png")
+        if i < 2:
+            Image.fromarray(pixels).save(root / "val" / "images" / f"v{i}.jpg", quality=90)
+            Image.fromarray(mask).save(root / "val" / "masks" / f"v{i}.png")
+    (root / "train" / "classes.txt").write_text("".join(f"c{k}\n" for k in range(21)))
+
+
+def _build(method: str, args: argparse.Namespace, tmp: Path) -> Trainer:
+    if args.shape == "digitscenes":
+        config, extra = f"digitscenes-{method}", []
+    else:
+        config = f"pascal-{method}-1464"
+        if not (tmp / "data").exists():
+            _write_pascal_like_folder(tmp / "data")
+        extra = _folder_args(tmp / "data")
+    overrides = [*extra, f"train.device={args.device}", f"data.workers={args.workers}", f"train.compile={args.compile}"]
+    return Trainer(load_config(config, overrides), tmp / f"run-{method}", progress=False)
+
+
+def _folder_args(root: Path) -> list[str]:
+    return [
+        "data.name=folder",
+        f"data.root={root / 'train'}",
+        f"data.unlabeled_dir={root / 'unlabeled'}",
+        f"data.val_dir={root / 'val'}",
+        "model.pretrained=false",
+    ]
+
+
+def _time_ms(fn: Callable[[], object], device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return (time.perf_counter() - start) * 1000
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--shape", choices=["digitscenes", "pascal"], default="digitscenes")
+    p.add_argument("--methods", nargs="+", default=["supervised", "unimatch"])
+    p.add_argument("--device", default="auto")
+    p.add_argument("--workers", type=int, default=0, help="decode/crop threads (data.workers)")
+    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--compile", action="store_true")
+    p.add_argument("--tag", default="")
+    p.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    args = p.parse_args()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        trainers = {m: _build(m, args, Path(tmp)) for m in args.methods}
+        device = next(iter(trainers.values())).device
+        batches = {m: t.next_batch() for m, t in trainers.items()}
+        times = {m: {"step": [], "model_only": [], "batch": []} for m in args.methods}
+        for round_ in range(args.warmup + args.repeats):
+            for method, trainer in trainers.items():
+                t = {
+                    "step": _time_ms(trainer.train_step, device),
+                    "model_only": _time_ms(lambda: trainer.optimize(batches[method]), device),  # noqa: B023
+                    "batch": _time_ms(trainer.next_batch, device),
+                }
+                if round_ >= args.warmup:
+                    for name, value in t.items():
+                        times[method][name].append(value)
+            print(f"round {round_ + 1}/{args.warmup + args.repeats}", flush=True)
+        precision = next(iter(trainers.values())).precision.describe()
+
+    rows = []
+    for method, t in times.items():
+        row: dict[str, object] = {"method": method}
+        for name in ("step", "model_only", "batch"):
+            row[f"{name}_ms"] = round(statistics.median(t[name]), 1)
+            row[f"{name}_min_ms"] = round(min(t[name]), 1)
+        row["batch_share_of_step"] = round(statistics.median(b / s for b, s in zip(t["batch"], t["step"])), 3)
+        rows.append(row)
+        print(
+            f"{method:<11} step {row['step_ms']:9.1f} ms (min {row['step_min_ms']:.1f}) | model only "
+            f"{row['model_only_ms']:9.1f} ms | batch {row['batch_ms']:8.1f} ms = {row['batch_share_of_step']:.1%} "
+            "of the step (median of per-round ratios)",
+            flush=True,
+        )
+    payload = {
+        "benchmark": "seg_step_time",
+        "shape": args.shape,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "precision": precision,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "workers": args.workers,
+        "compile": args.compile,
+        "warmup": args.warmup,
+        "repeats": args.repeats,
+        "order": "interleaved: each round times every method: whole step, model only, batch alone",
+        "results": rows,
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    out = args.out / f"seg_step_time-{args.shape}-{device.type}{'-' + args.tag if args.tag else ''}.json"
+    out.write_text(json.dumps(payload, indent=2))
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
