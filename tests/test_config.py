@@ -63,6 +63,8 @@ def test_published_segmentation_settings() -> None:
     assert (t.batch_size, t.uratio, t.lr, t.head_lr_scale, t.schedule, t.poly_power) == (8, 1, 0.001, 10.0, "poly", 0.9)
     assert (t.momentum, t.nesterov, t.weight_decay, cfg.method.tau) == (0.9, False, 1e-4, 0.95)
     assert t.steps == 80 * -(-(10582 - 92) // 8)
+    assert (cfg.train.ema, cfg.data.workers) == (0.0, 8)  # UniMatch evaluates the trained model itself
+    assert load_config("pascal-supervised-92").train.steps == 80 * -(-92 // 8)  # epochs over the labeled set
     city = load_config("cityscapes-unimatch-1_16")
     assert (city.data.crop_size, city.data.sliding_window, city.train.lr, city.train.head_lr_scale) == (
         801,
@@ -70,6 +72,7 @@ def test_published_segmentation_settings() -> None:
         0.005,
         1.0,
     )
+    assert (city.model.name, city.model.output_stride) == ("deeplabv3plus_r50", 8)
     assert city.train.steps == 240 * -(-(2975 - 186) // 8)
     assert load_config("coco-softmatch-1_512").data.crop_size == 513
 

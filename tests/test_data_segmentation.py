@@ -52,7 +52,7 @@ def test_digitscenes_splits_ranges_and_stats() -> None:
         assert images.dtype == torch.uint8 and images.shape[1:] == (3, 32, 32) and masks.dtype == torch.uint8
         values = set(masks.unique().tolist())
         assert values <= set(range(11)) | {IGNORE} and {0, IGNORE} <= values
-        assert 0.02 < (masks == IGNORE).float().mean() < 0.2  # the blurred rims
+        assert 0.02 < (masks == IGNORE).float().mean() < 0.3  # the blurred rims (~0.2 at 32 px, ~0.14 at 64)
         assert 0.03 < ((masks > 0) & (masks < IGNORE)).float().mean() < 0.4
     images = _stack(data.labeled)[0].double() / 255
     assert data.mean == pytest.approx(images.mean((0, 2, 3)).tolist())

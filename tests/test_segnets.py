@@ -96,6 +96,10 @@ def test_deeplab_output_stride_and_bn_momentum(output_stride: int) -> None:
         assert model(torch.randn(1, 3, 50, 70)).logits.shape == (1, K, 50, 70)
     norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
     assert norms and all(m.momentum == 0.02 for m in norms)
+    # UniMatch's ASPP: rates 6/12/18 at stride 16, 12/24/36 at 8; no dropout in the decoder
+    dilations = {c.dilation[0] for c in model.head.modules() if isinstance(c, nn.Conv2d)} - {1}
+    assert dilations == ({6, 12, 18} if output_stride == 16 else {12, 24, 36})
+    assert all(d.p == 0 for d in model.head.modules() if isinstance(d, nn.Dropout))
     with pytest.raises(ValueError, match="output_stride"):
         build_model("deeplabv3plus_r50", K, 3, output_stride=32)
 

@@ -58,7 +58,7 @@ class DataConfig:
     sliding_window: bool = opt(False, "segmentation: evaluate in crop-sized windows (stride 2/3 crop; Cityscapes)")
     workers: int = opt(0, "segmentation: threads that decode and crop images from files (0: the main thread)")
     scenes: int = opt(1000, "digitscenes: training scenes generated (the labeled + unlabeled pool)")
-    labeled_images: int = opt(20, "digitscenes: labeled scenes drawn from the pool")
+    labeled_images: int = opt(80, "digitscenes: labeled scenes drawn from the pool")
     val_images: int = opt(100, "digitscenes: validation scenes (generated apart from the pool)")
     test_fraction: float = opt(0.2, "share held out as a fixed, stratified test split when the dataset has none")
     include_labeled_in_unlabeled: bool = opt(False, "also use the labeled images as unlabeled ones (USB does)")

@@ -132,13 +132,17 @@ class SegFamily:
     note: str
 
 
-def _unimatch(dataset: str, crop: int, lr: float, head_lr_scale: float, model: str, **data: Any) -> dict[str, Any]:
-    """UniMatch's published setting: global batch 8 labeled + 8 unlabeled, SGD (momentum 0.9, wd 1e-4),
-    poly decay (power 0.9), DeepLabV3+ with an ImageNet encoder at output stride 16, threshold 0.95."""
+def _unimatch(
+    dataset: str, crop: int, lr: float, head_lr_scale: float, model: str, output_stride: int = 16, **data: Any
+) -> dict[str, Any]:
+    """UniMatch's published setting: batch 8 labeled + 8 unlabeled (UniMatch's global batch, here per
+    process: one GPU reproduces it; under torchrun divide train.batch_size by the processes), SGD
+    (momentum 0.9, wd 1e-4), poly decay (power 0.9), DeepLabV3+ with an ImageNet encoder, threshold
+    0.95, the trained model itself evaluated (no EMA: train.ema 0), images decoded in 8 threads."""
     return {
         "task": "segmentation",
-        "data": {"name": dataset, "crop_size": crop, **data},
-        "model": {"name": model, "pretrained": True, "output_stride": 16, "bn_momentum": 0.1},
+        "data": {"name": dataset, "crop_size": crop, "workers": 8, **data},
+        "model": {"name": model, "pretrained": True, "output_stride": output_stride, "bn_momentum": 0.1},
         "method": {"tau": 0.95},
         "train": {
             "batch_size": 8,
@@ -150,7 +154,7 @@ def _unimatch(dataset: str, crop: int, lr: float, head_lr_scale: float, model: s
             "momentum": 0.9,
             "nesterov": False,
             "weight_decay": 1e-4,
-            "ema": 0.999,
+            "ema": 0.0,
             "eval_every": 5000,
             "eval_batch_size": 1,
             "log_every": 100,
@@ -175,9 +179,9 @@ SEG_FAMILIES = (
     ),
     SegFamily(
         "cityscapes-{method}-{split}", "Cityscapes", _fraction_splits(2975, (16, 8, 4, 2)), 240,
-        _unimatch("cityscapes", 801, 0.005, 1.0, "deeplabv3plus_r101", sliding_window=True),
-        "DeepLabV3+ R101, crop 801, sliding-window evaluation (UniMatch setting; its public config crops 769 "
-        "with R50 and an OHEM labeled loss)",
+        _unimatch("cityscapes", 801, 0.005, 1.0, "deeplabv3plus_r50", output_stride=8, sliding_window=True),
+        "DeepLabV3+ R50 at stride 8, crop 801, sliding-window evaluation (UniMatch setting; its public "
+        "config crops 769, uses multi-grid and an OHEM labeled loss)",
     ),
     SegFamily(
         "coco-{method}-{split}", "COCO (81 classes)", _fraction_splits(118287, (512, 256, 128, 64, 32)), 30,
@@ -188,19 +192,27 @@ SEG_FAMILIES = (
 
 
 def _digitscenes(method: str) -> dict[str, Any]:
-    """Scenes of real handwritten digits, 64 px: a small network trains in minutes on 2 CPU cores."""
+    """Scenes of real handwritten digits, 64 px: a small network trains in minutes on 2 CPU cores.
+
+    The head learns at the encoder's rate (UniMatch's 10x is for an ImageNet-pretrained encoder; this
+    one starts from scratch: 4x lowered val mIoU from 0.47 to 0.37). lr 0.025 and 80 labeled scenes,
+    chosen on the validation scenes of seed 0 (2,000 steps): at 80 labeled, supervised 0.268 at lr
+    0.0125 and 0.298 at 0.025, UniMatch 0.250 and 0.312; with 20 labeled scenes every method stays
+    near the all-background 0.12, so 80 is the smallest count that shows the methods apart.
+    2,000 UniMatch steps take about 3 minutes on 2 CPU cores.
+    """
     spec = METHODS[method]
     return {
-        "description": f"{spec.description} on digitscenes (20 labeled scenes), small network, 1,500 steps (CPU-sized)",
+        "description": f"{spec.description} on digitscenes (80 labeled scenes), small network, 2,000 steps (CPU-sized)",
         "task": "segmentation",
-        "data": {"name": "digitscenes", "crop_size": 64, "scenes": 1000, "labeled_images": 20, "val_images": 100},
+        "data": {"name": "digitscenes", "crop_size": 64, "scenes": 1000, "labeled_images": 80, "val_images": 100},
         "model": {"name": "segnet_small", "bn_momentum": 0.1},
         "method": {"name": method, **({"ema_m": 0.99} if "ema_m" in spec.keys else {})},
         "train": {
-            "steps": 1500,
+            "steps": 2000,
             "batch_size": 8,
             "uratio": 1,
-            "lr": 0.02,
+            "lr": 0.025,
             "schedule": "poly",
             "momentum": 0.9,
             "nesterov": False,
@@ -213,15 +225,17 @@ def _digitscenes(method: str) -> dict[str, Any]:
 
 
 def _segmentation(family: SegFamily, method: str, split: str) -> dict[str, Any]:
+    """Steps as UniMatch counts them: epochs over the unlabeled set (over the labeled set when supervised)."""
     labeled, unlabeled = family.splits[split]
     settings, spec = family.settings, METHODS[method]
     batch = settings["train"]["batch_size"]
+    epoch = labeled if method == "supervised" else unlabeled
     return {
         "description": f"{spec.description} on {family.title}, split {split} ({labeled} labeled), {family.note}",
         **settings,
         "data": {**settings["data"], "split": split},
         "method": {"name": method, **{k: v for k, v in settings["method"].items() if k in spec.keys}},
-        "train": {**settings["train"], "steps": family.epochs * -(-unlabeled // batch)},
+        "train": {**settings["train"], "steps": family.epochs * -(-epoch // batch)},
     }
 
 

@@ -219,9 +219,11 @@ def segmentation_overlays(
     palette: Sequence[tuple[int, int, int]],
     path: Path,
     title: str,
+    names: Sequence[str] | None = None,
 ) -> Path:
-    """One row per image: the image, its ground truth (when ``masks`` is given) and the prediction, each
-    class in its ``palette`` colour over the image, ignore pixels (255) neutral grey.
+    """One row per image (labelled with its ``names`` entry): the image, its ground truth (when
+    ``masks`` is given) and the prediction, each class in its ``palette`` colour over the image,
+    ignore pixels (255) neutral grey.
 
     Per image (sizes may differ, as Pascal's do): uint8 [3, H, W]; masks uint8 [H, W] (a row's mask may
     be None); predictions integer [H, W]. A stacked batch [N, ...] works as the sequence it is.
@@ -257,6 +259,8 @@ def segmentation_overlays(
             ax.imshow(panel, interpolation="nearest")
             ax.set_xticks([])
             ax.set_yticks([])
+        if names is not None:
+            axes[i][0].set_ylabel(names[i])
     for ax, name in zip(axes[0], columns):
         ax.set_title(name)
     fig.suptitle(title)

@@ -197,6 +197,7 @@ class SegmentationData:
     std: tuple[float, ...]
     palette: list[tuple[int, int, int]]  # one RGB colour per class
     info: dict[str, str] = field(default_factory=dict)
+    hflip: bool = True  # a mirrored scene is still a valid scene (not for digits, text, signs)
 
     def summary(self) -> str:
         counts = [

@@ -52,7 +52,7 @@ class SegmentationTask(Task):
                 f"{cfg.data.name}: nothing to evaluate on: give data.val_dir and/or data.test_dir "
                 "(folders with images/ and masks/)"
             )
-        self.views = SegViews(d.mean, d.std, cfg.data.crop_size)
+        self.views = SegViews(d.mean, d.std, cfg.data.crop_size, hflip=d.hflip)
         t = cfg.train
         self.lb_stream = IndexStream(len(d.labeled), t.batch_size, cfg.seed)
         self.selector = None
@@ -129,7 +129,7 @@ class SegmentationTask(Task):
 
     def has_split(self, split: str) -> bool:
         dataset = getattr(self.data, split, None) if split in SPLITS else None
-        return dataset is not None and len(dataset) > 0
+        return dataset is not None and dataset.has_masks and len(dataset) > 0
 
     def _batches(self, dataset: SegmentationSet, indices: list[int]) -> Iterator[tuple[Tensor, Tensor | None]]:
         """uint8 images and masks: stacked where every image has one size, else one image at a time;
@@ -152,7 +152,6 @@ class SegmentationTask(Task):
         dataset = getattr(self.data, split)
         meter = SegmentationMeter(len(self.data.classes), self.device)
         for images, masks in self._batches(dataset, list(range(dist.rank(), len(dataset), dist.world_size()))):
-            assert masks is not None, f"the {split} split has no masks"
             meter.update(self._logits(model, images), masks.to(self.device))
         meter.all_reduce()
         metrics: dict[str, Any] = meter.compute()
@@ -200,13 +199,15 @@ class SegmentationTask(Task):
         if split is None or not dist.is_main():
             return
         dataset = getattr(self.data, split)
+        shown = list(range(min(OVERLAY_IMAGES, len(dataset))))
         images, masks, predictions = [], [], []
-        for image, mask in self._batches(dataset, list(range(min(OVERLAY_IMAGES, len(dataset))))):
+        for image, mask in self._batches(dataset, shown):
             predictions += list(self._logits(model, image).argmax(dim=1).cpu())
             images += list(image)
             masks += list(mask) if mask is not None else [None] * len(image)
         title = f"final EMA model, {split} images: image | ground truth | prediction"
-        segmentation_overlays(images, masks, predictions, self.data.palette, run_dir / "overlays.png", title)
+        names = [dataset.name(i) for i in shown]
+        segmentation_overlays(images, masks, predictions, self.data.palette, run_dir / "overlays.png", title, names)
 
     def write_history(self, history: list[dict[str, Any]], run_dir: Path) -> None:
         training_curves(history, run_dir / "curves.png", (("miou", "mIoU"), ("pixel_ece_15", "pixel ECE (15 bins)")))
