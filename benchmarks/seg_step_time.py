@@ -22,14 +22,13 @@ import platform
 import statistics
 import sys
 import tempfile
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
+from step_time import time_ms
 from trustmatch.config import load_config
 from trustmatch.trainer import Trainer
 
@@ -77,16 +76,6 @@ def _folder_args(root: Path) -> list[str]:
     ]
 
 
-def _time_ms(fn: Callable[[], object], device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return (time.perf_counter() - start) * 1000
-
-
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shape", choices=["digitscenes", "pascal"], default="digitscenes")
@@ -108,9 +97,9 @@ def main() -> int:
         for round_ in range(args.warmup + args.repeats):
             for method, trainer in trainers.items():
                 t = {
-                    "step": _time_ms(trainer.train_step, device),
-                    "model_only": _time_ms(lambda: trainer.optimize(batches[method]), device),  # noqa: B023
-                    "batch": _time_ms(trainer.next_batch, device),
+                    "step": time_ms(trainer.train_step, device),
+                    "model_only": time_ms(lambda: trainer.optimize(batches[method]), device),  # noqa: B023
+                    "batch": time_ms(trainer.next_batch, device),
                 }
                 if round_ >= args.warmup:
                     for name, value in t.items():

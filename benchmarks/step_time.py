@@ -76,7 +76,7 @@ def _build(method: str, precision: str, mode: str, args: argparse.Namespace, roo
     return Trainer(cfg, root / f"{method}-{precision}-{mode}", progress=False)
 
 
-def _time_ms(fn: Callable[[], object], device: torch.device) -> float:
+def time_ms(fn: Callable[[], object], device: torch.device) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     start = time.perf_counter()
@@ -113,9 +113,9 @@ def main() -> int:
         for round_ in range(args.warmup + args.repeats):
             for key, trainer in trainers.items():
                 t = {
-                    "with_data": _time_ms(trainer.train_step, device),
-                    "model_only": _time_ms(lambda: trainer.optimize(batches[key]), device),  # noqa: B023
-                    "views": _time_ms(trainer.next_batch, device),
+                    "with_data": time_ms(trainer.train_step, device),
+                    "model_only": time_ms(lambda: trainer.optimize(batches[key]), device),  # noqa: B023
+                    "views": time_ms(trainer.next_batch, device),
                 }
                 if round_ >= args.warmup:
                     for name, value in t.items():

@@ -226,6 +226,7 @@ def test_user_folders_train_evaluate_predict(tmp_path: Path, capsys: pytest.Capt
         ("size", "s1.png"),
         ("unknown id", "s2.png"),
         ("no mask", "s3.jpg"),
+        ("jpeg mask", "masks/s2.jpg"),
     ],
 )
 def test_bad_folders_exit_2_naming_the_file(
@@ -237,6 +238,9 @@ def test_bad_folders_exit_2_naming_the_file(
         Image.fromarray(np.zeros((10, 10), np.uint8)).save(masks / "s1.png")
     elif breakage == "unknown id":
         Image.fromarray(np.full((48, 48), 7, np.uint8)).save(masks / "s2.png")
+    elif breakage == "jpeg mask":
+        Image.open(masks / "s2.png").convert("L").save(masks / "s2.jpg")
+        (masks / "s2.png").unlink()
     else:
         (masks / "s3.png").unlink()
     assert main(["train", "digitscenes-unimatch", *_folder_args(tmp_path), "--out", str(tmp_path / "run")]) == 2

@@ -243,10 +243,14 @@ def _labeled_folder(folder: Path, key: str, num_classes: int, classes_file: Path
         if not sub.is_dir():
             raise UserError(f"{key}={folder} has no {sub.name}/ folder: put images in images/ and id masks in masks/")
     images = _by_stem(image_files(images_dir), images_dir)
-    masks = _by_stem([m for m in image_files(masks_dir) if m.suffix.lower() == ".png"], masks_dir)
+    found = image_files(masks_dir)
+    masks = _by_stem([m for m in found if m.suffix.lower() == ".png"], masks_dir)
+    lossy = _by_stem([m for m in found if m.suffix.lower() != ".png"], masks_dir)
     if not images:
         raise UserError(f"{images_dir} holds no images ({EXTENSIONS}): add images")
     for stem, image in images.items():
+        if stem in lossy and stem not in masks:  # JPEG compression would invent class ids at every edge
+            raise UserError(f"mask {lossy[stem]} is not a PNG: save class-id masks as PNG ({masks_dir / stem}.png)")
         if stem not in masks:
             raise UserError(
                 f"image {image} has no mask: add {masks_dir / stem}.png or move the image to the unlabeled folder"

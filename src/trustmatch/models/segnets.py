@@ -12,6 +12,7 @@ encoder) are attributes, so ``train.head_lr_scale`` gives the decoder its own le
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
@@ -143,26 +144,25 @@ def _build_smp(
     return build(None)
 
 
-def deeplabv3plus_r50(
-    num_classes: int,
-    in_channels: int = 3,
-    bn_momentum: float = 0.1,
-    dropout: float = 0.0,
-    pretrained: bool = False,
-    output_stride: int = 16,
-) -> DeepLabV3Plus:
-    return DeepLabV3Plus("resnet50", num_classes, in_channels, bn_momentum, dropout, pretrained, output_stride)
+def _deeplab(encoder: str) -> Callable[..., DeepLabV3Plus]:
+    """The registered factory of a DeepLabV3+ on ``encoder`` (the classifiers' keywords, plus the weights
+    and output stride)."""
+
+    def factory(
+        num_classes: int,
+        in_channels: int = 3,
+        bn_momentum: float = 0.1,
+        dropout: float = 0.0,
+        pretrained: bool = False,
+        output_stride: int = 16,
+    ) -> DeepLabV3Plus:
+        return DeepLabV3Plus(encoder, num_classes, in_channels, bn_momentum, dropout, pretrained, output_stride)
+
+    return factory
 
 
-def deeplabv3plus_r101(
-    num_classes: int,
-    in_channels: int = 3,
-    bn_momentum: float = 0.1,
-    dropout: float = 0.0,
-    pretrained: bool = False,
-    output_stride: int = 16,
-) -> DeepLabV3Plus:
-    return DeepLabV3Plus("resnet101", num_classes, in_channels, bn_momentum, dropout, pretrained, output_stride)
+deeplabv3plus_r50 = _deeplab("resnet50")
+deeplabv3plus_r101 = _deeplab("resnet101")
 
 
 # SegNetSmall's stage widths. 32-64-128 (0.67 M parameters) reached val mIoU 0.18 on (a draft of) digitscenes with
