@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from trustmatch import distributed as dist
 from trustmatch.config import Config
 from trustmatch.data.sampler import IndexStream
-from trustmatch.data.segmentation import SegmentationSet, load_segmentation_data
+from trustmatch.data.segmentation import IGNORE, SegmentationSet, load_segmentation_data
 from trustmatch.data.segviews import SegViews
 from trustmatch.engine.inference import segment
 from trustmatch.engine.precision import Precision
@@ -114,7 +114,7 @@ class SegmentationTask(Task):
         mixed = [torch.where(box[:, None], p, s) for box, p, s in zip(boxes, partner, strong)]
         batch.u_weak, batch.mix_weak = layout(views.plain(u)), layout(views.plain(m))
         batch.u_strong = (layout(mixed[0]), layout(mixed[1]))
-        batch.valid_u, batch.valid_mix, batch.boxes = pad_u != 255, pad_m != 255, boxes
+        batch.valid_u, batch.valid_mix, batch.boxes = pad_u != IGNORE, pad_m != IGNORE, boxes
         return batch
 
     def step(self, model: nn.Module, batch: SegBatch, step: int, total_steps: int) -> StepOutput:
