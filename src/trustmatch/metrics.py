@@ -105,6 +105,12 @@ def _mce(sums: Tensor) -> float:
     return float(((conf_sum - hit_sum)[nonempty] / count[nonempty]).abs().max())
 
 
+def _mean_recall(confusion: Tensor) -> float:
+    """Mean over the classes present in the ground truth (rows of ``confusion``) of their recall."""
+    support = confusion.sum(dim=1)
+    return float((confusion.diagonal()[support > 0] / support[support > 0]).mean())
+
+
 def calibration_bins(confidences: Tensor, correct: Tensor, n_bins: int) -> dict[str, list[float]]:
     """Per-bin statistics for a reliability diagram.
 
@@ -201,11 +207,9 @@ class ClassificationMeter:
         """
         totals, bins, confusion = self._host_sums()
         n, correct, nll, brier, confidence = totals.tolist()
-        support = confusion.sum(dim=1)
-        recall = confusion.diagonal()[support > 0] / support[support > 0]
         return {
             "accuracy": correct / n,
-            "balanced_accuracy": float(recall.mean()),  # mean recall over the classes present
+            "balanced_accuracy": _mean_recall(confusion),
             **{f"ece_{b}": _ece(sums) for b, sums in bins.items()},
             **{f"mce_{b}": _mce(sums) for b, sums in bins.items()},
             "nll": nll / n,
@@ -356,12 +360,10 @@ class SegmentationMeter:
         """
         confusion, bins, (nll, n) = self._host_sums()
         iou, defined = self._iou(confusion)
-        support = confusion.sum(dim=1)
-        recall = confusion.diagonal()[support > 0] / support[support > 0]
         return {
             "miou": float(iou[defined].mean()),
             "pixel_accuracy": float(confusion.diagonal().sum() / n),
-            "mean_class_accuracy": float(recall.mean()),
+            "mean_class_accuracy": _mean_recall(confusion),
             f"pixel_ece_{self.n_bins}": _ece(bins),
             "pixel_nll": float(nll / n),
             "n_pixels": int(n),

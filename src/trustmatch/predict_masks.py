@@ -53,7 +53,7 @@ def write_masks(
     images = FileSegSet([(path, None) for path in files], len(meta["classes"]))
     for i, path in enumerate(files):
         image, _ = images.load(i)
-        x = precision.layout(views.plain(image[None].to(precision.device)))
+        x = views.plain(image[None].to(precision.device))
         # crop-sized windows where the run evaluates so, or where a whole photo would not fit in memory
         crop = window if meta["sliding_window"] or max(image.shape[1:]) > LARGE * window else None
         probs = (segment(model, x, precision, crop)[0] / (temperature or 1.0)).softmax(dim=0)

@@ -25,6 +25,8 @@ from trustmatch.errors import UserError
 DEFAULT_IMAGE_SIZE = 32
 DECODE_THREADS = 4  # PIL releases the GIL while decoding, so threads overlap file reads and decodes
 STATS_CHUNK = 4096
+# what PIL raises on a corrupt, truncated or oversized file: each reader turns them into one UserError line
+DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
 EXTENSIONS = " ".join(IMG_EXTENSIONS)
 
 
@@ -37,11 +39,11 @@ def load_folder(cfg: DataConfig) -> SourceData:
     """
     if not cfg.root:
         raise UserError("dataset 'folder' needs data.root=<folder with one subfolder of images per class>")
-    root = _folder(cfg.root, "data.root")
+    root = existing_folder(cfg.root, "data.root")
     classes = _classes(root)
     train_files = _labeled_files(root, classes)
-    test_files = _test_files(_folder(cfg.test_dir, "data.test_dir"), classes) if cfg.test_dir else None
-    unlabeled_files = _unlabeled_files(_folder(cfg.unlabeled_dir, "data.unlabeled_dir")) if cfg.unlabeled_dir else None
+    test_files = _test_files(existing_folder(cfg.test_dir, "data.test_dir"), classes) if cfg.test_dir else None
+    unlabeled = unlabeled_files(existing_folder(cfg.unlabeled_dir, "data.unlabeled_dir")) if cfg.unlabeled_dir else None
 
     size = cfg.image_size or DEFAULT_IMAGE_SIZE
     train = _labeled_set(train_files, size)
@@ -53,12 +55,13 @@ def load_folder(cfg: DataConfig) -> SourceData:
         mean=mean,
         std=std,
         hflip=True,
-        extra_unlabeled=_image_set(unlabeled_files, [-1] * len(unlabeled_files), size) if unlabeled_files else None,
+        extra_unlabeled=_image_set(unlabeled, [-1] * len(unlabeled), size) if unlabeled else None,
         info={"source": str(root)},
     )
 
 
-def _folder(path: str, key: str) -> Path:
+def existing_folder(path: str, key: str) -> Path:
+    """``path`` as a folder, or one line naming ``key`` (shared with the segmentation folders)."""
     folder = Path(path).expanduser()
     if not folder.exists():
         raise UserError(f"{key}={path}: no such folder; check the path")
@@ -117,7 +120,8 @@ def _test_files(test_root: Path, classes: list[str]) -> list[tuple[Path, int]]:
     return _labeled_files(test_root, classes)
 
 
-def _unlabeled_files(folder: Path) -> list[Path]:
+def unlabeled_files(folder: Path) -> list[Path]:
+    """Every image under ``data.unlabeled_dir`` (classification and segmentation), or one line if none."""
     files = image_files(folder)
     if not files:
         raise UserError(f"data.unlabeled_dir={folder} holds no images ({EXTENSIONS}); add images or unset it")
@@ -130,7 +134,7 @@ def decode_image(path: Path, size: int, mode: str = "RGB") -> np.ndarray:
         with Image.open(path) as image:
             image.draft(mode, (size, size))  # JPEG: decode at a reduced scale when the image is large
             pixels = image.convert(mode).resize((size, size), Image.Resampling.BILINEAR)
-    except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as e:
+    except DECODE_ERRORS as e:
         raise UserError(f"cannot decode image {path} ({e}): remove or replace it") from None
     array = np.asarray(pixels)
     return array[None] if array.ndim == 2 else array.transpose(2, 0, 1)

@@ -22,7 +22,7 @@ import numpy as np
 from PIL import Image
 
 from trustmatch.config import DataConfig
-from trustmatch.data.folders import EXTENSIONS, image_files
+from trustmatch.data.folders import DECODE_ERRORS, EXTENSIONS, existing_folder, image_files, unlabeled_files
 from trustmatch.data.segmentation import (
     CITYSCAPES_PALETTE,
     IGNORE,
@@ -185,21 +185,17 @@ def load_segmentation_folder(cfg: DataConfig, seed: int) -> SegmentationData:
     """
     if not cfg.root:
         raise UserError("segmentation dataset 'folder' needs data.root=<folder with images/, masks/ and classes.txt>")
-    root = _folder(cfg.root, "data.root")
+    root = existing_folder(cfg.root, "data.root")
     classes_file = root / "classes.txt"
     classes = _classes(classes_file)
     labeled = _labeled_folder(root, "data.root", len(classes), classes_file)
     unlabeled = None
     if cfg.unlabeled_dir:
-        files = image_files(_folder(cfg.unlabeled_dir, "data.unlabeled_dir"))
-        if not files:
-            raise UserError(
-                f"data.unlabeled_dir={cfg.unlabeled_dir} holds no images ({EXTENSIONS}); add images or unset it"
-            )
+        files = unlabeled_files(existing_folder(cfg.unlabeled_dir, "data.unlabeled_dir"))
         unlabeled = FileSegSet([(f, None) for f in files], len(classes))
 
     def labeled_folder(path: str | None, key: str) -> FileSegSet | None:
-        return _labeled_folder(_folder(path, key), key, len(classes), classes_file) if path else None
+        return _labeled_folder(existing_folder(path, key), key, len(classes), classes_file) if path else None
 
     return SegmentationData(
         labeled=labeled,
@@ -212,13 +208,6 @@ def load_segmentation_folder(cfg: DataConfig, seed: int) -> SegmentationData:
         palette=voc_palette(len(classes)),
         info={"source": str(root)},
     )
-
-
-def _folder(path: str, key: str) -> Path:
-    folder = Path(path).expanduser()
-    if not folder.is_dir():
-        raise UserError(f"{key}={path}: no such folder; check the path")
-    return folder
 
 
 def _classes(path: Path) -> list[str]:
@@ -266,7 +255,7 @@ def _labeled_folder(folder: Path, key: str, num_classes: int, classes_file: Path
         try:
             with Image.open(image) as opened:
                 width, height = opened.size
-        except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as e:
+        except DECODE_ERRORS as e:
             raise UserError(f"cannot decode image {image} ({e}): remove or replace it") from None
         read_mask(mask, (height, width), num_classes, classes_source=source, image=image)
 

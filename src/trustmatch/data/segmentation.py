@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 
 from trustmatch.config import DataConfig
+from trustmatch.data.folders import DECODE_ERRORS
 from trustmatch.errors import UserError
 from trustmatch.registry import Registry
 
@@ -99,7 +100,7 @@ def read_image(path: Path) -> np.ndarray:
                 gray = np.clip(np.rint(pixels * (255.0 / peak)), 0, 255).astype(np.uint8)
                 return np.repeat(gray[..., None], 3, axis=2)
             return np.asarray(image.convert("RGB"))
-    except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as e:
+    except DECODE_ERRORS as e:
         raise UserError(f"cannot decode image {path} ({e}): remove or replace it") from None
 
 
@@ -120,7 +121,7 @@ def read_mask(
         with Image.open(path) as m:
             mode = m.mode
             ids = np.array(m)  # a writable copy: torch warns on read-only arrays
-    except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as e:
+    except DECODE_ERRORS as e:
         raise UserError(f"cannot decode mask {path} ({e}): remove or replace it") from None
     if ids.ndim != 2:
         raise UserError(

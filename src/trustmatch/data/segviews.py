@@ -38,7 +38,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import InterpolationMode
 
 from trustmatch.data.segmentation import IGNORE, SegmentationSet
-from trustmatch.data.views import adjust_brightness, adjust_contrast, adjust_saturation, to_device
+from trustmatch.data.views import Normalise, adjust_brightness, adjust_contrast, adjust_saturation, to_device
 from trustmatch.errors import UserError
 
 JITTER = (0.5, 0.5, 0.5, 0.25)  # ColorJitter brightness, contrast, saturation, hue (UniMatch)
@@ -166,7 +166,7 @@ class SegViews:
             raise UserError(f"data.crop_size must be a positive integer (e.g. 321), got {crop_size!r}")
         self.mean, self.std = tuple(mean), tuple(std)
         self.crop_size, self.scale, self.hflip = crop_size, (float(scale[0]), float(scale[1])), hflip
-        self._stats: dict[torch.device, tuple[Tensor, Tensor]] = {}
+        self._normalise = Normalise(self.mean, self.std)
         self._pool: ThreadPoolExecutor | None = None
         self._pool_workers = 0
 
@@ -295,10 +295,3 @@ class SegViews:
     def _check(self, images: Tensor) -> None:
         if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"expected uint8 [B, 3, H, W] images, got {images.dtype} {tuple(images.shape)}")
-
-    def _normalise(self, x: Tensor) -> Tensor:
-        if x.device not in self._stats:
-            stats = torch.tensor([self.mean, self.std]).view(2, 1, 3, 1, 1)
-            self._stats[x.device] = tuple(stats.to(x.device))
-        mean, std = self._stats[x.device]
-        return x.sub_(mean).div_(std)

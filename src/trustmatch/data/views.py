@@ -281,6 +281,22 @@ def _reflect(index: Tensor, size: int) -> Tensor:
     return torch.where(index > size - 1, 2 * (size - 1) - index, index)
 
 
+class Normalise:
+    """``(x - mean) / std`` per channel, in place, on any device (the constants cached per device);
+    shared by the classification and the segmentation views."""
+
+    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+        self.mean, self.std = tuple(mean), tuple(std)
+        self._stats: dict[torch.device, tuple[Tensor, Tensor]] = {}
+
+    def __call__(self, x: Tensor) -> Tensor:
+        if x.device not in self._stats:
+            stats = torch.tensor([self.mean, self.std]).view(2, 1, -1, 1, 1)
+            self._stats[x.device] = tuple(stats.to(x.device))
+        mean, std = self._stats[x.device]
+        return x.sub_(mean).div_(std)
+
+
 class Views:
     """FixMatch's views of uint8 [N, C, H, W] batches as normalised float32 on the same device."""
 
@@ -305,7 +321,7 @@ class Views:
         self.mean, self.std = tuple(mean), tuple(std)
         self.hflip, self.translate, self.n_ops, self.cutout = hflip, translate, n_ops, cutout
         self.magnitude = magnitude
-        self._stats: dict[torch.device, tuple[Tensor, Tensor]] = {}  # mean, std on each device
+        self._normalise = Normalise(self.mean, self.std)
 
     def plain(self, images: Tensor) -> Tensor:
         """Evaluation view: float in [0, 1], then ``(x - mean) / std``."""
@@ -348,10 +364,3 @@ class Views:
             raise ValueError(
                 f"expected uint8 [N, {len(self.mean)}, H, W] images, got {images.dtype} {tuple(images.shape)}"
             )
-
-    def _normalise(self, x: Tensor) -> Tensor:
-        if x.device not in self._stats:
-            stats = torch.tensor([self.mean, self.std]).view(2, 1, -1, 1, 1)
-            self._stats[x.device] = tuple(stats.to(x.device))
-        mean, std = self._stats[x.device]
-        return x.sub_(mean).div_(std)

@@ -145,7 +145,7 @@ class SegmentationTask(Task):
                 yield torch.stack([image for image, _ in group]), None if masks[0] is None else torch.stack(masks)
 
     def _logits(self, model: nn.Module, images: Tensor) -> Tensor:
-        x = self.precision.layout(self.views.plain(images.to(self.device, non_blocking=True)))
+        x = self.views.plain(images.to(self.device, non_blocking=True))  # segment puts it in the model's layout
         return segment(model, x, self.precision, self.cfg.data.crop_size if self.cfg.data.sliding_window else None)
 
     def evaluate(self, model: nn.Module, split: str, temperature: float | None = None) -> Evaluation:
