@@ -104,6 +104,14 @@ def _train(args: argparse.Namespace) -> int:
     metrics = trainer.fit()
     from trustmatch import distributed
 
+    if trainer.stop_signal is not None:  # SIGINT / SIGTERM: last.pt is saved at the step reached
+        if distributed.is_main():
+            print(
+                f"trustmatch: stopped at step {trainer.step} of {trainer.cfg.train.steps}; continue with "
+                f"trustmatch train --resume {trainer.run_dir}",
+                file=sys.stderr,
+            )
+        return 128 + trainer.stop_signal  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
     if not distributed.is_main():  # under torchrun, one report
         return 0
     describe = trainer.task.describe
@@ -205,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # `trustmatch list | head`: the reader left early, which is no error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # a second SIGINT / SIGTERM, or one outside training
         print("trustmatch: interrupted; the last checkpoint is intact (resume with --resume RUN_DIR)", file=sys.stderr)
         return 130
 

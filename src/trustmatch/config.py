@@ -24,6 +24,7 @@ from trustmatch.presets import PRESETS
 from trustmatch.schedules import SCHEDULES
 
 CALIBRATEMIX_MODES = ("off", "faithful", "efficient")
+NONFINITE_POLICIES = ("stop", "skip")
 
 
 def opt(default: Any, help: str) -> Any:
@@ -129,7 +130,7 @@ class CalibrateMixConfig:
 @dataclass
 class TrainConfig:
     steps: int = opt(1000, "optimisation steps (the learning-rate schedule spans them)")
-    batch_size: int = opt(64, "labeled images per step (per process under torchrun)")
+    batch_size: int = opt(64, "labeled images per step, all processes together (torchrun: each takes 1/N)")
     uratio: int = opt(7, "unlabeled batch = uratio * batch_size")
     lr: float = opt(0.03, "SGD learning rate at step 0")
     schedule: str = opt(
@@ -142,7 +143,13 @@ class TrainConfig:
     weight_decay: float = opt(5e-4, "weight decay on conv/linear weights (not BatchNorm, not biases)")
     ema: float = opt(0.999, "model EMA for evaluation (buffers copied from the live model)")
     eval_every: int = opt(250, "steps between evaluations (and last.pt saves)")
-    eval_batch_size: int = opt(512, "batch size for evaluation")
+    save_every: int = opt(0, "steps between extra last.pt saves without evaluation (0: only at evaluations)")
+    nonfinite: str = opt(
+        "stop",
+        "a non-finite loss: 'stop' the run (naming the step and the last good checkpoint), or 'skip' the "
+        "step (no update; selector, trackers and BatchNorm statistics restored) and count it",
+    )
+    eval_batch_size: int = opt(512, "images per evaluation forward, per process (a memory knob, not a training knob)")
     log_every: int = opt(50, "steps between logged training averages")
     device: str = opt("auto", "auto | cpu | cuda | cuda:N | mps")
     amp: bool = opt(
@@ -268,6 +275,8 @@ def _validate(cfg: Config, given: set[str]) -> None:
         (cfg.train.lr > 0, "train.lr", "positive"),
         (cfg.train.eval_every >= 1, "train.eval_every", "at least 1"),
         (cfg.train.log_every >= 1, "train.log_every", "at least 1"),
+        (cfg.train.save_every >= 0, "train.save_every", "0 (only at evaluations) or more"),
+        (cfg.train.nonfinite in NONFINITE_POLICIES, "train.nonfinite", " or ".join(map(repr, NONFINITE_POLICIES))),
         (0.0 <= cfg.train.ema < 1.0, "train.ema", "in [0, 1)"),
         (cfg.train.eval_batch_size >= 1, "train.eval_batch_size", "at least 1"),
         (cfg.train.threads is None or cfg.train.threads >= 1, "train.threads", "None or at least 1"),

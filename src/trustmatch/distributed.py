@@ -1,7 +1,8 @@
 """Thin helpers over ``torch.distributed`` that are identities in a single process.
 
-Launched by ``torchrun``, every process trains on its share of each batch; selector statistics and
-per-sample state must then be computed from all processes' data, which these helpers provide.
+Launched by ``torchrun``, every process trains on its share of each batch (``train.batch_size`` is
+the global batch: ``batch_share``); selector statistics and per-sample state must then be computed
+from all processes' data, which these helpers provide.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from typing import Any
 import torch
 import torch.distributed as td
 from torch import Tensor
+
+from trustmatch.errors import UserError
 
 
 def is_distributed() -> bool:
@@ -41,6 +44,31 @@ def init_from_env(device: torch.device) -> None:
 
 def local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", 0))
+
+
+def batch_share(batch_size: int, minimum: int = 1, why: str = "") -> int:
+    """This process's share of the global batch ``train.batch_size`` (all of it in one process).
+
+    Every process must take the same number of images, at least ``minimum`` (``why`` says who needs
+    it); anything else is refused with one line naming the value, the process count and the fix.
+    Cheap and collective-free: the trainer may call it right after joining the process group.
+    """
+    world = world_size()
+    share, rest = divmod(batch_size, world)
+    if rest:
+        lower, upper = batch_size - rest, batch_size - rest + world
+        fix = f"{upper}" if lower < minimum * world else f"{lower} or {upper}"
+        raise UserError(
+            f"train.batch_size={batch_size} is the global batch and {world} processes cannot share it equally: "
+            f"use a multiple of {world} (train.batch_size={fix}), or a number of processes that divides {batch_size}"
+        )
+    if share < minimum:
+        raise UserError(
+            f"train.batch_size={batch_size} over {world} processes gives each {share} labeled image(s), "
+            f"fewer than the {minimum} {why or 'needed'}: use train.batch_size={minimum * world} or more, "
+            "or fewer processes"
+        )
+    return share
 
 
 def all_reduce_mean_var(x: Tensor, valid: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
@@ -106,6 +134,12 @@ def all_reduce_sum_(*tensors: Tensor) -> None:
     if is_distributed():
         for t in tensors:
             td.all_reduce(t)
+
+
+def all_reduce_max_(t: Tensor) -> None:
+    """The element-wise maximum over processes, in place (flags every process must agree on)."""
+    if is_distributed():
+        td.all_reduce(t, op=td.ReduceOp.MAX)
 
 
 def barrier() -> None:

@@ -1,4 +1,8 @@
-"""One way to write a file so that a crash or a concurrent reader never sees half of it."""
+"""One way to write a file so that a crash or a concurrent reader never sees half of it.
+
+A failed write (a full disk, a read-only folder) is a ``UserError`` naming the file, and the file
+it would have replaced is left as it was.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,8 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
+
+from trustmatch.errors import UserError
 
 
 def _umask() -> int:
@@ -20,8 +26,11 @@ def atomic_write_bytes(path: Path, write: Callable[[IO[bytes]], Any]) -> None:
 
     The file gets the permissions a plain ``open`` would give (0666 less the umask), not mkstemp's
     0600: run directories are read by colleagues and schedulers too."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:
+        raise write_error(path, e) from None
     try:
         os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
@@ -29,14 +38,25 @@ def atomic_write_bytes(path: Path, write: Callable[[IO[bytes]], Any]) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise write_error(path, e) from None
         raise
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def write_error(path: Path, error: OSError) -> UserError:
+    """One line for a failed write: the file, the reason, the fix, and that nothing older was lost."""
+    reason = error.strerror or str(error) or type(error).__name__
+    kept = f"; the previous {path.name} is intact" if path.exists() else ""
+    return UserError(
+        f"cannot write {path} ({reason}){kept}: free disk space or make its folder writable"
+    )
 
 
 def atomic_write_text(path: Path, text: str) -> None:

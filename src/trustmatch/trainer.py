@@ -5,11 +5,18 @@ streams, processes, progress and the run directory. Everything task-specific is 
 Every stateful part (model, EMA, optimizer, scheduler and the task's selector, streams and
 trackers) is one entry of ``parts``, saved and restored by the same code, so ``--resume``
 continues the run as if it had never stopped. Only the main process writes files.
+
+SIGINT and SIGTERM (a scheduler's notice before preemption) end the current step, save ``last.pt``
+at it and stop; every process agrees on the step in the same collective that checks the loss for
+non-finite values, so no process waits for another in a collective it never reaches.
 """
 
 from __future__ import annotations
 
+import copy
 import json
+import os
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -18,7 +25,6 @@ import torch
 import yaml
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from tqdm.auto import tqdm
 
 from trustmatch import distributed as dist
 from trustmatch.config import Config, from_dict, merge_values, parse_overrides, read_yaml
@@ -26,12 +32,16 @@ from trustmatch.engine.checkpoint import CHECKPOINT_VERSION, load_checkpoint, lo
 from trustmatch.engine.ema import ModelEMA
 from trustmatch.engine.optim import build_optimizer, build_scheduler
 from trustmatch.engine.precision import Precision, resolve_device
+from trustmatch.engine.progress import Progress
 from trustmatch.errors import UserError
 from trustmatch.fileio import atomic_write_text
 from trustmatch.step import StepOutput
 from trustmatch.tasks import TASKS, Evaluation, Stateful
 
-RESUME_KEYS = ("train.steps", "train.eval_every", "train.log_every")  # what --resume may change
+# what --resume may change: none of them changes the steps already taken
+RESUME_KEYS = ("train.steps", "train.eval_every", "train.log_every", "train.save_every", "train.nonfinite")
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+SHOWN = ("loss_sup", "loss_unsup", "mask", "pl_acc")  # the averages a progress line shows
 NO_BEST = "no validation split: no checkpoint is chosen, `final` is the result"
 NO_TEMPERATURE = "no validation split (data.val_per_class=0): temperature scaling cannot be fitted (never on test)"
 SEPARABLE = (
@@ -45,6 +55,10 @@ NO_TEST = (
 OPTIMISTIC = "max over evaluations of test {metric}, as USB reports it: optimistic, never used for a choice"
 
 
+class NonFiniteLoss(UserError):
+    """The loss of a step was NaN or infinite (``train.nonfinite=stop``)."""
+
+
 class Trainer:
     """Builds a run from a config (or resumes one from its directory) and trains it."""
 
@@ -54,7 +68,7 @@ class Trainer:
         self.device = resolve_device(cfg.train.device)
         dist.init_from_env(self.device)
         if not resume and dist.is_main():
-            self._prepare_run_dir()  # before the data load: a clash is reported at once
+            self._check_run_dir()  # before the data load: a clash is reported at once
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
         self.precision = Precision.resolve(self.device, cfg.train.amp, cfg.train.channels_last)
@@ -89,21 +103,52 @@ class Trainer:
         self.best: dict[str, Any] | None = None
         self.elapsed = 0.0
         self._last_test: Evaluation | None = None
-        self.temperature: float | None = None  # fitted on validation at the last evaluation
+        self.temperature: float | None = None  # fitted on validation at the last evaluation ...
+        self.temperature_step = -1  # ... of the model at this step
+        self.skipped = 0  # steps skipped for a non-finite loss (train.nonfinite=skip)
+        self.saved_step: int | None = None  # the step of the last.pt on disk, for error messages
+        self.stop_requested: int | None = None  # a SIGINT / SIGTERM this process received during ``fit``
+        self.stop_signal: int | None = None  # ... once every process knows of it (at the same step)
         if resume:
             self._restore(self.run_dir / "last.pt")
+            self.saved_step = self.step
+        elif dist.is_main():
+            self._create_run_dir()  # only once the data and the model are built: no half-made run
         self.writer = self._tensorboard()
 
     # ------------------------------------------------------------------ run directory and state
 
-    def _prepare_run_dir(self) -> None:
+    def _check_run_dir(self) -> None:
+        """A clash with an existing run, or a folder that cannot be written, before anything is built."""
         if (self.run_dir / "last.pt").exists():
             raise UserError(
                 f"run directory {self.run_dir} already holds a run: use --resume {self.run_dir} "
                 "to continue it, or --out with a new directory"
             )
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        self._write_config()
+        if self.run_dir.exists() and not self.run_dir.is_dir():
+            raise UserError(f"--out {self.run_dir} is a file: choose a directory for the run")
+        existing = next(p for p in (self.run_dir, *self.run_dir.parents) if p.exists())
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise UserError(
+                f"cannot write the run directory {self.run_dir}: {existing} is not writable; choose another --out"
+            )
+
+    def _create_run_dir(self) -> None:
+        """The directory and its config.yaml; a failed write removes what this call created."""
+        created = [p for p in (self.run_dir, *self.run_dir.parents) if not p.exists()]
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            self._write_config()
+        except (UserError, OSError) as e:
+            for folder in created:  # innermost first
+                try:
+                    folder.rmdir()
+                except OSError:
+                    break
+            if isinstance(e, UserError):
+                raise
+            reason = e.strerror or type(e).__name__
+            raise UserError(f"cannot create the run directory {self.run_dir} ({reason}): use another --out") from None
 
     def _write_config(self) -> None:
         atomic_write_text(self.run_dir / "config.yaml", yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
@@ -118,8 +163,10 @@ class Trainer:
         return SummaryWriter(str(self.run_dir / "tensorboard"))
 
     def _meta(self) -> dict[str, Any]:
+        """What inference needs; the temperature only where it was fitted on this step's model."""
         meta = {**self.task.meta(), "version": CHECKPOINT_VERSION, "step": self.step}
-        return meta if self.temperature is None else {**meta, "temperature": self.temperature}
+        fitted = self.temperature is not None and self.temperature_step == self.step
+        return {**meta, "temperature": self.temperature} if fitted else meta
 
     def _rank_state(self) -> dict[str, Any]:
         """What differs between processes: RNG streams and the regularizers' per-rank state."""
@@ -137,12 +184,25 @@ class Trainer:
                 **self._meta(),
                 "parts": {name: part.state_dict() for name, part in self.parts.items()},
                 "rng": rng,
-                "run": {"history": self.history, "best": self.best, "elapsed": self.elapsed},
+                "run": {"history": self.history, "best": self.best, "elapsed": self.elapsed, "skipped": self.skipped},
             }
             save_checkpoint(state, self.run_dir / "last.pt")
+        self.saved_step = self.step
 
     def _restore(self, path: Path) -> None:
         state = load_checkpoint(path)
+        try:
+            self._restore_state(state, path)
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError) as e:  # parsed, not whole
+            raise UserError(
+                f"checkpoint {path} is incomplete or damaged ({type(e).__name__}: {str(e)[:120]}): "
+                "use an earlier copy, or start the run again"
+            ) from None
+        if dist.is_main():  # temp files of writes a SIGKILL interrupted: the run's own, never read
+            for stale in self.run_dir.glob(".*.pt.*.tmp"):
+                stale.unlink(missing_ok=True)
+
+    def _restore_state(self, state: dict[str, Any], path: Path) -> None:
         if state.get("version") != CHECKPOINT_VERSION or set(state.get("parts", {})) != set(self.parts):
             raise UserError(
                 f"checkpoint {path} does not fit this run (version {state.get('version')}, parts "
@@ -170,7 +230,9 @@ class Trainer:
         self.step = int(state["step"])
         run = state["run"]
         self.history, self.best, self.elapsed = run["history"], run["best"], float(run["elapsed"])
+        self.skipped = int(run.get("skipped", 0))
         self.temperature = state.get("temperature")
+        self.temperature_step = self.step
 
     @classmethod
     def resume(cls, run_dir: Path, overrides: list[str] | None = None, progress: bool = True) -> Trainer:
@@ -204,10 +266,24 @@ class Trainer:
         return self.optimize(self.next_batch())
 
     def optimize(self, batch: Any) -> StepOutput:
-        """Forward, backward and update on a prepared batch (the part the speed benchmark isolates)."""
+        """Forward, backward and update on a prepared batch (the part the speed benchmark isolates).
+
+        Between forward and backward every process learns whether any loss was non-finite and
+        whether any process was asked to stop (one small collective under torchrun)."""
         self.train_model.train()
+        snapshot = self._snapshot() if self.cfg.train.nonfinite == "skip" else None
         with self.precision.autocast():
             out = self.task.step_with_regularizers(self.train_model, batch, self.step, self.cfg.train.steps)
+        finite = self._agree(out.loss)
+        if not finite:
+            if snapshot is None:
+                raise self._nonfinite_error(out)
+            self._restore_snapshot(snapshot)  # no update; the schedule and the data move on
+            self.scheduler.step()
+            self.skipped += 1
+            self.step += 1
+            out.logs = {}
+            return out
         self.optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
         self.optimizer.step()
@@ -216,49 +292,134 @@ class Trainer:
         self.step += 1
         return out
 
+    def _agree(self, loss: torch.Tensor) -> bool:
+        """Whether every process's loss is finite; records a stop any process was asked for."""
+        bad = ~torch.isfinite(loss.detach())
+        if not dist.is_distributed():
+            return not bool(bad)
+        requested = torch.tensor(self.stop_requested or 0, dtype=torch.int32, device=loss.device)
+        flags = torch.stack([bad.to(torch.int32), requested])
+        dist.all_reduce_max_(flags)
+        if int(flags[1]):
+            self.stop_signal = int(flags[1])
+        return not bool(flags[0])
+
+    def _nonfinite_error(self, out: StepOutput) -> NonFiniteLoss:
+        parts = ", ".join(f"{k} {float(v):.3g}" for k, v in out.logs.items() if k.startswith("loss"))
+        saved = (
+            f"the last good checkpoint is {self.run_dir / 'last.pt'} (step {self.saved_step})"
+            if self.saved_step is not None
+            else "no checkpoint was saved yet (train.save_every=N saves one every N steps)"
+        )
+        return NonFiniteLoss(
+            f"the loss is not finite at step {self.step + 1} ({parts or 'loss ' + str(float(out.loss))}); "
+            f"{saved}: lower train.lr and start again, or resume with train.nonfinite=skip to skip such steps"
+        )
+
+    def _snapshot(self) -> dict[str, Any]:
+        """What a step's forward changes besides the weights: BatchNorm statistics, selector and
+        regularizer state (streams move on: a skipped batch is not drawn again)."""
+        modules = {n: p for n, p in self.parts.items() if isinstance(p, nn.Module) and n not in ("model", "ema")}
+        return {
+            "buffers": [b.detach().clone() for b in self.model.buffers()],
+            "parts": {n: copy.deepcopy(p.state_dict()) for n, p in modules.items()},
+            "rank": {n: copy.deepcopy(r.rank_state()) for n, r in self.task.regularizers.items()},
+        }
+
+    def _restore_snapshot(self, snapshot: dict[str, Any]) -> None:
+        with torch.no_grad():
+            for buffer, saved in zip(self.model.buffers(), snapshot["buffers"]):
+                buffer.copy_(saved)
+        for name, state in snapshot["parts"].items():
+            self.parts[name].load_state_dict(state)
+        for name, state in snapshot["rank"].items():
+            self.task.regularizers[name].load_rank_state(state)
+
     def fit(self, stop_at: int | None = None) -> dict[str, Any]:
-        """Train to ``train.steps``; ``stop_at`` saves ``last.pt`` and stops early, as an interruption would."""
+        """Train to ``train.steps``. ``stop_at``, SIGINT or SIGTERM save ``last.pt`` at the current step
+        and stop early (``metrics()["stopped_by"]`` names the signal)."""
         t = self.cfg.train
         end = t.steps if stop_at is None else min(stop_at, t.steps)
-        bar = tqdm(
-            total=t.steps,
-            initial=self.step,
-            disable=not (self.progress and dist.is_main()),
-            desc=f"{self.cfg.method.name} on {self.cfg.data.name}",
-            unit="step",
-            dynamic_ncols=True,
-        )
+        desc = f"{self.cfg.method.name} on {self.cfg.data.name}"
+        progress = Progress(t.steps, self.step, desc, enabled=self.progress and dist.is_main())
         if dist.is_main():
-            bar.write(f"{self.task.summary()}; {self.precision.describe()}; run directory {self.run_dir}")
+            progress.write(f"{self.task.summary()}; {self.precision.describe()}; run directory {self.run_dir}")
         sums: dict[str, torch.Tensor] = {}
         count = 0
         start = time.perf_counter() - self.elapsed
-        while self.step < end:
-            logs = self.train_step().logs  # the step's logits are not kept alive through the next step
-            for k, v in logs.items():
-                sums[k] = sums.get(k, 0.0) + v.detach().float()
-            count += 1
-            bar.update(1)
-            if self.step % t.log_every == 0 or self.step == t.steps:
-                self._log_train({k: float(v) / count for k, v in sums.items()}, bar)
-                sums, count = {}, 0
-            if self.step % t.eval_every == 0 or self.step == t.steps:
-                self.elapsed = time.perf_counter() - start
-                self._evaluate_and_save(bar)
-        bar.close()
+        previous = self._catch_stop_signals()
+        try:
+            while self.step < end and self._stopping() is None:
+                logs = self.train_step().logs  # the step's logits are not kept alive through the next step
+                for k, v in logs.items():
+                    sums[k] = sums.get(k, 0.0) + v.detach().float()
+                count += bool(logs)
+                progress.update(1)
+                if (self.step % t.log_every == 0 or self.step == t.steps) and count:
+                    self._log_train({k: float(v) / count for k, v in sums.items()}, progress)
+                    sums, count = {}, 0
+                if self.step % t.eval_every == 0 or self.step == t.steps:
+                    self.elapsed = time.perf_counter() - start
+                    self._evaluate_and_save(progress)
+                elif t.save_every and self.step % t.save_every == 0:
+                    self.elapsed = time.perf_counter() - start
+                    self._save_last()
+        finally:
+            progress.close()
+            self._restore_signals(previous)
         if self.step < t.steps:
             self.elapsed = time.perf_counter() - start
-            if self.history and self.history[-1]["step"] != self.step:  # last.pt keeps the T of its model
-                dist.broadcast_module(self.ema.module)
-                _, self.temperature = self._validate()
-            self._save_last()
+            if self.saved_step != self.step:
+                self._save_at_stop()
+            if self.stop_signal is not None and dist.is_main():
+                name = signal.Signals(self.stop_signal).name
+                progress.write(f"{name}: saved {self.run_dir / 'last.pt'} at step {self.step}")
             return self.metrics(final=None)
         return self._finish()
 
-    def _log_train(self, logs: dict[str, float], bar: tqdm) -> None:
+    def _stopping(self) -> int | None:
+        """The signal to stop at this step: one process's own, or under torchrun the one all agreed on."""
+        if not dist.is_distributed():
+            self.stop_signal = self.stop_requested
+        return self.stop_signal
+
+    def _save_at_stop(self) -> None:
+        """``last.pt`` between evaluations. With ``stop_at`` it keeps a temperature for its model; a
+        signal saves at once (a scheduler's grace period is short), without one."""
+        if self.stop_signal is None and self.task.fits_temperature and self.temperature_step != self.step:
+            dist.broadcast_module(self.ema.module)
+            _, self.temperature = self._validate()
+            self.temperature_step = self.step
+        self._save_last()
+
+    def _catch_stop_signals(self) -> dict[int, Any]:
+        """SIGINT / SIGTERM set ``stop_signal``: the step ends, then ``fit`` saves and returns. A second
+        signal stops at once (KeyboardInterrupt); the last saved checkpoint stays intact."""
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            return {}  # signals reach only the main thread; a trainer in a thread is stopped by its owner
+
+        def handler(signum: int, frame: Any) -> None:
+            if self.stop_requested is not None:
+                raise KeyboardInterrupt
+            self.stop_requested = signum
+
+        previous = {}
+        for signum in STOP_SIGNALS:
+            previous[signum] = signal.getsignal(signum)
+            signal.signal(signum, handler)
+        return previous
+
+    @staticmethod
+    def _restore_signals(previous: dict[int, Any]) -> None:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+    def _log_train(self, logs: dict[str, float], progress: Progress) -> None:
         logs["lr"] = self.optimizer.param_groups[0]["lr"]
         logs.update(self.task.train_stats())
-        bar.set_postfix({k: f"{v:.3g}" for k, v in logs.items() if k in ("loss_sup", "loss_unsup", "mask", "pl_acc")})
+        progress.log({k: v for k, v in logs.items() if k in SHOWN})
         if self.writer is not None:
             for k, v in logs.items():
                 self.writer.add_scalar(f"train/{k}", v, self.step)
@@ -278,11 +439,12 @@ class Trainer:
         """The EMA model's validation metrics and temperature ({} and None without a validation split)."""
         return self.task.validate(self.ema.module) if self.task.has_split("val") else ({}, None)
 
-    def _evaluate_and_save(self, bar: tqdm) -> None:
+    def _evaluate_and_save(self, progress: Progress) -> None:
         # EMA parameters agree across processes; its buffers, copied from each process's last
         # forward, do not: rank 0's are the ones saved, so every shard evaluates with them.
         dist.broadcast_module(self.ema.module)
         val, self.temperature = self._validate()
+        self.temperature_step = self.step
         self._last_test = test = self.evaluate(self.report_split, self.temperature)
         entry = {"step": self.step, "elapsed_s": round(self.elapsed, 2), "val": val, "test": test.metrics}
         if test.calibrated is not None:
@@ -299,7 +461,8 @@ class Trainer:
             return
         key = self.task.primary
         shown = f"val {key} {val[key]:.4f} | " if val else ""
-        bar.write(f"step {self.step}: {shown}test {self.task.describe(test.metrics)}" + (" (best)" if improved else ""))
+        best = " (best)" if improved else ""
+        progress.write(f"step {self.step}: {shown}test {self.task.describe(test.metrics)}{best}")
         if self.writer is not None:
             for split, m in (("val", val), ("test", test.metrics)):
                 for k, v in m.items():
@@ -357,6 +520,7 @@ class Trainer:
             "steps": self.step,
             "precision": self.precision.describe(),
             "wall_time_s": round(self.elapsed, 2),
+            "skipped_steps": self.skipped,
             "final": final,
             **calibration,
             "best": best,

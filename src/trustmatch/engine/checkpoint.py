@@ -2,12 +2,15 @@
 
 Writes go to a temporary file in the same directory, are flushed to disk, then atomically
 renamed over the old file: an interrupted write leaves the previous checkpoint intact. Loads use
-``weights_only=True``, so a checkpoint carrying pickled code is refused instead of run.
+``weights_only=True``, so a checkpoint carrying pickled code is refused instead of run. Before
+loading, every record of the archive is checked against its CRC-32 (``torch.save`` writes them;
+``torch.load`` does not check them): a flipped byte in a tensor would otherwise load silently.
 """
 
 from __future__ import annotations
 
 import pickle
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +42,7 @@ def load_weights(module: Any, state: dict[str, Any], path: Path) -> None:
 def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     if not path.is_file():
         raise UserError(f"checkpoint {path} does not exist: is this a trustmatch run directory?")
+    _check_archive(path)
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
@@ -47,5 +51,24 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
             f"checkpoint {path} was refused: it holds objects other than tensors and plain data "
             f"({first[:160]}); only load checkpoints you trust, written by trustmatch"
         ) from None
-    except (RuntimeError, EOFError, OSError) as e:
-        raise UserError(f"checkpoint {path} is unreadable or truncated ({str(e).splitlines()[0][:160]})") from None
+    except Exception as e:  # a damaged archive fails in many ways (zip, pickle, unicode, struct): all mean the same
+        first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        raise UserError(
+            f"checkpoint {path} is unreadable or truncated ({first}): use an earlier copy, or start the run again"
+        ) from None
+
+
+def _check_archive(path: Path) -> None:
+    """One line for a file that is not a whole zip archive or whose records fail their CRC-32."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            damaged = archive.testzip()
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, ValueError) as e:
+        raise UserError(
+            f"checkpoint {path} is unreadable or truncated ({e}): use an earlier copy, or start the run again"
+        ) from None
+    if damaged is not None:
+        raise UserError(
+            f"checkpoint {path} is damaged ({damaged} fails its CRC-32 check): use an earlier copy, "
+            "or start the run again"
+        )

@@ -1,0 +1,267 @@
+"""Interruptions and faults: SIGTERM / SIGINT save at the current step and resume bit-exactly, SIGKILL
+during a checkpoint write leaves the previous one loadable, non-finite losses stop or are skipped,
+damaged checkpoints are one line, and logs are whole lines when output is not a terminal."""
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from test_train import TINY, assert_same_state
+
+from trustmatch.cli import main
+from trustmatch.config import load_config
+from trustmatch.engine.checkpoint import load_checkpoint, save_checkpoint
+from trustmatch.engine.progress import Progress
+from trustmatch.errors import UserError
+from trustmatch.trainer import Trainer
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+# long enough to be signalled mid-run, no evaluation before the end: a save at the signal's step
+LONG = ["train.steps=300", "train.eval_every=1000", "train.log_every=2", "train.batch_size=8", "train.uratio=2"]
+
+
+def _signal_mid_run(tmp_path: Path, signum: int, config: str = "digits-softmatch") -> tuple[Path, int]:
+    """Start a real training process, signal it once it prints progress; its exit code and run dir."""
+    run = tmp_path / "signalled"
+    cmd = [sys.executable, "-m", "trustmatch", "train", config, "--out", str(run), *LONG]
+    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    for line in proc.stdout:  # not a terminal: one line per log interval, no bar
+        if ": step " in line:
+            proc.send_signal(signum)
+            break
+    out, err = proc.communicate(timeout=120)
+    assert "\r" not in out + err
+    return run, proc.wait()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_signal_saves_the_current_step_and_resume_is_bit_exact(tmp_path: Path, signum: int) -> None:
+    run, code = _signal_mid_run(tmp_path, signum)
+    assert code == 128 + signum  # 143 for SIGTERM, 130 for SIGINT
+    stopped_at = load_checkpoint(run / "last.pt")["step"]
+    assert 0 < stopped_at < 300  # saved at the signal's step, not at an evaluation (there was none)
+    # the same environment for all three (bf16 results on the CPU depend on the thread count)
+    train = [sys.executable, "-m", "trustmatch", "train", "--quiet"]
+    subprocess.run([*train, "--resume", str(run)], env=ENV, check=True, capture_output=True, timeout=300)
+    straight = tmp_path / "straight"
+    subprocess.run([*train, "digits-softmatch", "--out", str(straight), *LONG], env=ENV, check=True, timeout=300)
+    assert_same_state(load_checkpoint(straight / "last.pt"), load_checkpoint(run / "last.pt"))
+    saved = [json.loads((d / "metrics.json").read_text()) for d in (straight, run)]
+    assert_same_state(*saved)
+
+
+KILL_WRITER = """
+import sys, torch
+from pathlib import Path
+from trustmatch.engine.checkpoint import save_checkpoint
+path = Path(sys.argv[1])
+version = 0
+while True:
+    version += 1
+    save_checkpoint({"version": version, "w": torch.full((6_000_000,), float(version))}, path)
+    print(version, flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_sigkill_during_a_checkpoint_write_leaves_the_previous_one_loadable(tmp_path: Path) -> None:
+    """A real process rewrites a 24 MB checkpoint in a loop and is killed mid-write: ``last.pt`` is
+    a complete earlier version, and resuming removes the half-written temp file."""
+    script, path = tmp_path / "writer.py", tmp_path / "last.pt"
+    script.write_text(KILL_WRITER)
+    caught_mid_write = 0
+    for delay in (0.05, 0.1, 0.2, 0.3, 0.5):
+        proc = subprocess.Popen([sys.executable, str(script), str(path)], env=ENV, stdout=subprocess.PIPE, text=True)
+        assert proc.stdout is not None
+        written = int(proc.stdout.readline())  # a first version is complete
+        time.sleep(delay)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        temps = list(tmp_path.glob(".last.pt.*.tmp"))
+        caught_mid_write += bool(temps)
+        state = load_checkpoint(path)
+        assert state["version"] >= written and torch.equal(
+            state["w"], torch.full((6_000_000,), float(state["version"]))
+        )
+        for temp in temps:
+            temp.unlink()
+    assert caught_mid_write >= 1  # the kill did land during a write at least once
+
+
+def test_resume_removes_temp_files_of_an_interrupted_write(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    Trainer(load_config("digits-fixmatch", TINY), run, progress=False).fit(stop_at=3)
+    stale = run / ".last.pt.abc123.tmp"
+    stale.write_bytes(b"half a checkpoint")
+    Trainer.resume(run, progress=False)
+    assert not stale.exists() and load_checkpoint(run / "last.pt")["step"] == 3
+
+
+@pytest.mark.parametrize("cut", ["truncated", "flipped", "empty", "not a dict"])
+def test_damaged_last_pt_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str], cut: str) -> None:
+    run = tmp_path / "run"
+    Trainer(load_config("digits-fixmatch", TINY), run, progress=False).fit(stop_at=3)
+    path = run / "last.pt"
+    data = path.read_bytes()
+    if cut == "truncated":
+        path.write_bytes(data[: len(data) // 2])
+    elif cut == "flipped":  # bytes in the middle of the archive overwritten
+        middle = len(data) // 2
+        path.write_bytes(data[:middle] + bytes(b ^ 0xFF for b in data[middle : middle + 4096]) + data[middle + 4096 :])
+    elif cut == "empty":
+        path.write_bytes(b"")
+    else:
+        save_checkpoint([1, 2, 3], path)  # a valid archive of the wrong shape
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(path) in err[0] and "Traceback" not in err[0], err
+
+
+def test_every_truncation_of_a_checkpoint_is_refused_with_one_line(tmp_path: Path) -> None:
+    path = tmp_path / "last.pt"
+    save_checkpoint({"w": torch.arange(3000.0), "run": {"history": [{"step": 1}]}}, path)
+    data = path.read_bytes()
+    for length in range(0, len(data), max(1, len(data) // 97)):
+        path.write_bytes(data[:length])
+        with pytest.raises(UserError, match="unreadable or truncated"):
+            load_checkpoint(path)
+
+
+def _nan_at(trainer: Trainer, step: int) -> None:
+    """Make the loss of step ``step`` (1-based) NaN, as an overflow would."""
+    task_step = trainer.task.step_with_regularizers
+
+    def poisoned(model, batch, at, total):
+        out = task_step(model, batch, at, total)
+        if at + 1 == step:
+            out.loss = out.loss * float("nan")
+        return out
+
+    trainer.task.step_with_regularizers = poisoned
+
+
+def test_nonfinite_loss_stops_naming_the_step_and_the_last_good_checkpoint(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    trainer = Trainer(load_config("digits-softmatch", [*TINY, "train.save_every=2"]), run, progress=False)
+    _nan_at(trainer, 5)
+    with pytest.raises(UserError) as raised:
+        trainer.fit()
+    message = str(raised.value)
+    assert "not finite at step 5" in message and f"{run / 'last.pt'} (step 4)" in message and "\n" not in message
+    state = load_checkpoint(run / "last.pt")
+    assert state["step"] == 4 and all(torch.isfinite(v).all() for v in state["parts"]["model"].values())
+
+
+def test_huge_learning_rate_stops_through_the_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A real divergence (no injected NaN): one line, exit 2, and the run can be inspected."""
+    run = tmp_path / "run"
+    args = ["train", "digits-fixmatch", "--out", str(run), "--quiet", *TINY, "train.lr=1e30", "train.steps=30"]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not finite at step" in err[0] and "train.nonfinite=skip" in err[0]
+
+
+def test_skipped_nonfinite_steps_change_nothing_and_are_counted(tmp_path: Path) -> None:
+    """With train.nonfinite=skip a NaN step leaves weights, BatchNorm statistics, optimizer and
+    selector as they were, the schedule and the data move on, and metrics.json counts it."""
+    cfg = load_config("digits-softmatch", [*TINY, "train.nonfinite=skip"])
+    trainer = Trainer(cfg, tmp_path / "run", progress=False)
+    _nan_at(trainer, 3)
+    trainer.fit(stop_at=2)
+    before = {
+        name: {k: v.clone() for k, v in part.state_dict().items()}
+        for name, part in (("model", trainer.model), ("selector", trainer.task.selector))
+    }
+    momentum = [s["momentum_buffer"].clone() for s in trainer.optimizer.state_dict()["state"].values()]
+    position = trainer.task.ulb_stream.position
+    trainer.fit(stop_at=3)
+    assert trainer.step == 3 and trainer.skipped == 1
+    assert_same_state(before, {"model": trainer.model.state_dict(), "selector": trainer.task.selector.state_dict()})
+    assert_same_state(momentum, [s["momentum_buffer"] for s in trainer.optimizer.state_dict()["state"].values()])
+    assert trainer.task.ulb_stream.position > position and trainer.scheduler.last_epoch == 3
+    metrics = trainer.fit()
+    assert metrics["skipped_steps"] == 1
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["skipped_steps"] == 1
+    assert load_checkpoint(tmp_path / "run" / "last.pt")["run"]["skipped"] == 1
+
+
+def test_skip_mode_without_faults_equals_the_default(tmp_path: Path) -> None:
+    """The snapshots skip mode takes change nothing when every loss is finite."""
+    runs = {}
+    for mode in ("stop", "skip"):
+        Trainer(
+            load_config("digits-flexmatch", [*TINY, f"train.nonfinite={mode}"]), tmp_path / mode, progress=False
+        ).fit()
+        runs[mode] = load_checkpoint(tmp_path / mode / "last.pt")
+        runs[mode]["config"]["train"].pop("nonfinite")
+    assert_same_state(runs["stop"], runs["skip"])
+
+
+def test_save_every_writes_last_pt_between_evaluations(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    trainer = Trainer(
+        load_config("digits-fixmatch", [*TINY, "train.save_every=2", "train.eval_every=5"]), run, progress=False
+    )
+    steps = []
+    save = trainer._save_last
+
+    def record() -> None:
+        save()
+        steps.append(load_checkpoint(run / "last.pt")["step"])
+
+    trainer._save_last = record
+    trainer.fit()
+    assert steps == [2, 4, 5, 6]  # every 2 steps, at the evaluation at 5, and at the end
+    mid = Trainer.resume(run, progress=False)
+    assert mid.step == 6
+
+
+def test_a_mid_run_save_has_no_temperature_of_another_model(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    trainer = Trainer(load_config("digits-fixmatch", [*TINY, "train.save_every=4"]), run, progress=False)
+    trainer.fit(stop_at=4)  # evaluation at 3 fitted T; the save at 4 is of a later model
+    assert "temperature" not in load_checkpoint(run / "last.pt")
+
+
+def test_progress_is_whole_lines_when_not_a_terminal(capsys: pytest.CaptureFixture[str]) -> None:
+    stream = io.StringIO()
+    progress = Progress(10, 0, "fixmatch on digits", enabled=True, stream=stream)
+    assert progress.lines
+    for _ in range(4):
+        progress.update()
+    progress.log({"loss_sup": 0.5, "mask": 0.25})
+    progress.close()
+    out = capsys.readouterr().out
+    assert stream.getvalue() == ""  # no bar drawn
+    assert out.count("\n") == 1 and "\r" not in out
+    assert "fixmatch on digits: step 4/10 loss_sup 0.5 mask 0.25 |" in out and "left" in out
+
+
+def test_progress_keeps_the_bar_on_a_terminal() -> None:
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    stream = Terminal()
+    progress = Progress(10, 0, "run", enabled=True, stream=stream)
+    progress.update()
+    progress.log({"loss_sup": 0.5})
+    progress.close()
+    assert not progress.lines and "\r" in stream.getvalue() and "loss_sup=0.5" in stream.getvalue()
+
+
+def test_train_logs_one_line_per_interval_in_a_log_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["train", "digits-fixmatch", "--out", str(tmp_path / "run"), *TINY]) == 0
+    out = capsys.readouterr().out
+    lines = [line for line in out.splitlines() if ": step " in line]
+    assert [line.split(": step ")[1].split()[0] for line in lines] == ["2/6", "4/6", "6/6"]
