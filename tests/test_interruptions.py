@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_train import TINY, assert_same_state
 
+from test_train import TINY, assert_same_state
 from trustmatch.cli import main
 from trustmatch.config import load_config
 from trustmatch.engine.checkpoint import load_checkpoint, save_checkpoint
@@ -57,6 +57,40 @@ def test_signal_saves_the_current_step_and_resume_is_bit_exact(tmp_path: Path, s
     assert_same_state(load_checkpoint(straight / "last.pt"), load_checkpoint(run / "last.pt"))
     saved = [json.loads((d / "metrics.json").read_text()) for d in (straight, run)]
     assert_same_state(*saved)
+
+
+@pytest.mark.slow
+def test_sigterm_to_torchrun_saves_and_resumes_bit_exactly(tmp_path: Path) -> None:
+    """torchrun forwards SIGTERM to its 2 gloo workers; they agree on the step, save it, and a resume
+    under torchrun equals the uninterrupted 2-process run."""
+    steps = ["train.steps=200", *LONG[1:]]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "trustmatch", "train"]
+    run, straight = tmp_path / "signalled", tmp_path / "straight"
+    proc = subprocess.Popen(
+        [*torchrun, "digits-softmatch", "--out", str(run), *steps],
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        if ": step " in line:
+            proc.send_signal(signal.SIGTERM)
+            break
+    _, err = proc.communicate(timeout=120)
+    assert err.count("trustmatch: stopped at step") == 1  # one report, from rank 0
+    stopped_at = load_checkpoint(run / "last.pt")["step"]
+    assert 0 < stopped_at < 200
+    subprocess.run([*torchrun, "--quiet", "--resume", str(run)], env=ENV, check=True, capture_output=True, timeout=300)
+    subprocess.run(
+        [*torchrun, "--quiet", "digits-softmatch", "--out", str(straight), *steps],
+        env=ENV,
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    assert_same_state(load_checkpoint(straight / "last.pt"), load_checkpoint(run / "last.pt"))
 
 
 KILL_WRITER = """
