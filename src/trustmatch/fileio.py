@@ -6,6 +6,7 @@ it would have replaced is left as it was.
 
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
 from collections.abc import Callable
@@ -13,6 +14,10 @@ from pathlib import Path
 from typing import IO, Any
 
 from trustmatch.errors import UserError
+
+# what the destination causes (full, read-only, forbidden): one line here; other errors (a bad
+# source read by ``write``, a file where a folder should be) are left to the caller, who knows more
+DESTINATION_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
 
 
 def _umask() -> int:
@@ -30,7 +35,9 @@ def atomic_write_bytes(path: Path, write: Callable[[IO[bytes]], Any]) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     except OSError as e:
-        raise write_error(path, e) from None
+        if e.errno in DESTINATION_ERRNOS:
+            raise write_error(path, e) from None
+        raise
     try:
         os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
@@ -40,7 +47,7 @@ def atomic_write_bytes(path: Path, write: Callable[[IO[bytes]], Any]) -> None:
         os.replace(tmp, path)
     except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
-        if isinstance(e, OSError):
+        if isinstance(e, OSError) and e.errno in DESTINATION_ERRNOS:
             raise write_error(path, e) from None
         raise
     dir_fd = os.open(path.parent, os.O_RDONLY)

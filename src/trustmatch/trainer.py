@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -107,6 +108,7 @@ class Trainer:
         self.temperature_step = -1  # ... of the model at this step
         self.skipped = 0  # steps skipped for a non-finite loss (train.nonfinite=skip)
         self.saved_step: int | None = None  # the step of the last.pt on disk, for error messages
+        self._made: tuple[list[Path], set[str]] | None = None  # folders this run created, entries it found
         self.stop_requested: int | None = None  # a SIGINT / SIGTERM this process received during ``fit``
         self.stop_signal: int | None = None  # ... once every process knows of it (at the same step)
         if resume:
@@ -136,19 +138,36 @@ class Trainer:
     def _create_run_dir(self) -> None:
         """The directory and its config.yaml; a failed write removes what this call created."""
         created = [p for p in (self.run_dir, *self.run_dir.parents) if not p.exists()]
+        found = set(os.listdir(self.run_dir)) if self.run_dir.is_dir() else set()
+        self._made = created, found
         try:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             self._write_config()
         except (UserError, OSError) as e:
-            for folder in created:  # innermost first
-                try:
-                    folder.rmdir()
-                except OSError:
-                    break
+            self._unmake_run_dir()
             if isinstance(e, UserError):
                 raise
             reason = e.strerror or type(e).__name__
             raise UserError(f"cannot create the run directory {self.run_dir} ({reason}): use another --out") from None
+
+    def _unmake_run_dir(self) -> None:
+        """Remove what this run added to its directory (and the folders it created): a run that
+        failed on bad input before its first ``last.pt`` leaves nothing half-made behind."""
+        if self._made is None:
+            return
+        created, found = self._made
+        if getattr(self, "writer", None) is not None:
+            self.writer.close()
+            self.writer = None
+        if self.run_dir.is_dir():
+            for entry in self.run_dir.iterdir():
+                if entry.name not in found:
+                    shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+        for folder in created:  # innermost first
+            try:
+                folder.rmdir()
+            except OSError:
+                break
 
     def _write_config(self) -> None:
         atomic_write_text(self.run_dir / "config.yaml", yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
@@ -337,33 +356,21 @@ class Trainer:
 
     def fit(self, stop_at: int | None = None) -> dict[str, Any]:
         """Train to ``train.steps``. ``stop_at``, SIGINT or SIGTERM save ``last.pt`` at the current step
-        and stop early (``metrics()["stopped_by"]`` names the signal)."""
+        and stop early (``stop_signal`` names the signal)."""
         t = self.cfg.train
         end = t.steps if stop_at is None else min(stop_at, t.steps)
         desc = f"{self.cfg.method.name} on {self.cfg.data.name}"
         progress = Progress(t.steps, self.step, desc, enabled=self.progress and dist.is_main())
         if dist.is_main():
             progress.write(f"{self.task.summary()}; {self.precision.describe()}; run directory {self.run_dir}")
-        sums: dict[str, torch.Tensor] = {}
-        count = 0
         start = time.perf_counter() - self.elapsed
         previous = self._catch_stop_signals()
         try:
-            while self.step < end and self._stopping() is None:
-                logs = self.train_step().logs  # the step's logits are not kept alive through the next step
-                for k, v in logs.items():
-                    sums[k] = sums.get(k, 0.0) + v.detach().float()
-                count += bool(logs)
-                progress.update(1)
-                if (self.step % t.log_every == 0 or self.step == t.steps) and count:
-                    self._log_train({k: float(v) / count for k, v in sums.items()}, progress)
-                    sums, count = {}, 0
-                if self.step % t.eval_every == 0 or self.step == t.steps:
-                    self.elapsed = time.perf_counter() - start
-                    self._evaluate_and_save(progress)
-                elif t.save_every and self.step % t.save_every == 0:
-                    self.elapsed = time.perf_counter() - start
-                    self._save_last()
+            self._train(end, progress, start)
+        except UserError as e:  # bad input met in training (a file read late, a full disk)
+            if self.saved_step is None and dist.is_main() and not isinstance(e, NonFiniteLoss):
+                self._unmake_run_dir()  # (a diverged run keeps its logs)
+            raise
         finally:
             progress.close()
             self._restore_signals(previous)
@@ -376,6 +383,26 @@ class Trainer:
                 progress.write(f"{name}: saved {self.run_dir / 'last.pt'} at step {self.step}")
             return self.metrics(final=None)
         return self._finish()
+
+    def _train(self, end: int, progress: Progress, start: float) -> None:
+        t = self.cfg.train
+        sums: dict[str, torch.Tensor] = {}
+        count = 0
+        while self.step < end and self._stopping() is None:
+            logs = self.train_step().logs  # the step's logits are not kept alive through the next step
+            for k, v in logs.items():
+                sums[k] = sums.get(k, 0.0) + v.detach().float()
+            count += bool(logs)
+            progress.update(1)
+            if (self.step % t.log_every == 0 or self.step == t.steps) and count:
+                self._log_train({k: float(v) / count for k, v in sums.items()}, progress)
+                sums, count = {}, 0
+            if self.step % t.eval_every == 0 or self.step == t.steps:
+                self.elapsed = time.perf_counter() - start
+                self._evaluate_and_save(progress)
+            elif t.save_every and self.step % t.save_every == 0:
+                self.elapsed = time.perf_counter() - start
+                self._save_last()
 
     def _stopping(self) -> int | None:
         """The signal to stop at this step: one process's own, or under torchrun the one all agreed on."""
