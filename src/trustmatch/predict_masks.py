@@ -11,12 +11,13 @@ import torch
 from PIL import Image
 from torch import nn
 
+from trustmatch.data.segfiles import checked_size
 from trustmatch.data.segmentation import FileSegSet
 from trustmatch.data.segviews import SegViews
 from trustmatch.engine.inference import segment
 from trustmatch.engine.precision import Precision
 from trustmatch.errors import UserError
-from trustmatch.fileio import atomic_write_bytes
+from trustmatch.fileio import atomic_write_bytes, write_error
 from trustmatch.predict import collect_images
 
 LARGE = 4  # an image whose longer side exceeds this many crops is predicted in sliding windows
@@ -46,7 +47,12 @@ def write_masks(
         stems[path.stem] = path
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file: segmentation writes one mask per image into a directory")
-    out.mkdir(parents=True, exist_ok=True)
+    for path in files:  # a damaged image stops the command before the first mask is written
+        checked_size(path)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise write_error(out, e) from None
     views = SegViews(tuple(meta["mean"]), tuple(meta["std"]), meta["crop_size"])
     window = meta["crop_size"]
     palette = [value for colour in meta["palette"] for value in colour]

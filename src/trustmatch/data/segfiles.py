@@ -9,20 +9,24 @@ masks/000000283213.png``. Unlabeled lines may hold the image path alone; a mask 
 ignored (UniMatch lists masks for unlabeled images, which SSL must never read). The published
 protocol evaluates on ``val.txt`` (the split folder's parent), so it is the test split and there is
 no validation split to select on. Only existence is checked up front; each mask is checked when it
-is first read. The user's folders are small, so every labeled mask is checked before training.
+is first read. The user's folders are small, so every image in them is decoded and every mask checked
+before training.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 from PIL import Image
 
 from trustmatch.config import DataConfig
 from trustmatch.data.folders import DECODE_ERRORS, EXTENSIONS, existing_folder, image_files, unlabeled_files
+from trustmatch.data.imageio import convert_image, decode_reason
 from trustmatch.data.segmentation import (
     CITYSCAPES_PALETTE,
     IGNORE,
@@ -59,6 +63,7 @@ COCO_CLASSES = [
     "hair drier", "toothbrush",
 ]  # fmt: skip
 CHECK_THREADS = 4  # PIL releases the GIL while decoding
+T = TypeVar("T")
 
 
 def cityscapes_lut() -> np.ndarray:
@@ -143,7 +148,8 @@ def _split_dir(cfg: DataConfig, root: Path, name: str) -> Path:
 def _read_split(path: Path, root: Path, need_masks: bool) -> list[tuple[Path, Path | None]]:
     """``(image, mask)`` pairs of a split file, each named file checked to exist (masks only where needed)."""
     pairs: list[tuple[Path, Path | None]] = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
+    text = _read_text(path, "split file", "a text file of 'image_path mask_path' lines")
+    for number, line in enumerate(text.splitlines(), start=1):
         fields = line.split()
         if not fields:
             continue
@@ -160,8 +166,17 @@ def _read_split(path: Path, root: Path, need_masks: bool) -> list[tuple[Path, Pa
                 )
         pairs.append((image, mask))
     if not pairs:
-        raise UserError(f"split file {path} lists no samples: add 'image_path mask_path' lines")
+        expected = "'image_path mask_path'" if need_masks else "'image_path' (unlabeled: no mask needed)"
+        raise UserError(f"split file {path} lists no samples: add {expected} lines relative to data.root")
     return pairs
+
+
+def _read_text(path: Path, what: str, expected: str) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else "not UTF-8 text"
+        raise UserError(f"cannot read {what} {path} ({reason}): it must be {expected}") from None
 
 
 def _cityscapes_lut_for(pairs: list[tuple[Path, Path | None]], source: Path) -> np.ndarray | None:
@@ -192,6 +207,7 @@ def load_segmentation_folder(cfg: DataConfig, seed: int) -> SegmentationData:
     unlabeled = None
     if cfg.unlabeled_dir:
         files = unlabeled_files(existing_folder(cfg.unlabeled_dir, "data.unlabeled_dir"))
+        _check_all(checked_size, files)
         unlabeled = FileSegSet([(f, None) for f in files], len(classes))
 
     def labeled_folder(path: str | None, key: str) -> FileSegSet | None:
@@ -213,7 +229,9 @@ def load_segmentation_folder(cfg: DataConfig, seed: int) -> SegmentationData:
 def _classes(path: Path) -> list[str]:
     if not path.is_file():
         raise UserError(f"no {path}: write one class name per line (line 1 is class id 0, e.g. background)")
-    names = [line.strip() for line in path.read_text().splitlines()]
+    names = [
+        line.strip() for line in _read_text(path, "class list", "a text file of one class name per line").splitlines()
+    ]
     while names and not names[-1]:
         names.pop()
     if not names:
@@ -252,20 +270,33 @@ def _labeled_folder(folder: Path, key: str, num_classes: int, classes_file: Path
 
     def check(pair: tuple[Path, Path]) -> None:
         image, mask = pair
-        try:
-            with Image.open(image) as opened:
-                width, height = opened.size
-        except DECODE_ERRORS as e:
-            raise UserError(f"cannot decode image {image} ({e}): remove or replace it") from None
-        read_mask(mask, (height, width), num_classes, classes_source=source, image=image)
+        read_mask(mask, checked_size(image), num_classes, classes_source=source, image=image)
 
+    _check_all(check, pairs)
+    return FileSegSet(pairs, num_classes, classes_source=source)
+
+
+def checked_size(path: Path) -> tuple[int, int]:
+    """``(H, W)`` of an image decoded in full (JPEG at 1/8 scale: every byte is still read), so a
+    truncated or corrupt file in a user's folder is named before training, not by a batch an hour in."""
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
+            image.draft("RGB", (1, 1))
+            convert_image(image, "RGB")
+    except DECODE_ERRORS as e:
+        raise UserError(f"cannot decode image {path} ({decode_reason(e)}): remove or replace it") from None
+    return height, width
+
+
+def _check_all(check: Callable[[T], object], items: list[T]) -> None:
+    """``check`` every item in a few threads; the first failure stops the rest."""
     pool = ThreadPoolExecutor(max_workers=min(CHECK_THREADS, os.cpu_count() or 1))
     try:
-        for _ in pool.map(check, pairs):
+        for _ in pool.map(check, items):
             pass
     finally:
         pool.shutdown(cancel_futures=True)
-    return FileSegSet(pairs, num_classes, classes_source=source)
 
 
 def _by_stem(files: list[Path], base: Path) -> dict[str, Path]:

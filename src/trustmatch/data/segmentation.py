@@ -20,6 +20,7 @@ from PIL import Image
 
 from trustmatch.config import DataConfig
 from trustmatch.data.folders import DECODE_ERRORS
+from trustmatch.data.imageio import convert_image, decode_reason
 from trustmatch.errors import UserError
 from trustmatch.registry import Registry
 
@@ -107,17 +108,13 @@ class TensorSegSet(SegmentationSet):
 
 
 def read_image(path: Path) -> np.ndarray:
-    """uint8 ``[H, W, 3]``: grayscale, palette, RGBA and 16-bit images converted to RGB."""
+    """uint8 ``[H, W, 3]``: grayscale, palette, RGBA and 16-bit images converted to RGB as in
+    classification (``imageio.convert_image``: 16-bit scaled, transparency over white)."""
     try:
         with Image.open(path) as image:
-            if image.mode.startswith("I") or image.mode == "F":  # 16/32-bit: scale to 8 bits, not clip
-                pixels = np.asarray(image, dtype=np.float64)
-                peak = 65535.0 if pixels.max(initial=0) > 255 else 255.0
-                gray = np.clip(np.rint(pixels * (255.0 / peak)), 0, 255).astype(np.uint8)
-                return np.repeat(gray[..., None], 3, axis=2)
-            return np.asarray(image.convert("RGB"))
+            return np.asarray(convert_image(image, "RGB"))
     except DECODE_ERRORS as e:
-        raise UserError(f"cannot decode image {path} ({e}): remove or replace it") from None
+        raise UserError(f"cannot decode image {path} ({decode_reason(e)}): remove or replace it") from None
 
 
 def read_mask(
@@ -138,21 +135,25 @@ def read_mask(
             mode = m.mode
             ids = np.array(m)  # a writable copy: torch warns on read-only arrays
     except DECODE_ERRORS as e:
-        raise UserError(f"cannot decode mask {path} ({e}): remove or replace it") from None
+        raise UserError(f"cannot decode mask {path} ({decode_reason(e)}): remove or replace it") from None
     if ids.ndim != 2:
         raise UserError(
             f"mask {path} is a {mode} colour image: save class ids as a grayscale or palette PNG (255 = ignore)"
         )
     if ids.shape != size:
-        of = f" of image {image}" if image is not None else ""
+        of = f" {image}" if image is not None else ""
         raise UserError(
             f"mask {path} is {ids.shape[1]}x{ids.shape[0]} but the image{of} is {size[1]}x{size[0]} (WxH): "
             "masks must have their image's size"
         )
-    if ids.dtype != np.uint8:
-        if ids.size and (ids.min() < 0 or ids.max() > 255):
-            bad = int(ids.max() if ids.max() > 255 else ids.min())
-            raise UserError(f"mask {path} holds id {bad}: class ids must be 0..254 (255 = ignore)")
+    if ids.dtype != np.uint8:  # 16-bit (I;16), 32-bit (I), float (F) or bilevel masks: ids 0..255 are kept
+        wide = ids.astype(np.float64)
+        bad = wide[(wide < 0) | (wide > IGNORE) | (wide != np.floor(wide))]
+        if bad.size:
+            raise UserError(
+                f"mask {path} ({mode}) holds id {bad[0]:g}: class ids must be whole numbers 0..254 (255 = ignore); "
+                "map the others to 255 or to a class"
+            )
         ids = ids.astype(np.uint8)
     if lut is not None:
         ids = lut[ids]
