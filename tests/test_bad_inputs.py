@@ -183,8 +183,9 @@ def test_classification_folder_corrupt_image(
 def test_segmentation_folder_corrupt_image(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], how: str, where: str
 ) -> None:
-    """Every image of a user's folder is decoded at load: a truncated file whose header is intact
-    (its size reads fine) is named before training, not by the batch that first reads it."""
+    """Every labeled image of a user's folder is decoded at load: a truncated file whose header is
+    intact (its size reads fine) is named before training. An unlabeled one is opened at load and
+    decoded when first read (here by the first batch, before any checkpoint: no run is left)."""
     root = seg_folders(tmp_path / "seg")
     bad = root / "unlabeled" / "s1.png" if where == "unlabeled" else root / where / "images" / "s1.png"
     damage(bad, how)

@@ -9,8 +9,8 @@ masks/000000283213.png``. Unlabeled lines may hold the image path alone; a mask 
 ignored (UniMatch lists masks for unlabeled images, which SSL must never read). The published
 protocol evaluates on ``val.txt`` (the split folder's parent), so it is the test split and there is
 no validation split to select on. Only existence is checked up front; each mask is checked when it
-is first read. The user's folders are small, so every image in them is decoded and every mask checked
-before training.
+is first read. In a user's folders every labeled image is decoded and every mask checked before
+training (they are small); unlabeled images, the many, are opened (header) and decoded when read.
 """
 
 from __future__ import annotations
@@ -207,7 +207,7 @@ def load_segmentation_folder(cfg: DataConfig, seed: int) -> SegmentationData:
     unlabeled = None
     if cfg.unlabeled_dir:
         files = unlabeled_files(existing_folder(cfg.unlabeled_dir, "data.unlabeled_dir"))
-        _check_all(checked_size, files)
+        _check_all(opened_size, files)  # the header only: decoding every unlabeled image at each start would not scale
         unlabeled = FileSegSet([(f, None) for f in files], len(classes))
 
     def labeled_folder(path: str | None, key: str) -> FileSegSet | None:
@@ -284,6 +284,17 @@ def checked_size(path: Path) -> tuple[int, int]:
             width, height = image.size
             image.draft("RGB", (1, 1))
             convert_image(image, "RGB")
+    except DECODE_ERRORS as e:
+        raise UserError(f"cannot decode image {path} ({decode_reason(e)}): remove or replace it") from None
+    return height, width
+
+
+def opened_size(path: Path) -> tuple[int, int]:
+    """``(H, W)`` from the header: a file that is no image is named at load; a truncated unlabeled
+    image (a large, many-file set) is named by the batch that first reads it."""
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
     except DECODE_ERRORS as e:
         raise UserError(f"cannot decode image {path} ({decode_reason(e)}): remove or replace it") from None
     return height, width
