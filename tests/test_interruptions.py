@@ -2,13 +2,13 @@
 during a checkpoint write leaves the previous one loadable, non-finite losses stop or are skipped,
 damaged checkpoints are one line, and logs are whole lines when output is not a terminal."""
 
+import copy
 import io
 import json
 import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -36,6 +36,8 @@ def _signal_mid_run(tmp_path: Path, signum: int, config: str = "digits-softmatch
     for line in proc.stdout:  # not a terminal: one line per log interval, no bar
         if ": step " in line:
             proc.send_signal(signum)
+            if signum == signal.SIGTERM:  # schedulers may signal twice (the job and each process)
+                proc.send_signal(signum)
             break
     out, err = proc.communicate(timeout=120)
     assert "\r" not in out + err
@@ -94,41 +96,74 @@ def test_sigterm_to_torchrun_saves_and_resumes_bit_exactly(tmp_path: Path) -> No
 
 
 KILL_WRITER = """
-import sys, torch
+import os, signal, sys, torch
 from pathlib import Path
+from trustmatch import fileio
 from trustmatch.engine.checkpoint import save_checkpoint
-path = Path(sys.argv[1])
-version = 0
-while True:
-    version += 1
-    save_checkpoint({"version": version, "w": torch.full((6_000_000,), float(version))}, path)
-    print(version, flush=True)
+
+path, where = Path(sys.argv[1]), sys.argv[2]
+save_checkpoint({"version": 1, "w": torch.full((1_000_000,), 1.0)}, path)
+if where == "mid-write":  # killed by the kernel after the first megabyte of the second version
+    written = 0
+    write = fileio._Recording.write
+
+    def dying_write(self, data):
+        global written
+        written += len(data)
+        if written > 1 << 20:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return write(self, data)
+
+    fileio._Recording.write = dying_write
+else:  # killed with every byte written, before the rename
+    fileio.os.replace = lambda *args: os.kill(os.getpid(), signal.SIGKILL)
+save_checkpoint({"version": 2, "w": torch.full((1_000_000,), 2.0)}, path)
 """
 
 
-@pytest.mark.slow
-def test_sigkill_during_a_checkpoint_write_leaves_the_previous_one_loadable(tmp_path: Path) -> None:
-    """A real process rewrites a 24 MB checkpoint in a loop and is killed mid-write: ``last.pt`` is
-    a complete earlier version, and resuming removes the half-written temp file."""
+@pytest.mark.parametrize("where", ["mid-write", "before-rename"])
+def test_sigkill_during_a_checkpoint_write_leaves_the_previous_one_loadable(tmp_path: Path, where: str) -> None:
+    """A real process is SIGKILLed while it writes a new version of a checkpoint: the old version
+    loads, whole, and only a temp file is left beside it."""
     script, path = tmp_path / "writer.py", tmp_path / "last.pt"
     script.write_text(KILL_WRITER)
-    caught_mid_write = 0
-    for delay in (0.05, 0.1, 0.2, 0.3, 0.5):
-        proc = subprocess.Popen([sys.executable, str(script), str(path)], env=ENV, stdout=subprocess.PIPE, text=True)
-        assert proc.stdout is not None
-        written = int(proc.stdout.readline())  # a first version is complete
-        time.sleep(delay)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-        temps = list(tmp_path.glob(".last.pt.*.tmp"))
-        caught_mid_write += bool(temps)
-        state = load_checkpoint(path)
-        assert state["version"] >= written and torch.equal(
-            state["w"], torch.full((6_000_000,), float(state["version"]))
-        )
-        for temp in temps:
-            temp.unlink()
-    assert caught_mid_write >= 1  # the kill did land during a write at least once
+    done = subprocess.run([sys.executable, str(script), str(path), where], env=ENV, timeout=120)
+    assert done.returncode == -signal.SIGKILL
+    state = load_checkpoint(path)
+    assert state["version"] == 1 and torch.equal(state["w"], torch.full((1_000_000,), 1.0))
+    assert len(list(tmp_path.glob(".last.pt.*.tmp"))) == 1
+
+
+def test_a_full_disk_inside_torch_save_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """torch.save reports a failed write as its own RuntimeError; the ENOSPC behind it is named."""
+    import errno
+
+    from trustmatch import fileio
+
+    path = tmp_path / "last.pt"
+    save_checkpoint({"version": 1}, path)
+
+    def full(self, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(fileio._Recording, "write", full)
+    with pytest.raises(
+        UserError, match=r"cannot write .*last.pt \(No space left on device\); the previous last.pt is intact"
+    ):
+        save_checkpoint({"version": 2, "w": torch.zeros(100_000)}, path)
+    monkeypatch.undo()
+    assert load_checkpoint(path)["version"] == 1 and not list(tmp_path.glob(".*.tmp"))
+
+
+def test_checkpoints_carry_crcs_whatever_torch_is_told(tmp_path: Path) -> None:
+    previous = torch.serialization.get_crc32_options()
+    torch.serialization.set_crc32_options(False)  # a process-wide torch setting a user may have changed
+    try:
+        save_checkpoint({"w": torch.arange(10.0)}, tmp_path / "last.pt")
+        assert torch.equal(load_checkpoint(tmp_path / "last.pt")["w"], torch.arange(10.0))
+        assert not torch.serialization.get_crc32_options()  # left as the user set it
+    finally:
+        torch.serialization.set_crc32_options(previous)
 
 
 def test_resume_removes_temp_files_of_an_interrupted_write(tmp_path: Path) -> None:
@@ -205,28 +240,60 @@ def test_huge_learning_rate_stops_through_the_cli(tmp_path: Path, capsys: pytest
     assert len(err) == 1 and "not finite at step" in err[0] and "train.nonfinite=skip" in err[0]
 
 
-def test_skipped_nonfinite_steps_change_nothing_and_are_counted(tmp_path: Path) -> None:
-    """With train.nonfinite=skip a NaN step leaves weights, BatchNorm statistics, optimizer and
-    selector as they were, the schedule and the data move on, and metrics.json counts it."""
-    cfg = load_config("digits-softmatch", [*TINY, "train.nonfinite=skip"])
+def _restorable(trainer: Trainer) -> dict:
+    """Everything a skipped step must leave as it was (the streams and the schedule move on)."""
+    moving = ("scheduler", "lb_stream", "ulb_stream")
+    state = {n: copy.deepcopy(p.state_dict()) for n, p in trainer.parts.items() if n not in moving}
+    state["optimizer"] = state["optimizer"]["state"]  # its momentum; the lr follows the schedule
+    state["rank"] = {n: copy.deepcopy(r.rank_state()) for n, r in trainer.task.regularizers.items()}
+    return state
+
+
+@pytest.mark.parametrize(
+    "config, extra",
+    [
+        ("digits-softmatch", []),
+        ("digits-csl", []),  # its selection recorder
+        ("digits-softmatch", ["calibratemix.mode=efficient", "calibratemix.warmup=0"]),  # trackers, pending mixes
+    ],
+    ids=["softmatch", "csl", "calibratemix-efficient"],
+)
+def test_skipped_nonfinite_steps_change_nothing_and_are_counted(tmp_path: Path, config: str, extra: list[str]) -> None:
+    """With train.nonfinite=skip a NaN step leaves weights, BatchNorm statistics, optimizer,
+    selector, trackers and recorder as they were; the schedule and the data move on; metrics.json
+    counts it."""
+    cfg = load_config(config, [*TINY, "train.nonfinite=skip", *extra])
     trainer = Trainer(cfg, tmp_path / "run", progress=False)
-    _nan_at(trainer, 3)
+    _nan_at(trainer, 2)
+    trainer.fit(stop_at=1)
+    before, position = _restorable(trainer), trainer.task.ulb_stream.position
     trainer.fit(stop_at=2)
-    before = {
-        name: {k: v.clone() for k, v in part.state_dict().items()}
-        for name, part in (("model", trainer.model), ("selector", trainer.task.selector))
-    }
-    momentum = [s["momentum_buffer"].clone() for s in trainer.optimizer.state_dict()["state"].values()]
-    position = trainer.task.ulb_stream.position
-    trainer.fit(stop_at=3)
-    assert trainer.step == 3 and trainer.skipped == 1
-    assert_same_state(before, {"model": trainer.model.state_dict(), "selector": trainer.task.selector.state_dict()})
-    assert_same_state(momentum, [s["momentum_buffer"] for s in trainer.optimizer.state_dict()["state"].values()])
-    assert trainer.task.ulb_stream.position > position and trainer.scheduler.last_epoch == 3
+    assert trainer.step == 2 and trainer.skipped == 1
+    assert_same_state(before, _restorable(trainer))
+    assert trainer.task.ulb_stream.position > position and trainer.scheduler.last_epoch == 2
     metrics = trainer.fit()
     assert metrics["skipped_steps"] == 1
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["skipped_steps"] == 1
     assert load_checkpoint(tmp_path / "run" / "last.pt")["run"]["skipped"] == 1
+
+
+def test_skip_mode_stops_a_model_that_diverged_anyway(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """lr 1e30: the first update is finite but huge, every later loss overflows and is skipped, and
+    the evaluation of the diverged EMA model is one line, not a traceback."""
+    run = tmp_path / "run"
+    args = ["train", "digits-fixmatch", "--out", str(run), "--quiet", *TINY, "train.lr=1e30", "train.nonfinite=skip"]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "outputs are not finite at step 3" in err[0], err
+
+
+def test_fit_after_a_signal_trains_again(tmp_path: Path) -> None:
+    trainer = Trainer(load_config("digits-fixmatch", TINY), tmp_path / "run", progress=False)
+    trainer.stop_requested = signal.SIGTERM  # as if signalled before the first step
+    trainer.fit()
+    assert trainer.step == 0 or trainer.stop_signal is None
+    trainer.fit()
+    assert trainer.step == 6 and trainer.stop_signal is None
 
 
 def test_skip_mode_without_faults_equals_the_default(tmp_path: Path) -> None:
@@ -299,3 +366,21 @@ def test_train_logs_one_line_per_interval_in_a_log_file(tmp_path: Path, capsys: 
     out = capsys.readouterr().out
     lines = [line for line in out.splitlines() if ": step " in line]
     assert [line.split(": step ")[1].split()[0] for line in lines] == ["2/6", "4/6", "6/6"]
+
+
+@pytest.mark.slow
+def test_a_main_process_error_under_torchrun_is_one_line_from_every_process(tmp_path: Path) -> None:
+    """The run-directory check runs on rank 0 and is shared: both processes exit 2, one line printed."""
+    run = tmp_path / "run"
+    Trainer(load_config("digits-fixmatch", TINY), run, progress=False).fit(stop_at=3)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "trustmatch", "train"]
+    done = subprocess.run(
+        [*torchrun, "digits-fixmatch", "--out", str(run), "--quiet", *TINY],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode != 0
+    assert done.stderr.count("trustmatch: error:") == 1 and "already holds a run" in done.stderr
+    assert "trustmatch/" not in done.stderr.replace(str(tmp_path), "")  # no worker traceback (torchrun prints its own)

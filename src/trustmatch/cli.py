@@ -208,12 +208,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except UserError as e:
-        print(f"trustmatch: error: {e}", file=sys.stderr)
+        from trustmatch import distributed
+
+        if not (e.everywhere and not distributed.is_main()):  # under torchrun, a shared error once
+            print(f"trustmatch: error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
     except BrokenPipeError:  # `trustmatch list | head`: the reader left early, which is no error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
-    except KeyboardInterrupt:  # a second SIGINT / SIGTERM, or one outside training
+    except KeyboardInterrupt:  # a second Ctrl-C in training, or one outside it
         print("trustmatch: interrupted; the last checkpoint is intact (resume with --resume RUN_DIR)", file=sys.stderr)
         return 130
 

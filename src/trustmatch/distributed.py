@@ -8,6 +8,7 @@ from all processes' data, which these helpers provide.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -134,6 +135,27 @@ def all_reduce_sum_(*tensors: Tensor) -> None:
     if is_distributed():
         for t in tensors:
             td.all_reduce(t)
+
+
+def on_main(operation: Callable[[], Any]) -> None:
+    """Run ``operation`` (a file write, a run-directory check) on the main process only; a
+    ``UserError`` there is raised on every process, so none waits in a collective the main
+    process never reaches (a collective under torchrun: every process calls it)."""
+    if not is_distributed():
+        operation()
+        return
+    failure: UserError | None = None
+    if is_main():
+        try:
+            operation()
+        except UserError as e:
+            failure = e
+    shared = [None if failure is None else str(failure)]
+    td.broadcast_object_list(shared, src=0)
+    if shared[0] is not None:
+        error = failure or UserError(shared[0])
+        error.everywhere = True
+        raise error
 
 
 def all_reduce_max_(t: Tensor) -> None:

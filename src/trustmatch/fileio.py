@@ -38,17 +38,20 @@ def atomic_write_bytes(path: Path, write: Callable[[IO[bytes]], Any]) -> None:
         if e.errno in DESTINATION_ERRNOS:
             raise write_error(path, e) from None
         raise
+    target = _Recording(os.fdopen(fd, "wb"))
     try:
         os.fchmod(fd, 0o666 & ~_umask())
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
+        with target.file:
+            write(target)
+            target.flush()
+            os.fsync(target.fileno())
         os.replace(tmp, path)
     except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
-        if isinstance(e, OSError) and e.errno in DESTINATION_ERRNOS:
-            raise write_error(path, e) from None
+        # torch.save reports a failed write as its own RuntimeError: the recorded OSError is the cause
+        cause = e if isinstance(e, OSError) else target.error
+        if cause is not None and cause.errno in DESTINATION_ERRNOS:
+            raise write_error(path, cause) from None
         raise
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
@@ -57,13 +60,41 @@ def atomic_write_bytes(path: Path, write: Callable[[IO[bytes]], Any]) -> None:
         os.close(dir_fd)
 
 
+class _Recording:
+    """A binary file that remembers the first OSError of a write, for writers that replace it."""
+
+    def __init__(self, file: IO[bytes]) -> None:
+        self.file, self.error = file, None
+
+    def write(self, data: Any) -> int:
+        try:
+            return self.file.write(data)
+        except OSError as e:
+            self.error = self.error or e
+            raise
+
+    def flush(self) -> None:
+        try:
+            self.file.flush()
+        except OSError as e:
+            self.error = self.error or e
+            raise
+
+    def fileno(self) -> int:
+        return self.file.fileno()
+
+    def tell(self) -> int:
+        return self.file.tell()
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self.file.seek(offset, whence)
+
+
 def write_error(path: Path, error: OSError) -> UserError:
     """One line for a failed write: the file, the reason, the fix, and that nothing older was lost."""
     reason = error.strerror or str(error) or type(error).__name__
     kept = f"; the previous {path.name} is intact" if path.exists() else ""
-    return UserError(
-        f"cannot write {path} ({reason}){kept}: free disk space or make its folder writable"
-    )
+    return UserError(f"cannot write {path} ({reason}){kept}: free disk space or make its folder writable")
 
 
 def atomic_write_text(path: Path, text: str) -> None:

@@ -32,6 +32,10 @@ __all__ = [
 ]
 
 
+class NonFiniteLogits(ValueError):
+    """A model's outputs hold NaN or infinity: it diverged (the trainer names the step)."""
+
+
 def _float64_device(device: torch.device) -> torch.device:
     """MPS cannot hold float64, so its tensors are evaluated on the CPU instead."""
     return torch.device("cpu") if device.type == "mps" else device
@@ -175,7 +179,7 @@ class ClassificationMeter:
         if not bool(((labels >= 0) & (labels < self.num_classes)).all()):
             raise ValueError(f"labels must lie in [0, {self.num_classes - 1}]")
         if not bool(torch.isfinite(logits).all()):
-            raise ValueError("logits contain NaN or infinity")
+            raise NonFiniteLogits("logits contain NaN or infinity")
         log_probs = F.log_softmax(logits.detach().to(device=self.device, dtype=torch.float64), dim=1)
         labels = labels.detach().to(device=self.device, dtype=torch.long)
         probs = log_probs.exp()
@@ -316,7 +320,7 @@ class SegmentationMeter:
         if not bool(known.all()):
             raise ValueError(f"mask ids must lie in [0, {self.num_classes - 1}] or be {self.ignore_index} (ignore)")
         if not bool(torch.isfinite(logits).all()):
-            raise ValueError("logits contain NaN or infinity")
+            raise NonFiniteLogits("logits contain NaN or infinity")
 
     def _add(self, logits: Tensor, masks: Tensor) -> None:
         """Accumulate one piece; ignored pixels get weight 0 (a mask, not indexing: no host sync)."""

@@ -29,6 +29,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from trustmatch import distributed as dist
 from trustmatch.config import Config, from_dict, merge_values, parse_overrides, read_yaml
+from trustmatch.data.sampler import IndexStream
 from trustmatch.engine.checkpoint import CHECKPOINT_VERSION, load_checkpoint, load_weights, save_checkpoint
 from trustmatch.engine.ema import ModelEMA
 from trustmatch.engine.optim import build_optimizer, build_scheduler
@@ -36,6 +37,7 @@ from trustmatch.engine.precision import Precision, resolve_device
 from trustmatch.engine.progress import Progress
 from trustmatch.errors import UserError
 from trustmatch.fileio import atomic_write_text
+from trustmatch.metrics import NonFiniteLogits
 from trustmatch.step import StepOutput
 from trustmatch.tasks import TASKS, Evaluation, Stateful
 
@@ -43,6 +45,9 @@ from trustmatch.tasks import TASKS, Evaluation, Stateful
 RESUME_KEYS = ("train.steps", "train.eval_every", "train.log_every", "train.save_every", "train.nonfinite")
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 SHOWN = ("loss_sup", "loss_unsup", "mask", "pl_acc")  # the averages a progress line shows
+MAX_CONSECUTIVE_SKIPS = 100  # train.nonfinite=skip: a run this broken stops instead of skipping on
+# what a run writes into its directory: a failed start removes these, never anything else
+RUN_FILES = ("config.yaml", "metrics.json", "last.pt", "best.pt", "tensorboard", "*.png", "*.csv", ".*.tmp")
 NO_BEST = "no validation split: no checkpoint is chosen, `final` is the result"
 NO_TEMPERATURE = "no validation split (data.val_per_class=0): temperature scaling cannot be fitted (never on test)"
 SEPARABLE = (
@@ -68,8 +73,8 @@ class Trainer:
         task_cls = TASKS.get(cfg.task)
         self.device = resolve_device(cfg.train.device)
         dist.init_from_env(self.device)
-        if not resume and dist.is_main():
-            self._check_run_dir()  # before the data load: a clash is reported at once
+        if not resume:
+            dist.on_main(self._check_run_dir)  # before the data load: a clash is reported at once
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
         self.precision = Precision.resolve(self.device, cfg.train.amp, cfg.train.channels_last)
@@ -106,7 +111,8 @@ class Trainer:
         self._last_test: Evaluation | None = None
         self.temperature: float | None = None  # fitted on validation at the last evaluation ...
         self.temperature_step = -1  # ... of the model at this step
-        self.skipped = 0  # steps skipped for a non-finite loss (train.nonfinite=skip)
+        self.skipped = 0  # steps skipped for a non-finite loss or update (train.nonfinite=skip)
+        self.consecutive_skips = 0
         self.saved_step: int | None = None  # the step of the last.pt on disk, for error messages
         self._made: tuple[list[Path], set[str]] | None = None  # folders this run created, entries it found
         self.stop_requested: int | None = None  # a SIGINT / SIGTERM this process received during ``fit``
@@ -114,8 +120,8 @@ class Trainer:
         if resume:
             self._restore(self.run_dir / "last.pt")
             self.saved_step = self.step
-        elif dist.is_main():
-            self._create_run_dir()  # only once the data and the model are built: no half-made run
+        else:
+            dist.on_main(self._create_run_dir)  # only once the data and the model are built: no half-made run
         self.writer = self._tensorboard()
 
     # ------------------------------------------------------------------ run directory and state
@@ -160,7 +166,8 @@ class Trainer:
             self.writer.close()
             self.writer = None
         if self.run_dir.is_dir():
-            for entry in self.run_dir.iterdir():
+            ours = {entry for pattern in RUN_FILES for entry in self.run_dir.glob(pattern)}
+            for entry in ours:
                 if entry.name not in found:
                     shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
         for folder in created:  # innermost first
@@ -198,7 +205,8 @@ class Trainer:
     def _save_last(self) -> None:
         """``last.pt``: every part, every process's RNG streams (by rank) and the run's record."""
         rng = dist.all_gather_objects(self._rank_state())  # collective: every process calls it
-        if dist.is_main():
+
+        def save() -> None:
             state = {
                 **self._meta(),
                 "parts": {name: part.state_dict() for name, part in self.parts.items()},
@@ -206,15 +214,20 @@ class Trainer:
                 "run": {"history": self.history, "best": self.best, "elapsed": self.elapsed, "skipped": self.skipped},
             }
             save_checkpoint(state, self.run_dir / "last.pt")
+
+        dist.on_main(save)  # a failed write stops every process with the same line
         self.saved_step = self.step
 
     def _restore(self, path: Path) -> None:
         state = load_checkpoint(path)
         try:
             self._restore_state(state, path)
+        except torch.OutOfMemoryError:
+            raise
         except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError) as e:  # parsed, not whole
+            first = str(e).strip().splitlines()[0][:120] if str(e).strip() else ""
             raise UserError(
-                f"checkpoint {path} is incomplete or damaged ({type(e).__name__}: {str(e)[:120]}): "
+                f"checkpoint {path} is incomplete or damaged ({type(e).__name__}: {first}): "
                 "use an earlier copy, or start the run again"
             ) from None
         if dist.is_main():  # temp files of writes a SIGKILL interrupted: the run's own, never read
@@ -293,55 +306,78 @@ class Trainer:
         snapshot = self._snapshot() if self.cfg.train.nonfinite == "skip" else None
         with self.precision.autocast():
             out = self.task.step_with_regularizers(self.train_model, batch, self.step, self.cfg.train.steps)
-        finite = self._agree(out.loss)
-        if not finite:
+        bad_rank = self._agree(out.loss)
+        if bad_rank is None and snapshot is not None:  # skip mode: the update must be finite too
+            self.optimizer.zero_grad(set_to_none=True)
+            out.loss.backward()  # DDP's averaged gradients are the same on every process
+            grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+            bad_rank = None if bool(torch.stack(torch._foreach_norm(grads)).isfinite().all()) else dist.rank()
+        if bad_rank is not None:
             if snapshot is None:
-                raise self._nonfinite_error(out)
-            self._restore_snapshot(snapshot)  # no update; the schedule and the data move on
-            self.scheduler.step()
-            self.skipped += 1
-            self.step += 1
-            out.logs = {}
-            return out
-        self.optimizer.zero_grad(set_to_none=True)
-        out.loss.backward()
+                raise self._nonfinite_error(out, bad_rank)
+            return self._skip(out, snapshot, bad_rank)
+        if snapshot is None:
+            self.optimizer.zero_grad(set_to_none=True)
+            out.loss.backward()
+        self.consecutive_skips = 0
         self.optimizer.step()
         self.scheduler.step()
         self.ema.update(self.model)
         self.step += 1
         return out
 
-    def _agree(self, loss: torch.Tensor) -> bool:
-        """Whether every process's loss is finite; records a stop any process was asked for."""
+    def _agree(self, loss: torch.Tensor) -> int | None:
+        """The rank of a process whose loss is not finite (None: all finite); records a stop any
+        process was asked for. One collective for both under torchrun."""
         bad = ~torch.isfinite(loss.detach())
         if not dist.is_distributed():
-            return not bool(bad)
+            return 0 if bool(bad) else None
         requested = torch.tensor(self.stop_requested or 0, dtype=torch.int32, device=loss.device)
-        flags = torch.stack([bad.to(torch.int32), requested])
+        flags = torch.stack([bad.to(torch.int32) * (dist.rank() + 1), requested])
         dist.all_reduce_max_(flags)
         if int(flags[1]):
             self.stop_signal = int(flags[1])
-        return not bool(flags[0])
+        return int(flags[0]) - 1 if int(flags[0]) else None
 
-    def _nonfinite_error(self, out: StepOutput) -> NonFiniteLoss:
-        parts = ", ".join(f"{k} {float(v):.3g}" for k, v in out.logs.items() if k.startswith("loss"))
-        saved = (
-            f"the last good checkpoint is {self.run_dir / 'last.pt'} (step {self.saved_step})"
-            if self.saved_step is not None
-            else "no checkpoint was saved yet (train.save_every=N saves one every N steps)"
-        )
-        return NonFiniteLoss(
-            f"the loss is not finite at step {self.step + 1} ({parts or 'loss ' + str(float(out.loss))}); "
-            f"{saved}: lower train.lr and start again, or resume with train.nonfinite=skip to skip such steps"
-        )
+    def _skip(self, out: StepOutput, snapshot: dict[str, Any], bad_rank: int) -> StepOutput:
+        """No update; what the forward changed is restored; the schedule and the data move on."""
+        self._restore_snapshot(snapshot)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        self.skipped += 1
+        self.consecutive_skips += 1
+        self.step += 1
+        if self.consecutive_skips >= MAX_CONSECUTIVE_SKIPS:
+            raise self._nonfinite_error(out, bad_rank, f"{MAX_CONSECUTIVE_SKIPS} steps in a row, up to ")
+        out.logs = {}
+        return out
+
+    def _nonfinite_error(
+        self, out: StepOutput | None, bad_rank: int, span: str = "", what: str = "the loss is"
+    ) -> NonFiniteLoss:
+        where = f" on process {bad_rank}" if dist.is_distributed() else ""
+        logs = out.logs if out is not None else {}
+        parts = ", ".join(f"{k} {float(v):.3g}" for k, v in logs.items() if k.startswith("loss"))
+        shown = f" ({parts})" if parts and not where else ""
+        if self.saved_step is not None:
+            saved = f"the last good checkpoint is {self.run_dir / 'last.pt'} (step {self.saved_step})"
+            fix = "resume it with train.nonfinite=skip to skip such steps, or lower train.lr and start again"
+        else:
+            saved = "no checkpoint was saved yet"
+            fix = "lower train.lr and start again (train.nonfinite=skip skips such steps)"
+        step = self.step + (out is not None)  # a step's loss: the step being taken; an evaluation: the one taken
+        error = NonFiniteLoss(f"{what} not finite{where} at {span}step {step}{shown}; {saved}: {fix}")
+        error.everywhere = out is not None  # a step's verdict is agreed: the CLI prints it once
+        return error
 
     def _snapshot(self) -> dict[str, Any]:
         """What a step's forward changes besides the weights: BatchNorm statistics, selector and
         regularizer state (streams move on: a skipped batch is not drawn again)."""
-        modules = {n: p for n, p in self.parts.items() if isinstance(p, nn.Module) and n not in ("model", "ema")}
+        kept = ("model", "ema", "optimizer", "scheduler")  # untouched by a skipped step, or moving on
+        parts = {n: p for n, p in self.parts.items() if n not in kept and not isinstance(p, IndexStream)}
         return {
             "buffers": [b.detach().clone() for b in self.model.buffers()],
-            "parts": {n: copy.deepcopy(p.state_dict()) for n, p in modules.items()},
+            "parts": {n: copy.deepcopy(p.state_dict()) for n, p in parts.items()},
             "rank": {n: copy.deepcopy(r.rank_state()) for n, r in self.task.regularizers.items()},
         }
 
@@ -364,24 +400,27 @@ class Trainer:
         if dist.is_main():
             progress.write(f"{self.task.summary()}; {self.precision.describe()}; run directory {self.run_dir}")
         start = time.perf_counter() - self.elapsed
+        self.stop_requested = self.stop_signal = None
         previous = self._catch_stop_signals()
         try:
-            self._train(end, progress, start)
-        except UserError as e:  # bad input met in training (a file read late, a full disk)
-            if self.saved_step is None and dist.is_main() and not isinstance(e, NonFiniteLoss):
-                self._unmake_run_dir()  # (a diverged run keeps its logs)
-            raise
+            try:
+                self._train(end, progress, start)
+            except UserError as e:  # bad input met in training (a file read late, a full disk)
+                if self.saved_step is None and dist.is_main() and not isinstance(e, NonFiniteLoss):
+                    self._unmake_run_dir()  # (a diverged run keeps its logs)
+                raise
+            finally:
+                progress.close()
+            if self.step < t.steps:
+                self.elapsed = time.perf_counter() - start
+                if self.saved_step != self.step:
+                    self._save_at_stop()  # still under the handlers: a repeated SIGTERM cannot cut it short
+                if self.stop_signal is not None and dist.is_main():
+                    name = signal.Signals(self.stop_signal).name
+                    progress.write(f"{name}: saved {self.run_dir / 'last.pt'} at step {self.step}")
+                return self.metrics(final=None)
         finally:
-            progress.close()
             self._restore_signals(previous)
-        if self.step < t.steps:
-            self.elapsed = time.perf_counter() - start
-            if self.saved_step != self.step:
-                self._save_at_stop()
-            if self.stop_signal is not None and dist.is_main():
-                name = signal.Signals(self.stop_signal).name
-                progress.write(f"{name}: saved {self.run_dir / 'last.pt'} at step {self.step}")
-            return self.metrics(final=None)
         return self._finish()
 
     def _train(self, end: int, progress: Progress, start: float) -> None:
@@ -428,9 +467,10 @@ class Trainer:
             return {}  # signals reach only the main thread; a trainer in a thread is stopped by its owner
 
         def handler(signum: int, frame: Any) -> None:
-            if self.stop_requested is not None:
-                raise KeyboardInterrupt
-            self.stop_requested = signum
+            if self.stop_requested is None:
+                self.stop_requested = signum
+            elif signum == signal.SIGINT:  # a person pressing Ctrl-C again; a repeated SIGTERM (a
+                raise KeyboardInterrupt  # scheduler signalling every process torchrun also signals) waits
 
         previous = {}
         for signum in STOP_SIGNALS:
@@ -470,9 +510,12 @@ class Trainer:
         # EMA parameters agree across processes; its buffers, copied from each process's last
         # forward, do not: rank 0's are the ones saved, so every shard evaluates with them.
         dist.broadcast_module(self.ema.module)
-        val, self.temperature = self._validate()
-        self.temperature_step = self.step
-        self._last_test = test = self.evaluate(self.report_split, self.temperature)
+        try:
+            val, self.temperature = self._validate()
+            self.temperature_step = self.step
+            self._last_test = test = self.evaluate(self.report_split, self.temperature)
+        except NonFiniteLogits:
+            raise self._nonfinite_error(None, dist.rank(), what="the EMA model's outputs are") from None
         entry = {"step": self.step, "elapsed_s": round(self.elapsed, 2), "val": val, "test": test.metrics}
         if test.calibrated is not None:
             entry.update(temperature=self.temperature, test_calibrated=test.calibrated)
@@ -481,11 +524,13 @@ class Trainer:
         improved = bool(val) and (self.best is None or score(val) > score(self.best["val"]))
         if improved:
             self.best = entry
-            if dist.is_main():  # before last.pt, which records this choice
-                save_checkpoint({**self._meta(), "parts": {"ema": self.ema.state_dict()}}, self.run_dir / "best.pt")
+            state = {**self._meta(), "parts": {"ema": self.ema.state_dict()}}
+            dist.on_main(lambda: save_checkpoint(state, self.run_dir / "best.pt"))  # before last.pt, which records it
         self._save_last()
-        if not dist.is_main():
-            return
+        dist.on_main(lambda: self._report(progress, val, test, improved))
+
+    def _report(self, progress: Progress, val: dict[str, float], test: Evaluation, improved: bool) -> None:
+        """The main process's log line, TensorBoard scalars, diagram and metrics.json of an evaluation."""
         key = self.task.primary
         shown = f"val {key} {val[key]:.4f} | " if val else ""
         best = " (best)" if improved else ""
@@ -507,7 +552,8 @@ class Trainer:
             self._last_test = self.evaluate(self.report_split, self.temperature)
         test = self._last_test
         self.task.write_final(self.ema.module, self.run_dir)  # every process calls it (the task may use collectives)
-        if dist.is_main():
+
+        def write() -> None:
             title = f"final EMA model (step {self.step})"
             self.task.write_artefacts(test, self.run_dir / "reliability_final", title)
             if test.calibrated is not None:
@@ -518,7 +564,8 @@ class Trainer:
             self._write_metrics(final=final)
             if self.writer is not None:
                 self.writer.close()
-        dist.barrier()
+
+        dist.on_main(write)  # a collective: every process learns of a failed write
         return self.metrics(final)
 
     def metrics(self, final: dict[str, float] | None) -> dict[str, Any]:

@@ -22,8 +22,19 @@ from trustmatch.fileio import atomic_write_bytes
 CHECKPOINT_VERSION = 2  # 2: every stateful part under "parts" (1: fixed top-level keys)
 
 
-def save_checkpoint(state: dict[str, Any], path: Path) -> None:
-    atomic_write_bytes(path, lambda f: torch.save(state, f))
+def save_checkpoint(state: Any, path: Path) -> None:
+    """Write ``state`` atomically, with the CRC-32s ``load_checkpoint`` checks (whatever the
+    process-wide ``torch.serialization.set_crc32_options`` says)."""
+    serialization = torch.serialization
+    if not hasattr(serialization, "get_crc32_options"):  # torch < 2.6 always writes them
+        atomic_write_bytes(path, lambda f: torch.save(state, f))
+        return
+    crc = serialization.get_crc32_options()
+    serialization.set_crc32_options(True)
+    try:
+        atomic_write_bytes(path, lambda f: torch.save(state, f))
+    finally:
+        serialization.set_crc32_options(crc)
 
 
 def load_weights(module: Any, state: dict[str, Any], path: Path) -> None:
