@@ -231,7 +231,8 @@ def test_fixmatch_far_above_supervised_on_digits(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_torchrun_two_cpu_processes(tmp_path: Path) -> None:
-    """Two gloo processes train one run: one run directory, selector state reduced over both."""
+    """Two gloo processes train one run: one run directory, selector state reduced over both, and
+    the global batch train.batch_size shared between them."""
     import os
     import subprocess
     import sys
@@ -259,9 +260,9 @@ def test_torchrun_two_cpu_processes(tmp_path: Path) -> None:
     assert saved["final"]["n"] == saved["split"]["test"]  # sharded evaluation gathered every sample
     state = load_checkpoint(tmp_path / "run" / "last.pt")
     assert state["step"] == 6
-    # each process took its own share of every global batch: 6 steps x 8 labeled x 2 processes
+    # train.batch_size is the global batch: 6 steps x 8 labeled (4 per process), 16 unlabeled (8 each)
     streams = state["parts"]["lb_stream"]["position"], state["parts"]["ulb_stream"]["position"]
-    assert streams == (6 * 8 * 2, 6 * 16 * 2)
+    assert streams == (6 * 8, 6 * 16)
 
 
 DDP_RESUME_SCRIPT = """

@@ -89,6 +89,9 @@ class _Recording:
     def seek(self, offset: int, whence: int = 0) -> int:
         return self.file.seek(offset, whence)
 
+    def __getattr__(self, name: str) -> Any:  # everything else (mode, name, truncate, ...) as the file has it
+        return getattr(self.file, name)
+
 
 def write_error(path: Path, error: OSError) -> UserError:
     """One line for a failed write: the file, the reason, the fix, and that nothing older was lost."""

@@ -47,7 +47,9 @@ def _cpu(dataset: str, steps: int, eval_every: int, **data: Any) -> dict[str, An
 
 
 def _usb(dataset: str, model: str, weight_decay: float = 5e-4) -> dict[str, Any]:
-    """USB's published setting: batch 64 + 7x64 unlabeled, SGD 0.03 nesterov, 2^20 steps, EMA 0.999."""
+    """USB's published setting: batch 64 + 7x64 unlabeled, SGD 0.03 nesterov, 2^20 steps, EMA 0.999.
+
+    The batch is global, as USB's: any number of processes dividing 64 runs it unchanged, lr included."""
     return {
         "data": {
             "name": dataset,
@@ -136,8 +138,8 @@ class SegFamily:
 def _unimatch(
     dataset: str, crop: int, lr: float, head_lr_scale: float, model: str, output_stride: int = 16, **data: Any
 ) -> dict[str, Any]:
-    """UniMatch's published setting: batch 8 labeled + 8 unlabeled (UniMatch's global batch, here per
-    process: one GPU reproduces it; under torchrun divide train.batch_size by the processes), SGD
+    """UniMatch's published setting: batch 8 labeled + 8 unlabeled (UniMatch's global batch, as
+    train.batch_size is: one GPU or any number of torchrun processes dividing 8 runs it unchanged), SGD
     (momentum 0.9, wd 1e-4), poly decay (power 0.9), DeepLabV3+ with an ImageNet encoder, threshold
     0.95, the trained model itself evaluated (no EMA: train.ema 0), images decoded in 8 threads."""
     return {

@@ -48,6 +48,7 @@ class SegmentationTask(Task):
                 f"model.name={cfg.model.name!r} is a classifier: segmentation needs one of "
                 f"{', '.join(SEGMENTATION_MODELS)}"
             )
+        dist.batch_share(cfg.train.batch_size)  # the global batch, refused before the data load if unshareable
         self.data = d = load_segmentation_data(cfg.data, cfg.seed)
         if not any(s is not None and len(s) for s in (d.val, d.test)):
             raise UserError(
@@ -55,7 +56,7 @@ class SegmentationTask(Task):
                 "(folders with images/ and masks/)"
             )
         self.views = SegViews(d.mean, d.std, cfg.data.crop_size, hflip=d.hflip)
-        t = cfg.train
+        t = cfg.train  # global batches: each process takes batch_size / world_size of them (and uratio x)
         self.lb_stream = IndexStream(len(d.labeled), t.batch_size, cfg.seed)
         self.selector = None
         self.tmp = cfg.method.name == "csl" and cfg.method.tmp  # CSL's Trusted Mask Perturbation view
