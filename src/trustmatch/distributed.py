@@ -56,19 +56,23 @@ def batch_share(batch_size: int, minimum: int = 1, why: str = "") -> int:
     """
     world = world_size()
     share, rest = divmod(batch_size, world)
+    error = None
     if rest:
         lower, upper = batch_size - rest, batch_size - rest + world
         fix = f"{upper}" if lower < minimum * world else f"{lower} or {upper}"
-        raise UserError(
+        error = UserError(
             f"train.batch_size={batch_size} is the global batch and {world} processes cannot share it equally: "
             f"use a multiple of {world} (train.batch_size={fix}), or a number of processes that divides {batch_size}"
         )
-    if share < minimum:
-        raise UserError(
+    elif share < minimum:
+        error = UserError(
             f"train.batch_size={batch_size} over {world} processes gives each {share} labeled image(s), "
             f"fewer than the {minimum} {why or 'needed'}: use train.batch_size={minimum * world} or more, "
             "or fewer processes"
         )
+    if error is not None:
+        error.everywhere = True  # every process computes the same verdict: printed once
+        raise error
     return share
 
 
