@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -68,6 +69,16 @@ class DataConfig:
         None,
         "None: each op's magnitude uniform over its range, per image (FixMatch, USB); "
         "a number in [0, 1]: every op at that fixed strength, RandAugment-style",
+    )
+    cache: str = opt(
+        "auto",
+        "classification images: 'memory' (decoded into RAM), 'disk' (decoded once into a memory-mapped file "
+        "under data.cache_dir, reused by later runs, rebuilt when the files change), 'auto' (disk when the "
+        "decoded images times the processes on this machine exceed half the available memory); digits is "
+        "always in memory, segmentation decodes per batch",
+    )
+    cache_dir: str | None = opt(
+        None, "folder of the decoded-image cache (None: $TRUSTMATCH_CACHE/decoded or ~/.cache/trustmatch/decoded)"
     )
 
 
@@ -264,6 +275,10 @@ def _validate(cfg: Config, given: set[str]) -> None:
             f"config key 'method.{foreign[0]}' does not apply to method {cfg.method.name!r}{task} "
             f"(its keys: {', '.join(reads) or 'none'})"
         )
+    for key in _all_keys():  # inf or nan passes every range check below (``inf > 0``) and trains on nonsense
+        value = _get(cfg, key)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UserError(f"config key {key!r} must be a finite number, got {value!r}")
     checks = [
         (cfg.data.labels_per_class >= 1, "data.labels_per_class", "at least 1"),
         (cfg.data.val_per_class >= 0, "data.val_per_class", "0 or more"),
@@ -307,6 +322,12 @@ def _validate(cfg: Config, given: set[str]) -> None:
         (cfg.data.scenes >= 2, "data.scenes", "at least 2"),
         (1 <= cfg.data.labeled_images < cfg.data.scenes, "data.labeled_images", "at least 1 and below data.scenes"),
         (cfg.data.val_images >= 0, "data.val_images", "0 or more"),
+        (cfg.data.cache in ("memory", "disk", "auto"), "data.cache", "'memory', 'disk' or 'auto'"),
+        (
+            cfg.data.cache != "disk" or (cfg.task != "segmentation" and cfg.data.name != "digits"),
+            "data.cache",
+            "memory or auto here: digits is embedded (always in memory) and segmentation decodes per batch",
+        ),
         (cfg.model.output_stride in (8, 16), "model.output_stride", "8 or 16"),
         (
             cfg.calibratemix.mode == "off" or cfg.task == "classification",
@@ -358,8 +379,19 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise UserError(f"override {item!r} sets a key inside a value")
-        node[parts[-1]] = yaml.safe_load(value) if value.strip() else ""
+        node[parts[-1]] = _override_value(value)
     return nested
+
+
+def _override_value(text: str) -> Any:
+    """A command-line value read as YAML (``0.9``, ``true``, ``null``, ``[1, 2]``); text that is not valid
+    YAML (``@home``, ``[0.9``) stays a string, which the key's type then accepts or names in one line."""
+    if not text.strip():
+        return ""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
 
 
 def merge_values(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
@@ -394,7 +426,8 @@ def read_config_file(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     """A YAML config with its ``base:`` chain merged in (a YAML file beside it, or a shipped name)."""
     if path.resolve() in seen:
         raise UserError(f"config file {seen[-1]} has a circular 'base:' chain through {path}")
-    data = read_yaml(path)
+    data, lines = _read_yaml_lines(path)
+    _check_file_keys(path, data, lines)
     base = data.pop("base", None)
     if base is None:
         return data
@@ -404,23 +437,98 @@ def read_config_file(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
 
 
 def read_yaml(path: Path) -> dict[str, Any]:
+    """A YAML mapping; a syntax error (with its line and column), a duplicated key or a file that is
+    not a mapping is one line naming the file."""
+    return _read_yaml_lines(path)[0]
+
+
+def _read_yaml_lines(path: Path) -> tuple[dict[str, Any], dict[str, int]]:
+    """``read_yaml``'s mapping and the line of every key in it (``"train.steps" -> 3``)."""
     try:
-        data = yaml.safe_load(path.read_text())
+        text = path.read_text(encoding="utf-8")
     except OSError as e:
-        raise UserError(f"cannot read config file {path}: {e.strerror}") from None
+        raise UserError(f"cannot read config file {path}: {e.strerror or e}") from None
+    except UnicodeDecodeError:
+        raise UserError(f"config file {path} is not UTF-8 text: a config is a YAML text file") from None
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
     except yaml.YAMLError as e:
-        raise UserError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+        raise UserError(f"config file {path} is not valid YAML{_yaml_error(e)}") from None
     if data is None:
-        return {}
+        return {}, {}
     if not isinstance(data, dict):
-        raise UserError(f"config file {path} must hold a mapping of keys, not {type(data).__name__}")
-    return data
+        raise UserError(
+            f"config file {path} must hold a mapping of keys (key: value lines), not a {type(data).__name__}"
+        )
+    lines: dict[str, int] = {}
+    _key_lines(path, node, "", lines)
+    return data, lines
+
+
+def _yaml_error(error: yaml.YAMLError) -> str:
+    """`` at line L, column C: problem (context at line L'): fix`` from PyYAML's multi-line message."""
+    mark = getattr(error, "problem_mark", None)
+    problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    context, context_mark = getattr(error, "context", None), getattr(error, "context_mark", None)
+    if context and context_mark is not None:
+        problem += f" ({context} at line {context_mark.line + 1}, column {context_mark.column + 1})"
+    return f"{where}: {problem}; fix the syntax there (indent with spaces, quote values holding ': ' or ' #')"
+
+
+def _key_lines(path: Path, node: yaml.Node, prefix: str, lines: dict[str, int]) -> None:
+    """Record each mapping key's line; a key given twice in one mapping is an error (YAML keeps the last)."""
+    if not isinstance(node, yaml.MappingNode):
+        return
+    seen: dict[str, int] = {}
+    for key_node, value_node in node.value:
+        name, line = str(key_node.value), key_node.start_mark.line + 1
+        if name in seen:
+            raise UserError(
+                f"config file {path} line {line}: key {prefix + name!r} is given twice (lines {seen[name]} and "
+                f"{line}): keep one"
+            )
+        seen[name] = lines[prefix + name] = line
+        _key_lines(path, value_node, f"{prefix}{name}.", lines)
+
+
+def _check_file_keys(
+    path: Path, values: dict[str, Any], lines: dict[str, int], cls: type | None = None, prefix: str = ""
+) -> None:
+    """Every key of one config file known and of its type, named with the file and line (a typo in a
+    ``base:`` chain is found in the file that holds it). Ranges are checked once the chain is merged."""
+    hints = typing.get_type_hints(cls or Config)
+    for name, value in values.items():
+        key = prefix + str(name)
+        where = f"config file {path} line {lines[key]}" if key in lines else f"config file {path}"
+        if key == "base":
+            continue
+        if name not in hints:
+            while isinstance(value, dict) and value:  # name the full key the user wrote, as ``_merge``
+                name, value = next(iter(value.items()))
+                key = f"{key}.{name}"
+            raise UserError(f"{where}: {_unknown_key(key)}")
+        if dataclasses.is_dataclass(hints[name]):
+            if not isinstance(value, dict):
+                raise UserError(
+                    f"{where}: {key!r} is a section: indent its keys under it ({key}:, then '  key: value' lines), "
+                    f"got {value!r}"
+                )
+            _check_file_keys(path, value, lines, hints[name], key + ".")
+        else:
+            try:
+                _coerce(key, value, hints[name])
+            except UserError as e:
+                raise UserError(f"{where}: {e}") from None
 
 
 def resolve_config_path(name_or_path: str) -> Path:
     """The path of a user YAML file; a bare name that is none suggests the closest shipped config."""
     path = Path(name_or_path)
     if path.suffix in (".yaml", ".yml") or path.exists():
+        if path.is_dir():
+            raise UserError(f"config file {path} is a folder: name a YAML file or a shipped config")
         if not path.is_file():
             raise UserError(f"config file {path} does not exist")
         return path

@@ -7,12 +7,11 @@ import io
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
-from trustmatch.data.folders import decode_image, image_files
+from trustmatch.data.folders import decode_batch, image_files
 from trustmatch.data.views import Views
 from trustmatch.engine.inference import predict_logits
 from trustmatch.engine.precision import Precision
@@ -46,21 +45,26 @@ def write_predictions(
     batch_size: int = 256,
 ) -> int:
     """Write a CSV row per image found in ``inputs`` to ``out``; returns the number of rows.
-    Confidences are softmax(logits / temperature) when a temperature is given."""
+    Confidences are softmax(logits / temperature) when a temperature is given. Images are decoded a
+    batch at a time, so any number of them fits in memory (only the per-image top-k is kept)."""
     files = collect_images(inputs)
     mode = "L" if meta["channels"] == 1 else "RGB"
-    images = torch.from_numpy(np.stack([decode_image(p, meta["image_size"], mode) for p in files]))
     views = Views(tuple(meta["mean"]), tuple(meta["std"]), hflip=False)
-    probs = (predict_logits(model, images, views.plain, precision, batch_size) / (temperature or 1.0)).softmax(dim=1)
+    chunks = []
+    for start in range(0, len(files), batch_size):
+        images = torch.from_numpy(decode_batch(files[start : start + batch_size], meta["image_size"], mode))
+        logits = predict_logits(model, images, views.plain, precision, batch_size)
+        probs = (logits / (temperature or 1.0)).softmax(dim=1)
+        chunks.append(probs.topk(min(3, probs.shape[1]), dim=1))
     classes = meta["classes"]
-    top = probs.topk(min(3, probs.shape[1]), dim=1)
+    top_values, top_indices = torch.cat([c.values for c in chunks]), torch.cat([c.indices for c in chunks])
     buffer = io.StringIO()
     writer = csv.writer(buffer)
     header = ["path", "class", "confidence"]
-    for k in range(top.indices.shape[1]):
+    for k in range(top_indices.shape[1]):
         header += [f"top{k + 1}_class", f"top{k + 1}_confidence"]
     writer.writerow(header)
-    for path, values, indices in zip(files, top.values.tolist(), top.indices.tolist()):
+    for path, values, indices in zip(files, top_values.tolist(), top_indices.tolist()):
         row = [str(path), classes[indices[0]], f"{values[0]:.6f}"]
         for v, i in zip(values, indices):
             row += [classes[i], f"{v:.6f}"]

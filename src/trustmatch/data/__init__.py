@@ -1,4 +1,5 @@
-"""Datasets: embedded digits, torchvision-format benchmarks, the user's folders; the SSL split.
+"""Datasets: embedded digits, torchvision-format benchmarks, the user's folders; the SSL split; the
+decoded-image cache on disk for sets larger than memory (``cache.py``, ``data.cache``).
 Segmentation: embedded digitscenes, Pascal VOC, Cityscapes, COCO and the user's folders."""
 
 from __future__ import annotations
@@ -6,9 +7,10 @@ from __future__ import annotations
 from trustmatch.config import DataConfig
 from trustmatch.data import digits, digitscenes, folders, segfiles, torchvision_sets  # noqa: F401  (register loaders)
 from trustmatch.data.base import DATASETS, ImageSet, SourceData
+from trustmatch.data.cache import MappedImages
 from trustmatch.data.split import SSLData, make_ssl_split
 
-__all__ = ["DATASETS", "ImageSet", "SourceData", "SSLData", "load_ssl_data"]
+__all__ = ["DATASETS", "ImageSet", "MappedImages", "SourceData", "SSLData", "load_ssl_data"]
 
 
 def load_ssl_data(cfg: DataConfig, seed: int) -> SSLData:

@@ -1,7 +1,9 @@
-"""In-memory image sets: every dataset is decoded once into a uint8 tensor at the network's size.
+"""Image sets: every dataset is decoded once into uint8 NCHW at the network's size.
 
 Holding images as one uint8 NCHW tensor lets a batch be gathered by indexing and augmented on the
 training device in one go (see ``views.py``), instead of per-image PIL work in worker processes.
+A set larger than memory holds a :class:`~trustmatch.data.cache.MappedImages` instead: the same
+indexing, read from the decoded-image cache on disk (``data.cache``, see ``cache.py``).
 """
 
 from __future__ import annotations
@@ -12,14 +14,21 @@ from dataclasses import dataclass, field
 import torch
 
 from trustmatch.config import DataConfig
+from trustmatch.data.cache import MappedImages, as_mapped
 from trustmatch.registry import Registry
+
+Images = torch.Tensor | MappedImages  # uint8 [N, C, H, W]: in memory, or mapped from the disk cache
 
 
 @dataclass
 class ImageSet:
-    """Images (uint8 [N, C, H, W]) with labels (int64 [N], -1 where unknown)."""
+    """Images (uint8 [N, C, H, W]) with labels (int64 [N], -1 where unknown).
 
-    images: torch.Tensor
+    ``images`` is a tensor in memory or a :class:`MappedImages` on the disk cache; both index alike
+    (``images[index_tensor]`` is a uint8 tensor in memory) and report ``len`` and ``shape``.
+    """
+
+    images: Images
     labels: torch.Tensor
     paths: list[str] | None = None  # source files, for folder datasets
 
@@ -33,8 +42,17 @@ class ImageSet:
         return len(self.images)
 
     def subset(self, index: torch.Tensor) -> ImageSet:
+        """The samples at ``index``: a copy in memory, a view (no pixel read) on the disk cache."""
         paths = [self.paths[i] for i in index.tolist()] if self.paths is not None else None
-        return ImageSet(self.images[index], self.labels[index], paths)
+        images = self.images.subset(index) if isinstance(self.images, MappedImages) else self.images[index]
+        return ImageSet(images, self.labels[index], paths)
+
+
+def cat_images(first: Images, second: Images) -> Images:
+    """``first`` then ``second``: ``torch.cat`` in memory, a view (no copy) when either is mapped."""
+    if isinstance(first, torch.Tensor) and isinstance(second, torch.Tensor):
+        return torch.cat([first, second])
+    return as_mapped(first).cat(as_mapped(second))
 
 
 @dataclass

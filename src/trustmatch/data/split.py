@@ -2,6 +2,7 @@
 
 The test split is never used for any choice; the ``best`` checkpoint is chosen on ``val``,
 which is held out of the labeled pool (unlike USB, which selects on the test set).
+On the disk cache every subset is an index into the mapped file (``ImageSet.subset``): no copy.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from trustmatch.data.base import ImageSet, SourceData
+from trustmatch.data.base import ImageSet, SourceData, cat_images
 from trustmatch.errors import UserError
 
 TEST_SPLIT_SEED = 20240601  # fixed: every run and seed of a dataset is scored on the same test set
@@ -94,7 +95,7 @@ def make_ssl_split(
         extra = source.extra_unlabeled
         paths = (unlabeled.paths or [""] * len(unlabeled)) + (extra.paths or [""] * len(extra))
         unlabeled = ImageSet(
-            torch.cat([unlabeled.images, extra.images]),
+            cat_images(unlabeled.images, extra.images),
             torch.cat([unlabeled.labels, extra.labels]),
             paths if (unlabeled.paths or extra.paths) else None,
         )

@@ -1,6 +1,13 @@
 """Standard benchmarks read through ``torchvision.datasets``, so their usual on-disk layouts load.
 
-Each loader decodes every split once into an in-memory ``ImageSet`` (see ``base.py``).
+Each loader decodes every split once into an in-memory ``ImageSet`` (see ``base.py``), or with
+``data.cache=disk`` (``auto``: a set larger than memory) into the decoded-image cache on disk
+(``cache.py``), one file per split keyed by the dataset's files (paths, sizes, mtimes), the image
+size and, when resizing, torch's version. The raw arrays torchvision reads (CIFAR's pickles, SVHN's
+.mat, MNIST's idx files: at most 1.9 GB with SVHN's extra) still pass through memory once per run,
+since the labels come with them; they are resized into the cache a chunk at a time and then freed,
+and only the mapped cache stays. STL-10's 100k unlabeled images (2.8 GB) are read from their binary
+file through a memory map in disk mode, so they never pass through memory whole.
 
 Checksums: torchvision md5-hashes the extracted CIFAR, SVHN and STL-10 files before every load.
 Unless downloading, the subclasses below accept those files by presence instead: hashing STL-10's
@@ -30,6 +37,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from trustmatch.config import DataConfig
 from trustmatch.data.base import DATASETS, ImageSet, SourceData
+from trustmatch.data.cache import MappedImages, cache_dir, cache_name, decoded_dir, open_cache, source_key, use_disk
 from trustmatch.errors import UserError
 from trustmatch.fileio import atomic_write_bytes
 
@@ -39,9 +47,9 @@ RESIZE_CHUNK = 4096  # images resized per call: bounds the float scratch memory 
 D = TypeVar("D", bound=tvd.VisionDataset)
 
 
-def cache_dir() -> Path:
-    """Where downloads and unpacked copies go: ``$TRUSTMATCH_CACHE`` or ``~/.cache/trustmatch``."""
-    return Path(os.environ.get("TRUSTMATCH_CACHE") or Path.home() / ".cache" / "trustmatch").expanduser()
+__all__ = ["cache_dir"]  # re-exported: where downloads, unpacked copies and decoded images go
+
+Raw = torch.Tensor | np.ndarray  # a split's raw uint8 images [N, C, H, W] (a tensor, or a memory map)
 
 
 def _root(cfg: DataConfig, name: str) -> Path:
@@ -54,9 +62,67 @@ def _resize(images: torch.Tensor, size: int | None) -> torch.Tensor:
     return torch.cat([TF.resize(chunk, [size, size], antialias=True) for chunk in images.split(RESIZE_CHUNK)])
 
 
-def _image_set(images: torch.Tensor, labels: torch.Tensor | np.ndarray | list[int], size: int | None) -> ImageSet:
-    labels = torch.as_tensor(np.asarray(labels), dtype=torch.int64).reshape(-1)  # SVHN squeezes one label to 0-d
-    return ImageSet(_resize(images, size).contiguous(), labels)
+class _Store:
+    """A dataset's splits in the decoded-image cache (``data.cache=disk``)."""
+
+    def __init__(self, cfg: DataConfig, name: str, root: Path, files: list[Path]) -> None:
+        self.folder, self.name, self.root, self.files = decoded_dir(cfg), name, root.expanduser().resolve(), files
+
+    def images(self, role: str, raw: Raw, size: int | None) -> MappedImages:
+        """``raw`` resized to ``size`` (None: as is) in the cache, a :data:`RESIZE_CHUNK` at a time."""
+        n, channels, height, width = raw.shape
+        shape = (n, channels, size or height, size or width)
+        resizing = size is not None and (height, width) != (size, size)
+        key = source_key(self.files, self.name, role, shape, raw.shape, torch.__version__ if resizing else "")
+        name = cache_name(self.name, role, f"{shape[-1]}px", str(self.root))
+
+        def fill(out: np.ndarray) -> dict[str, object]:
+            for start in range(0, n, RESIZE_CHUNK):
+                chunk = raw[start : start + RESIZE_CHUNK]
+                if isinstance(chunk, np.ndarray):  # a read-only memory map: a writable copy, same layout
+                    chunk = torch.from_numpy(np.array(chunk, order="K"))
+                out[start : start + len(chunk)] = (_resize_chunk(chunk, size) if resizing else chunk).numpy()
+            return {}
+
+        array, _ = open_cache(self.folder, name, key, shape, fill, f"{self.name} {role} in {self.root}")
+        return MappedImages((array,))
+
+
+def _resize_chunk(chunk: torch.Tensor, size: int | None) -> torch.Tensor:
+    return chunk if size is None else TF.resize(chunk, [size, size], antialias=True)
+
+
+def _labels(labels: torch.Tensor | np.ndarray | list[int]) -> torch.Tensor:
+    return torch.as_tensor(np.asarray(labels), dtype=torch.int64).reshape(-1)  # SVHN squeezes one label to 0-d
+
+
+def _image_set(
+    images: Raw,
+    labels: torch.Tensor | np.ndarray | list[int],
+    size: int | None,
+    store: _Store | None = None,
+    role: str = "",
+) -> ImageSet:
+    if store is not None:
+        return ImageSet(store.images(role, images, size), _labels(labels))
+    if isinstance(images, np.ndarray):
+        images = torch.from_numpy(images)
+    return ImageSet(_resize(images, size).contiguous(), _labels(labels))
+
+
+def _decoded_bytes(size: int | None, *splits: Raw | None) -> int:
+    """Bytes of the splits once resized to ``size`` (None: as they are)."""
+    total = 0
+    for raw in splits:
+        if raw is not None:
+            n, channels, height, width = raw.shape
+            total += n * channels * (size * size if size else height * width)
+    return total
+
+
+def _store(cfg: DataConfig, name: str, root: Path, files: list[Path], *splits: Raw | None) -> _Store | None:
+    """Where the splits go: the disk cache (a ``_Store``) or memory (None), by ``data.cache``."""
+    return _Store(cfg, name, root, files) if use_disk(cfg, _decoded_bytes(cfg.image_size, *splits)) else None
 
 
 def _nhwc(array: np.ndarray) -> torch.Tensor:
@@ -142,9 +208,11 @@ def _cifar(
     root = _root(cfg, name)
     _require(cfg, name, cls.required(root), root, f"{cls.base_folder}/ (torchvision's layout)")
     train, test = (_open(name, cls, root, cfg.download, train=flag) for flag in (True, False))
+    raw_train, raw_test = _nhwc(train.data), _nhwc(test.data)
+    store = _store(cfg, name, root, cls.required(root), raw_train, raw_test)
     return SourceData(
-        train=_image_set(_nhwc(train.data), train.targets, cfg.image_size),
-        test=_image_set(_nhwc(test.data), test.targets, cfg.image_size),
+        train=_image_set(raw_train, train.targets, cfg.image_size, store, "train"),
+        test=_image_set(raw_test, test.targets, cfg.image_size, store, "test"),
         classes=list(train.classes),
         mean=mean,
         std=std,
@@ -171,13 +239,12 @@ def load_svhn(cfg: DataConfig) -> SourceData:
     splits = ["train", "test"] + (["extra"] if (root / _SVHN.split_list["extra"][1]).is_file() else [])
     sets = {s: _open("svhn", _SVHN, root, cfg.download, split=s) for s in splits}
     pool = [sets["train"]] + ([sets["extra"]] if "extra" in sets else [])
+    raw_train, raw_test = torch.from_numpy(np.concatenate([d.data for d in pool])), torch.from_numpy(sets["test"].data)
+    files = [root / _SVHN.split_list[s][1] for s in splits]
+    store = _store(cfg, "svhn", root, files, raw_train, raw_test)
     return SourceData(
-        train=_image_set(
-            torch.from_numpy(np.concatenate([d.data for d in pool])),
-            np.concatenate([d.labels for d in pool]),
-            cfg.image_size,
-        ),
-        test=_image_set(torch.from_numpy(sets["test"].data), sets["test"].labels, cfg.image_size),
+        train=_image_set(raw_train, np.concatenate([d.labels for d in pool]), cfg.image_size, store, "train"),
+        test=_image_set(raw_test, sets["test"].labels, cfg.image_size, store, "test"),
         classes=[str(d) for d in range(10)],
         mean=(0.4377, 0.4438, 0.4728),
         std=(0.198, 0.201, 0.197),
@@ -191,19 +258,36 @@ def load_stl10(cfg: DataConfig) -> SourceData:
     """STL-10's 5k labeled train and 8k test images, and its 100k unlabeled ones as ``extra_unlabeled``."""
     root = _root(cfg, "stl10")
     _require(cfg, "stl10", _STL10.required(root), root, f"{_STL10.base_folder}/ (torchvision's layout)")
-    train, test, unlabeled = (
-        _open("stl10", _STL10, root, cfg.download, split=s) for s in ("train", "test", "unlabeled")
+    train, test = (_open("stl10", _STL10, root, cfg.download, split=s) for s in ("train", "test"))
+    raw_file = root / _STL10.base_folder / "unlabeled_X.bin"
+    mapped = _stl10_unlabeled(raw_file)  # a view of the file: nothing read yet
+    store = _store(cfg, "stl10", root, _STL10.required(root), train.data, test.data, mapped)
+    # on disk: copied (and resized) from the mapped file a chunk at a time; in memory: torchvision's reader
+    unlabeled_images: Raw = (
+        mapped
+        if store is not None and mapped is not None
+        else _open("stl10", _STL10, root, cfg.download, split="unlabeled").data
     )
     return SourceData(
-        train=_image_set(torch.from_numpy(train.data), train.labels, cfg.image_size),
-        test=_image_set(torch.from_numpy(test.data), test.labels, cfg.image_size),
+        train=_image_set(train.data, train.labels, cfg.image_size, store, "train"),
+        test=_image_set(test.data, test.labels, cfg.image_size, store, "test"),
         classes=list(train.classes),
         mean=(0.4467, 0.4398, 0.4066),
         std=(0.2603, 0.2566, 0.2713),
         hflip=True,
-        extra_unlabeled=_image_set(torch.from_numpy(unlabeled.data), unlabeled.labels, cfg.image_size),
+        extra_unlabeled=_image_set(unlabeled_images, [-1] * len(unlabeled_images), cfg.image_size, store, "unlabeled"),
         info={"source": str(root / _STL10.base_folder)},
     )
+
+
+def _stl10_unlabeled(path: Path) -> np.ndarray | None:
+    """STL-10's unlabeled images [N, 3, 96, 96] mapped from their file, laid out as torchvision reads
+    them (column-major images: the last two axes swapped); None if the file is missing or not whole."""
+    item = 3 * 96 * 96
+    if not path.is_file() or path.stat().st_size == 0 or path.stat().st_size % item:
+        return None
+    raw = np.memmap(path, dtype=np.uint8, mode="r").reshape(-1, 3, 96, 96)
+    return np.transpose(raw, (0, 1, 3, 2))
 
 
 def _idx_names(cls: type[tvd.MNIST]) -> list[str]:
@@ -274,9 +358,12 @@ def _mnist_like(cfg: DataConfig, name: str, cls: type[tvd.MNIST], mean: float, s
     layout = f"{cls.__name__}/raw/ (torchvision's layout) or the four {{train,t10k}}-*-ubyte.gz files"
     _require(cfg, name, [raw / n.removesuffix(".gz") for n in _idx_names(cls)], source, layout, fix)
     train, test = (_open(name, cls, root, cfg.download, train=flag) for flag in (True, False))
+    raw_train, raw_test = train.data.unsqueeze(1), test.data.unsqueeze(1)
+    files = [raw / n.removesuffix(".gz") for n in _idx_names(cls)]
+    store = _store(cfg, name, root, files, raw_train, raw_test)
     return SourceData(
-        train=_image_set(train.data.unsqueeze(1), train.targets, cfg.image_size),
-        test=_image_set(test.data.unsqueeze(1), test.targets, cfg.image_size),
+        train=_image_set(raw_train, train.targets, cfg.image_size, store, "train"),
+        test=_image_set(raw_test, test.targets, cfg.image_size, store, "test"),
         classes=list(train.classes),
         mean=(mean,),
         std=(std,),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -12,16 +13,25 @@ from trustmatch import distributed as dist
 from trustmatch.engine.precision import Precision
 
 
+class ImageRows(Protocol):
+    """uint8 images [N, C, H, W] indexed by rows: a tensor, or the disk cache's ``MappedImages``."""
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: Any) -> Tensor: ...
+
+
 @torch.no_grad()
 def iter_logits(
     model: nn.Module,
-    images: Tensor,
+    images: ImageRows,
     preprocess: Callable[[Tensor], Tensor],
     precision: Precision,
     batch_size: int = 512,
     shard: bool = False,
 ) -> Iterator[tuple[Tensor, Tensor]]:
-    """(indices, float32 logits on the device) batch by batch, for uint8 images [N, C, H, W].
+    """(indices, float32 logits on the device) batch by batch, for uint8 images [N, C, H, W]
+    (in memory, or mapped from the disk cache: each batch's rows are read when it is evaluated).
 
     ``preprocess`` maps a uint8 batch on the device to the network input (``Views.plain``);
     ``shard`` gives each process every world_size-th image. Nothing is kept between batches, so
@@ -39,7 +49,7 @@ def iter_logits(
 
 def predict_logits(
     model: nn.Module,
-    images: Tensor,
+    images: ImageRows,
     preprocess: Callable[[Tensor], Tensor],
     precision: Precision,
     batch_size: int = 512,

@@ -44,9 +44,11 @@ class ClassificationTask(Task):
                 f"model.name={cfg.model.name!r} is a segmentation network: classification needs one of "
                 f"{', '.join(n for n in MODELS.names() if n not in SEGMENTATION_MODELS)} (or task=segmentation)"
             )
+        halves = cfg.calibratemix.mode != "off"  # CalibrateMix splits each process's batch in two halves
+        dist.batch_share(cfg.train.batch_size, 2 if halves else 1, "CalibrateMix needs (it halves each batch)")
         self.data = d = load_ssl_data(cfg.data, cfg.seed)
         self.views = Views(d.mean, d.std, d.hflip, n_ops=cfg.data.strong_ops, magnitude=cfg.data.strong_magnitude)
-        t = cfg.train
+        t = cfg.train  # global batches: each process takes batch_size / world_size of them (and uratio x)
         self.lb_stream = IndexStream(len(d.labeled), t.batch_size, cfg.seed)
         self.selector = None
         if cfg.method.name != "supervised":
