@@ -329,3 +329,27 @@ def test_training_on_disk_is_bit_identical_to_memory(tmp_path: Path, calibratemi
     if calibratemix != "off":
         for name in ("datamap_labeled.csv", "datamap_unlabeled.csv"):
             assert (tmp_path / "disk" / name).read_text() == (tmp_path / "memory" / name).read_text()
+
+
+def test_an_unwritable_cache_folder_is_one_line(tmp_path: Path) -> None:
+    root = _write_folders(tmp_path / "data")
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file where the cache folder should go")
+    cfg = _cfg(root, "disk")
+    cfg.cache_dir = str(blocker / "decoded")
+    with pytest.raises(UserError, match=r"cannot write the decoded-image cache in .*blocker.*data.cache=memory"):
+        folders.load_folder(cfg)
+
+
+def test_a_rebuild_removes_the_outdated_cache_first(tmp_path: Path) -> None:
+    """A rebuild needs the cache's size once, not twice: the outdated file goes before the new one is written."""
+    seen = []
+
+    def fill(array: np.ndarray) -> dict:
+        seen.append(sorted(p.name for p in tmp_path.glob("*.u8")))
+        array[:] = 7
+        return {}
+
+    open_cache(tmp_path, "x", "key-1", (2, 3), fill)
+    open_cache(tmp_path, "x", "key-2", (2, 3), fill)
+    assert seen == [[], []]

@@ -469,7 +469,7 @@ def _read_yaml_lines(path: Path) -> tuple[dict[str, Any], dict[str, int]]:
 def _yaml_error(error: yaml.YAMLError) -> str:
     """`` at line L, column C: problem (context at line L'): fix`` from PyYAML's multi-line message."""
     mark = getattr(error, "problem_mark", None)
-    problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+    problem = getattr(error, "problem", None) or (str(error).splitlines() or [type(error).__name__])[0]
     where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
     context, context_mark = getattr(error, "context", None), getattr(error, "context_mark", None)
     if context and context_mark is not None:

@@ -58,7 +58,7 @@ def batch_share(batch_size: int, minimum: int = 1, why: str = "") -> int:
     share, rest = divmod(batch_size, world)
     error = None
     if rest:
-        lower, upper = batch_size - rest, batch_size - rest + world
+        lower, upper = batch_size - rest, max(batch_size - rest + world, minimum * world)
         fix = f"{upper}" if lower < minimum * world else f"{lower} or {upper}"
         error = UserError(
             f"train.batch_size={batch_size} is the global batch and {world} processes cannot share it equally: "

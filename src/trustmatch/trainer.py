@@ -190,7 +190,7 @@ class Trainer:
 
     def _meta(self) -> dict[str, Any]:
         """What inference needs; the temperature only where it was fitted on this step's model."""
-        meta = {**self.task.meta(), "version": CHECKPOINT_VERSION, "step": self.step}
+        meta = {**self.task.meta(), "version": CHECKPOINT_VERSION, "step": self.step, "global_batch": True}
         fitted = self.temperature is not None and self.temperature_step == self.step
         return {**meta, "temperature": self.temperature} if fitted else meta
 
@@ -251,6 +251,12 @@ class Trainer:
             raise UserError(
                 f"{path} was written by {len(state['rng'])} process(es): resume it with the same number "
                 f"(this is {dist.world_size()}), so every process gets its own data and RNG streams back"
+            )
+        if len(state["rng"]) > 1 and not state.get("global_batch"):
+            batch = self.cfg.train.batch_size
+            raise UserError(
+                f"{path} was written when train.batch_size was per process: resume it with "
+                f"train.batch_size={batch * len(state['rng'])} (the global batch it trained with) in its config.yaml"
             )
         rng = state["rng"][dist.rank()]
         self.aug_rng.set_state(rng["aug"])

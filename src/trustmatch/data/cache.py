@@ -232,13 +232,26 @@ def open_cache(
     found = _open_valid(path, key, shape)
     if found is not None:
         return found
+    try:
+        return _build_or_wait(folder, name, path, key, shape, fill, source)
+    except OSError as e:  # a folder that cannot be made or locked (a full disk is fileio's one line already)
+        raise UserError(
+            f"cannot write the decoded-image cache in {folder} ({e.strerror or e}): set data.cache_dir to a "
+            "writable folder, or data.cache=memory"
+        ) from None
+
+
+def _build_or_wait(
+    folder: Path, name: str, path: Path, key: str, shape: tuple[int, ...], fill: Fill, source: str
+) -> tuple[np.ndarray, dict[str, Any]]:
     with _build_lock(folder / f"{name}.lock") as locked:
         found = _open_valid(path, key, shape)  # another process may have built it while this one waited
         if found is not None:
             return found
-        if locked:  # no other builder of this name is running: its leftovers are a crashed build's
-            for stale in folder.glob(f".{name}.u8.*.tmp"):
-                stale.unlink(missing_ok=True)
+        if locked:  # no other builder of this name is running: its leftovers are a crashed build's, and
+            for stale in folder.glob(f".{name}.u8.*.tmp"):  # an outdated cache goes first, so a rebuild
+                stale.unlink(missing_ok=True)  # needs its size once, not twice (mappers keep their inode)
+            path.unlink(missing_ok=True)
         gb = math.prod(shape) / 1e9
         print(f"decoding {shape[0]:,} images ({gb:.2f} GB) into {path} (once: later runs reuse it)", file=sys.stderr)
         _build(path, key, shape, fill, source)
