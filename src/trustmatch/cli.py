@@ -104,15 +104,17 @@ def _train(args: argparse.Namespace) -> int:
     metrics = trainer.fit()
     from trustmatch import distributed
 
+    main_process = distributed.is_main()
+    distributed.shutdown()
     if trainer.stop_signal is not None:  # SIGINT / SIGTERM: last.pt is saved at the step reached
-        if distributed.is_main():
+        if main_process:
             print(
                 f"trustmatch: stopped at step {trainer.step} of {trainer.cfg.train.steps}; continue with "
                 f"trustmatch train --resume {trainer.run_dir}",
                 file=sys.stderr,
             )
         return 128 + trainer.stop_signal  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
-    if not distributed.is_main():  # under torchrun, one report
+    if not main_process:  # under torchrun, one report
         return 0
     describe = trainer.task.describe
     final, best, split = metrics["final"], metrics["best"], trainer.report_split

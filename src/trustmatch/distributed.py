@@ -156,6 +156,7 @@ def on_main(operation: Callable[[], Any]) -> None:
             failure = e
     shared = [None if failure is None else str(failure)]
     td.broadcast_object_list(shared, src=0)
+    td.barrier()  # a process may exit right after: none leaves while another still sends to it
     if shared[0] is not None:
         error = failure or UserError(shared[0])
         error.everywhere = True
@@ -166,6 +167,15 @@ def all_reduce_max_(t: Tensor) -> None:
     """The element-wise maximum over processes, in place (flags every process must agree on)."""
     if is_distributed():
         td.all_reduce(t, op=td.ReduceOp.MAX)
+
+
+def shutdown() -> None:
+    """Every process leaves together and closes the process group: a process that exits while
+    another still talks to it can abort in gloo's threads ("terminate called without an active
+    exception"). Only on paths every process reaches."""
+    if is_distributed():
+        td.barrier()
+        td.destroy_process_group()
 
 
 def barrier() -> None:
