@@ -27,9 +27,7 @@ class Progress:
         self.total, self.step, self.desc, self.enabled = total, initial, desc, enabled
         self.bar = None
         if enabled and self.stream.isatty():
-            self.bar = tqdm(
-                total=total, initial=initial, desc=desc, unit="step", dynamic_ncols=True, file=self.stream
-            )
+            self.bar = tqdm(total=total, initial=initial, desc=desc, unit="step", dynamic_ncols=True, file=self.stream)
         self._start, self._start_step = time.perf_counter(), initial
 
     @property
