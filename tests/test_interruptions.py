@@ -384,3 +384,22 @@ def test_a_main_process_error_under_torchrun_is_one_line_from_every_process(tmp_
     assert done.returncode != 0
     assert done.stderr.count("trustmatch: error:") == 1 and "already holds a run" in done.stderr
     assert "trustmatch/" not in done.stderr.replace(str(tmp_path), "")  # no worker traceback (torchrun prints its own)
+
+
+def test_skip_mode_stops_after_too_many_skips_in_a_row(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import trustmatch.trainer as trainer_module
+
+    monkeypatch.setattr(trainer_module, "MAX_CONSECUTIVE_SKIPS", 3)
+    trainer = Trainer(load_config("digits-fixmatch", [*TINY, "train.nonfinite=skip"]), tmp_path / "run", progress=False)
+    step = trainer.task.step_with_regularizers
+
+    def always_nan(model, batch, at, total):
+        out = step(model, batch, at, total)
+        out.loss = out.loss * float("nan")
+        return out
+
+    trainer.task.step_with_regularizers = always_nan
+    expected = r"the loss is not finite at 3 steps in a row, up to step 3 \(.*\); no checkpoint was saved yet: lower"
+    with pytest.raises(UserError, match=expected + r" train.lr and start again$"):
+        trainer.fit()
+    assert trainer.skipped == 3

@@ -19,6 +19,7 @@ import os
 import shutil
 import signal
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -312,16 +313,17 @@ class Trainer:
         snapshot = self._snapshot() if self.cfg.train.nonfinite == "skip" else None
         with self.precision.autocast():
             out = self.task.step_with_regularizers(self.train_model, batch, self.step, self.cfg.train.steps)
-        bad_rank = self._agree(out.loss)
+        bad_rank, what = self._agree(out.loss), "the loss is"
         if bad_rank is None and snapshot is not None:  # skip mode: the update must be finite too
             self.optimizer.zero_grad(set_to_none=True)
             out.loss.backward()  # DDP's averaged gradients are the same on every process
             grads = [p.grad for p in self.model.parameters() if p.grad is not None]
             bad_rank = None if bool(torch.stack(torch._foreach_norm(grads)).isfinite().all()) else dist.rank()
+            what = "the gradient is"
         if bad_rank is not None:
             if snapshot is None:
                 raise self._nonfinite_error(out, bad_rank)
-            return self._skip(out, snapshot, bad_rank)
+            return self._skip(out, snapshot, bad_rank, what)
         if snapshot is None:
             self.optimizer.zero_grad(set_to_none=True)
             out.loss.backward()
@@ -345,16 +347,18 @@ class Trainer:
             self.stop_signal = int(flags[1])
         return int(flags[0]) - 1 if int(flags[0]) else None
 
-    def _skip(self, out: StepOutput, snapshot: dict[str, Any], bad_rank: int) -> StepOutput:
+    def _skip(self, out: StepOutput, snapshot: dict[str, Any], bad_rank: int, what: str) -> StepOutput:
         """No update; what the forward changed is restored; the schedule and the data move on."""
         self._restore_snapshot(snapshot)
         self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
+        with warnings.catch_warnings():  # no optimizer.step() on purpose: the schedule follows the step count
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)`")
+            self.scheduler.step()
         self.skipped += 1
         self.consecutive_skips += 1
-        self.step += 1
         if self.consecutive_skips >= MAX_CONSECUTIVE_SKIPS:
-            raise self._nonfinite_error(out, bad_rank, f"{MAX_CONSECUTIVE_SKIPS} steps in a row, up to ")
+            raise self._nonfinite_error(out, bad_rank, f"{MAX_CONSECUTIVE_SKIPS} steps in a row, up to ", what)
+        self.step += 1
         out.logs = {}
         return out
 
@@ -365,11 +369,14 @@ class Trainer:
         logs = out.logs if out is not None else {}
         parts = ", ".join(f"{k} {float(v):.3g}" for k, v in logs.items() if k.startswith("loss"))
         shown = f" ({parts})" if parts and not where else ""
+        saved = "no checkpoint was saved yet"
         if self.saved_step is not None:
             saved = f"the last good checkpoint is {self.run_dir / 'last.pt'} (step {self.saved_step})"
+        if span:  # skipping did not help
+            fix = "lower train.lr and start again"
+        elif self.saved_step is not None:
             fix = "resume it with train.nonfinite=skip to skip such steps, or lower train.lr and start again"
         else:
-            saved = "no checkpoint was saved yet"
             fix = "lower train.lr and start again (train.nonfinite=skip skips such steps)"
         step = self.step + (out is not None)  # a step's loss: the step being taken; an evaluation: the one taken
         error = NonFiniteLoss(f"{what} not finite{where} at {span}step {step}{shown}; {saved}: {fix}")
