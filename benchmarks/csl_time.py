@@ -32,8 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from csl_reference import reference_csl  # noqa: E402
 from seg_step_time import build_trainer  # noqa: E402
 from step_time import machine, time_ms, write_json  # noqa: E402
-from trustmatch.engine.precision import resolve_device  # noqa: E402
-from trustmatch.selection import csl_select, fixed_threshold  # noqa: E402
+from trustmatch.core.precision import resolve_device  # noqa: E402
+from trustmatch.methods import csl_select, fixed_threshold  # noqa: E402
 
 
 def _inputs(batch: int, classes: int, size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -163,7 +163,7 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
 
     from trustmatch.config import load_config
     from trustmatch.data.cache import MappedImages
-    from trustmatch.trainer import Trainer
+    from trustmatch.run.trainer import Trainer
 
     if spec["kind"] == "interleaved":
         return interleaved(spec)
@@ -210,7 +210,7 @@ def interleaved(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     from trustmatch.config import load_config
-    from trustmatch.trainer import Trainer
+    from trustmatch.run.trainer import Trainer
 
     cfg = load_config(spec["base"], spec["overrides"])
     disk, memory = (Trainer(cfg, Path(spec["out"]) / name, progress=False) for name in ("disk", "memory"))

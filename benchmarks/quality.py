@@ -27,17 +27,17 @@ import sys
 import time
 from pathlib import Path
 
-from trustmatch import methods
 from trustmatch.cli import run_name
 from trustmatch.config import load_config
-from trustmatch.trainer import Trainer
+from trustmatch.methods import METHODS as METHOD_REGISTRY
+from trustmatch.run.trainer import Trainer
 
 SUITES = {
     "digits": "digits-{method}",
     "fashionmnist": "fashionmnist-{method}-40",
     "fashionmnist-250": "fashionmnist-{method}-250",
 }
-METHODS = [name for name, spec in methods.METHODS.items() if "classification" in spec.tasks]
+METHODS = METHOD_REGISTRY.for_task("classification")
 PRECISIONS = {"bf16": "train.amp=true", "fp32": "train.amp=false"}
 MODES = ("off", "faithful", "efficient")
 COLUMNS = [

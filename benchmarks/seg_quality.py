@@ -22,7 +22,7 @@ from quality import run_one, summarise
 from trustmatch.methods import METHODS
 
 # digitscenes-<variant>: every segmentation method, and CSL without TMP (CSL's selection in UniMatch's step)
-VARIANTS = [name for name, spec in METHODS.items() if "segmentation" in spec.tasks] + ["csl-notmp"]
+VARIANTS = METHODS.for_task("segmentation") + ["csl-notmp"]
 COLUMNS = [
     ("miou", "mIoU"),
     ("pixel_ece_15", "pixel ECE-15"),

@@ -26,7 +26,7 @@ from PIL import Image
 
 from step_time import machine, time_ms, write_json
 from trustmatch.config import load_config
-from trustmatch.trainer import Trainer
+from trustmatch.run.trainer import Trainer
 
 
 def _write_pascal_like_folder(root: Path, images: int = 64) -> None:

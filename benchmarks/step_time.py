@@ -30,13 +30,13 @@ from pathlib import Path
 
 import torch
 
-from trustmatch.config import CalibrateMixConfig, Config, DataConfig, MethodConfig, ModelConfig, TrainConfig
-from trustmatch.data.base import DATASETS, ImageSet, SourceData
-from trustmatch.methods import METHODS
-from trustmatch.trainer import Trainer
+from trustmatch.config import CalibrateMixConfig, Config, DataConfig, ModelConfig, TrainConfig
+from trustmatch.data.image_sets import DATASETS, ImageSet, SourceData
+from trustmatch.methods import METHODS, method_config
+from trustmatch.run.trainer import Trainer
 
 PRECISIONS = {"bf16": True, "fp32": False}  # name -> train.amp
-CLASSIFIERS = [name for name, spec in METHODS.items() if "classification" in spec.tasks]
+CLASSIFIERS = METHODS.for_task("classification")
 
 
 @DATASETS.register("synthetic-cifar")
@@ -62,7 +62,7 @@ def _build(method: str, precision: str, mode: str, args: argparse.Namespace, roo
         seed=0,
         data=DataConfig(name="synthetic-cifar", labels_per_class=4, val_per_class=0, strong_ops=args.strong_ops),
         model=ModelConfig(name=args.model),
-        method=MethodConfig(name=method),
+        method=method_config(method),
         train=TrainConfig(
             steps=10**6,
             batch_size=64,

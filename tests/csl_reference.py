@@ -1,7 +1,7 @@
 """A straightforward CSL reference: one image at a time, the valid pixels gathered by boolean
 indexing, the boundary from a full SVD of the N x 2 feature matrix, the clusters' statistics from
 ``Tensor.mean`` / ``Tensor.var``. Written from the spec (``csl.md``) independently of
-``trustmatch.selection.csl_select``, which the tests compare with it and ``benchmarks/csl_time.py``
+``trustmatch.methods.csl_selection.csl_select``, which the tests compare with it and ``benchmarks/csl_time.py``
 times against it (the release loops over images the same way)."""
 
 from __future__ import annotations

@@ -19,9 +19,9 @@ import pytest
 from PIL import Image
 
 from trustmatch.cli import main
+from trustmatch.core.errors import UserError
 from trustmatch.data.folders import decode_image
-from trustmatch.data.segmentation import read_image, read_mask
-from trustmatch.errors import UserError
+from trustmatch.data.seg_sets import read_image, read_mask
 
 TINY = ["train.steps=2", "train.eval_every=2", "train.log_every=1", "train.batch_size=4", "train.uratio=1", "--quiet"]
 RED, BLUE = (200, 30, 30), (30, 30, 200)

@@ -13,16 +13,16 @@ import torch.nn.functional as F
 from scipy.optimize import minimize_scalar
 
 from test_train import TINY, assert_same_state
-from trustmatch.calibratemix import NAME, least_similar_partners, mix_loss, split_halves
-from trustmatch.calibration import fit_temperature
-from trustmatch.classification import consistency_loss
 from trustmatch.cli import main
 from trustmatch.config import load_config
-from trustmatch.dynamics import APMTracker, AUMTracker, aum_margins, pseudo_margins
-from trustmatch.engine.checkpoint import load_checkpoint
-from trustmatch.errors import UserError
-from trustmatch.selection import Selection, UDASelector, sharpen
-from trustmatch.trainer import Trainer
+from trustmatch.core.errors import UserError
+from trustmatch.evaluation.temperature import fit_temperature
+from trustmatch.methods import Selection, UDASelector, sharpen
+from trustmatch.methods.calibratemix import NAME, least_similar_partners, mix_loss, split_halves
+from trustmatch.methods.training_dynamics import APMTracker, AUMTracker, aum_margins, pseudo_margins
+from trustmatch.methods.weak_to_strong import consistency_loss
+from trustmatch.run.checkpoint import load_checkpoint
+from trustmatch.run.trainer import Trainer
 
 MIXING = ["calibratemix.warmup=0.3"]  # mixing from step 1 of TINY's 6
 
@@ -100,10 +100,10 @@ def test_split_pairing_and_mix_loss() -> None:
 
 def test_mixes_pair_labeled_easy_with_unlabeled_hard_and_the_reverse() -> None:
     """Images are basis vectors, so each mix reveals its anchor, its partner and its lambda."""
-    from trustmatch.calibratemix import CalibrateMix
-    from trustmatch.classification import Batch
     from trustmatch.config import CalibrateMixConfig
-    from trustmatch.step import StepOutput
+    from trustmatch.methods.calibratemix import CalibrateMix
+    from trustmatch.methods.step_output import StepOutput
+    from trustmatch.methods.weak_to_strong import Batch
 
     n_lb, n_ulb, k = 6, 10, 3
     reg = CalibrateMix(CalibrateMixConfig(mode="efficient", k=2), 20, 50, k, lambda *a: torch.zeros(()))
@@ -263,7 +263,7 @@ def test_temperature_is_fitted_on_validation_and_used_by_predict(
     best = load_checkpoint(run / "best.pt")
     assert best["temperature"] == saved["best"]["temperature"]
 
-    from trustmatch.runs import checkpoint_path, load_run_model
+    from trustmatch.run.loaded_run import checkpoint_path, load_run_model
 
     loaded = load_run_model(checkpoint_path(run))
     task = loaded.task(loaded.cfg, loaded.precision)

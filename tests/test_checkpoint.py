@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from trustmatch.engine.checkpoint import load_checkpoint, save_checkpoint
-from trustmatch.errors import UserError
+from trustmatch.core.errors import UserError
+from trustmatch.run.checkpoint import load_checkpoint, save_checkpoint
 
 
 def test_roundtrip(tmp_path: Path) -> None:
@@ -49,7 +49,7 @@ def test_truncated_and_missing_checkpoints(tmp_path: Path) -> None:
 
 
 def test_weights_that_do_not_fit_the_model_are_one_line(tmp_path: Path) -> None:
-    from trustmatch.engine.checkpoint import load_weights
+    from trustmatch.run.checkpoint import load_weights
 
     with pytest.raises(UserError, match="does not fit the model"):
         load_weights(torch.nn.Linear(3, 2), {"weight": torch.zeros(5, 5)}, tmp_path / "best.pt")
@@ -58,7 +58,7 @@ def test_weights_that_do_not_fit_the_model_are_one_line(tmp_path: Path) -> None:
 def test_atomic_writes_get_the_permissions_of_a_plain_open(tmp_path: Path) -> None:
     import os
 
-    from trustmatch.fileio import atomic_write_text
+    from trustmatch.core.fileio import atomic_write_text
 
     plain = tmp_path / "plain.txt"
     plain.write_text("x")

@@ -10,7 +10,7 @@ import torch
 
 from test_report import _assert_png
 from trustmatch.cli import main
-from trustmatch.metrics import ClassificationMeter
+from trustmatch.evaluation.metrics import ClassificationMeter
 
 NOTE = "no validation split (data.val_per_class=0): temperature scaling cannot be fitted (never on test)"
 

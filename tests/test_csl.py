@@ -6,9 +6,7 @@ import pytest
 import torch
 
 from csl_reference import reference_csl
-from trustmatch import selection
-from trustmatch.config import MethodConfig
-from trustmatch.selection import build_selector, csl_features, csl_select
+from trustmatch.methods import build_selector, csl_features, csl_select, csl_selection, method_config
 
 OPTIONS = [
     {},
@@ -127,7 +125,7 @@ def test_dispersion_is_stable_for_confident_pixels() -> None:
 
 
 def test_selector_registry_reads_the_method_keys() -> None:
-    cfg = MethodConfig(name="csl", csl_alpha=2.0, csl_dispersion="nonmax", csl_scaled=True, csl_reliable="covar")
+    cfg = method_config("csl", csl_alpha=2.0, csl_dispersion="nonmax", csl_scaled=True, csl_reliable="covar")
     selector = build_selector(cfg, 5, 100)
     probs = _probs((3, 5, 4, 4), 9)
     got = selector.select(probs.float())
@@ -159,7 +157,7 @@ def test_cpu_row_blocks_give_the_same_selection(monkeypatch: pytest.MonkeyPatch)
     """The cache-sized row blocks (one row at a time here) change nothing."""
     probs, valid = _probs((3, 5, 7, 9), 11), _edge_case_valid(3, 7, 9, 11)
     whole = csl_select(probs, valid)
-    monkeypatch.setattr(selection, "CACHE_BLOCK", 1)
+    monkeypatch.setattr(csl_selection, "CACHE_BLOCK", 1)
     blocked = csl_select(probs, valid)
     assert torch.equal(whole.labels, blocked.labels) and torch.equal(whole.reliable, blocked.reliable)
     torch.testing.assert_close(whole.weights, blocked.weights, rtol=1e-12, atol=1e-12)

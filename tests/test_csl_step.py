@@ -9,10 +9,9 @@ import torch.nn.functional as F
 from csl_reference import reference_csl
 from test_segmentation_train import SMALL, PixelNet, _batch, reference_forwards
 from trustmatch.config import load_config
-from trustmatch.csl import csl_step, hide_trusted
 from trustmatch.data.segviews import SegViews
-from trustmatch.selection import CSLSelector
-from trustmatch.trainer import Trainer
+from trustmatch.methods.csl import CSLSelector, csl_step, hide_trusted
+from trustmatch.run.trainer import Trainer
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
 

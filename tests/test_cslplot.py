@@ -11,9 +11,16 @@ import pytest
 import torch
 from PIL import Image
 
-from trustmatch.cslplot import SelectionRecorder, snapshot_steps
-from trustmatch.report import SelectionSnapshot, _clip_line, _split_lines, csl_selection_scatter, selection_counts
-from trustmatch.selection import CSLSelection, csl_select, fixed_threshold
+from trustmatch.methods import csl_select, fixed_threshold
+from trustmatch.methods.csl_recorder import SelectionRecorder, snapshot_steps
+from trustmatch.methods.csl_selection import RANK_TOL, CSLSelection
+from trustmatch.reporting.plots import (
+    SelectionSnapshot,
+    _clip_line,
+    _split_lines,
+    csl_selection_scatter,
+    selection_counts,
+)
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -157,6 +164,7 @@ def _snapshot(n: int = 4, **changes) -> SelectionSnapshot:
         mean=np.array([[0.9, 0.001], [0.6, 0.01]]),
         reliable_cluster=0,
         label="test",
+        rank_tol=RANK_TOL,
     )
     return SelectionSnapshot(**{**fields, **changes})
 

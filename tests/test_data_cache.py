@@ -19,11 +19,11 @@ from PIL import Image
 
 from test_data_torchvision import _write_cifar10, _write_idx, _write_stl10
 from trustmatch.config import DataConfig, load_config
+from trustmatch.core.errors import UserError
 from trustmatch.data import cache, folders, load_ssl_data
 from trustmatch.data import torchvision_sets as tvs
 from trustmatch.data.cache import MappedImages, open_cache
-from trustmatch.errors import UserError
-from trustmatch.trainer import Trainer
+from trustmatch.run.trainer import Trainer
 
 RNG = np.random.default_rng(7)
 

@@ -10,9 +10,9 @@ import torch
 from PIL import Image
 
 from trustmatch.config import DataConfig
-from trustmatch.data.base import DATASETS
+from trustmatch.core.errors import UserError
 from trustmatch.data.folders import load_folder
-from trustmatch.errors import UserError
+from trustmatch.data.image_sets import DATASETS
 
 RED, BLUE, GRAY = (255, 0, 0), (0, 0, 255), (128, 128, 128)
 

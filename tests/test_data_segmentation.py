@@ -11,8 +11,9 @@ import torch
 from PIL import Image
 
 from trustmatch.config import DataConfig
+from trustmatch.core.errors import UserError
 from trustmatch.data import digitscenes, segfiles  # noqa: F401  (register the loaders)
-from trustmatch.data.segmentation import (
+from trustmatch.data.seg_sets import (
     CITYSCAPES_PALETTE,
     IGNORE,
     IMAGENET_MEAN,
@@ -22,7 +23,6 @@ from trustmatch.data.segmentation import (
     load_segmentation_data,
     voc_palette,
 )
-from trustmatch.errors import UserError
 
 # ---------------------------------------------------------------- digitscenes
 

@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from trustmatch.config import DataConfig
+from trustmatch.core.errors import UserError
 from trustmatch.data import torchvision_sets as tvs
-from trustmatch.data.base import DATASETS
-from trustmatch.errors import UserError
+from trustmatch.data.image_sets import DATASETS
 
 RNG = np.random.default_rng(0)
 

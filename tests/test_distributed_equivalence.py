@@ -17,9 +17,9 @@ from unittest import mock
 import pytest
 import torch
 
-from trustmatch import distributed as dist
+from trustmatch.core import distributed as dist
+from trustmatch.core.errors import UserError
 from trustmatch.data.sampler import IndexStream
-from trustmatch.errors import UserError
 
 # ----------------------------------------------------------------------------- quick: the batch split
 
@@ -69,14 +69,14 @@ def test_index_stream_slices_one_global_order() -> None:
 
 def test_task_refuses_an_unshareable_batch_before_loading_data() -> None:
     from trustmatch.config import load_config
-    from trustmatch.engine.precision import Precision
+    from trustmatch.core.precision import Precision
     from trustmatch.tasks import TASKS
 
     cfg = load_config("digits-fixmatch", ["train.batch_size=7"])
     precision = Precision.resolve(torch.device("cpu"), False, False)
     with (
         mock.patch.object(dist, "world_size", return_value=2),
-        mock.patch("trustmatch.tasks.classification.load_ssl_data", side_effect=AssertionError("data loaded")),
+        mock.patch("trustmatch.tasks.image_classification.load_ssl_data", side_effect=AssertionError("data loaded")),
         pytest.raises(UserError, match=r"train\.batch_size=7 .* 2 processes"),
     ):
         TASKS.get(cfg.task)(cfg, precision)
@@ -92,10 +92,10 @@ from types import SimpleNamespace
 import torch
 import torch.distributed as td
 
-from trustmatch import distributed as dist
+from trustmatch.core import distributed as dist
 from trustmatch.config import load_config
 from trustmatch.data import sampler
-from trustmatch.trainer import Trainer
+from trustmatch.run.trainer import Trainer
 
 out, modes, name, overrides = Path(sys.argv[1]), sys.argv[2].split(","), sys.argv[3], sys.argv[4:]
 cfg = load_config(name, overrides)
@@ -138,7 +138,7 @@ if "fixedperturb" in modes and hasattr(trainer.model, "perturbation"):  # UniMat
             return x * (torch.arange(x.shape[1], device=x.device) % 2 * 2.0).view(1, -1, 1, 1).to(x.dtype)
     trainer.model.perturbation = FixedMask()
 if "globalnorm" in modes and cfg.task == "segmentation":  # UniMatch's pixel normalisers over the global batch
-    from trustmatch import segmentation as seg
+    from trustmatch.methods import unimatch_step as seg
 
     functional = seg.F
 
@@ -346,7 +346,7 @@ def test_unpatched_two_processes_differ_by_an_augmentation_draw(task: str, tmp_p
     (summed gradients: ratio ~3); a batch taken per process or one slice for both processes stay
     within it here (their effect is smaller than an augmentation draw's): the exact test catches those.
     The final metrics are not compared: after 30 and 10 steps they are near chance, and another
-    augmentation draw moves them as much as the second process does.
+    augmentation draw moves them as the second process does.
     """
     overrides = PRODUCTION[task]
     one = launch(tmp_path / "one", 1, task, overrides)[0]

@@ -6,11 +6,11 @@ import pytest
 import torch
 
 from trustmatch.config import TrainConfig
-from trustmatch.engine.optim import build_optimizer, build_scheduler, param_groups
-from trustmatch.engine.precision import Precision, native_bf16
-from trustmatch.errors import UserError
+from trustmatch.core.errors import UserError
+from trustmatch.core.lr_schedules import SCHEDULES
+from trustmatch.core.precision import Precision, native_bf16
 from trustmatch.models import build_model
-from trustmatch.schedules import SCHEDULES
+from trustmatch.run.optim import build_optimizer, build_scheduler, param_groups
 
 
 def test_precision_follows_the_config_and_the_hardware() -> None:

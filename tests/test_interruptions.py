@@ -17,10 +17,10 @@ import torch
 from test_train import TINY, assert_same_state
 from trustmatch.cli import main
 from trustmatch.config import load_config
-from trustmatch.engine.checkpoint import load_checkpoint, save_checkpoint
-from trustmatch.engine.progress import Progress
-from trustmatch.errors import UserError
-from trustmatch.trainer import Trainer
+from trustmatch.core.errors import UserError
+from trustmatch.run.checkpoint import load_checkpoint, save_checkpoint
+from trustmatch.run.progress import Progress
+from trustmatch.run.trainer import Trainer
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 # long enough to be signalled mid-run, no evaluation before the end: a save at the signal's step
@@ -98,8 +98,8 @@ def test_sigterm_to_torchrun_saves_and_resumes_bit_exactly(tmp_path: Path) -> No
 KILL_WRITER = """
 import os, signal, sys, torch
 from pathlib import Path
-from trustmatch import fileio
-from trustmatch.engine.checkpoint import save_checkpoint
+from trustmatch.core import fileio
+from trustmatch.run.checkpoint import save_checkpoint
 
 path, where = Path(sys.argv[1]), sys.argv[2]
 save_checkpoint({"version": 1, "w": torch.full((1_000_000,), 1.0)}, path)
@@ -138,7 +138,7 @@ def test_a_full_disk_inside_torch_save_is_one_line(tmp_path: Path, monkeypatch: 
     """torch.save reports a failed write as its own RuntimeError; the ENOSPC behind it is named."""
     import errno
 
-    from trustmatch import fileio
+    from trustmatch.core import fileio
 
     path = tmp_path / "last.pt"
     save_checkpoint({"version": 1}, path)
@@ -266,11 +266,11 @@ def test_skipped_nonfinite_steps_change_nothing_and_are_counted(tmp_path: Path, 
     trainer = Trainer(cfg, tmp_path / "run", progress=False)
     _nan_at(trainer, 2)
     trainer.fit(stop_at=1)
-    before, position = _restorable(trainer), trainer.task.ulb_stream.position
+    before, position = _restorable(trainer), trainer.task.streams["ulb_stream"].position
     trainer.fit(stop_at=2)
     assert trainer.step == 2 and trainer.skipped == 1
     assert_same_state(before, _restorable(trainer))
-    assert trainer.task.ulb_stream.position > position and trainer.scheduler.last_epoch == 2
+    assert trainer.task.streams["ulb_stream"].position > position and trainer.scheduler.last_epoch == 2
     metrics = trainer.fit()
     assert metrics["skipped_steps"] == 1
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["skipped_steps"] == 1
@@ -289,7 +289,7 @@ def test_skip_mode_stops_a_model_that_diverged_anyway(tmp_path: Path, capsys: py
 
 def test_fit_after_a_signal_trains_again(tmp_path: Path) -> None:
     trainer = Trainer(load_config("digits-fixmatch", TINY), tmp_path / "run", progress=False)
-    trainer.stop_requested = signal.SIGTERM  # as if signalled before the first step
+    trainer.signals.requested = signal.SIGTERM  # as if signalled before the first step
     trainer.fit()
     assert trainer.step == 0 or trainer.stop_signal is None
     trainer.fit()
@@ -387,9 +387,9 @@ def test_a_main_process_error_under_torchrun_is_one_line_from_every_process(tmp_
 
 
 def test_skip_mode_stops_after_too_many_skips_in_a_row(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import trustmatch.trainer as trainer_module
+    import trustmatch.run.nonfinite as nonfinite_module
 
-    monkeypatch.setattr(trainer_module, "MAX_CONSECUTIVE_SKIPS", 3)
+    monkeypatch.setattr(nonfinite_module, "MAX_CONSECUTIVE_SKIPS", 3)
     trainer = Trainer(load_config("digits-fixmatch", [*TINY, "train.nonfinite=skip"]), tmp_path / "run", progress=False)
     step = trainer.task.step_with_regularizers
 

@@ -1,4 +1,5 @@
-"""Every module imports on its own (no circular imports), and lower layers never import higher ones."""
+"""Every module imports on its own (no circular imports), lower layers never import higher ones, and no
+two modules share a file name."""
 
 import ast
 import subprocess
@@ -10,11 +11,14 @@ import trustmatch
 PACKAGE = Path(trustmatch.__file__).parent
 # docs/architecture.md, "Layers": a module may import only from its own layer or lower ones.
 LAYERS = [
-    {"errors", "registry", "fileio", "distributed", "methods", "presets", "schedules", "config"},
-    {"data", "models", "metrics", "selection", "dynamics", "calibration", "report", "engine"},
-    {"step", "classification", "segmentation", "csl", "calibratemix", "datamap", "cslplot", "predict", "predict_masks"},
-    {"tasks"},
-    {"runs", "trainer", "evaluate", "compare"},
+    {"core"},  # errors, registries, processes, atomic files, devices and precision, lr schedules
+    {"reporting"},  # figures and run comparisons: they draw what they are given, nothing of training
+    {"methods"},  # one module per method (config section, selector, step), regularizers, their steps
+    {"config"},  # the run's typed config, composed from the methods' sections, and the shipped presets
+    {"data", "models", "evaluation"},  # datasets and views; networks; metrics, temperature, forward passes
+    {"inference"},  # `trustmatch predict` for each task
+    {"tasks"},  # classification and segmentation behind one interface
+    {"run"},  # trainer, run directory, checkpoints, loaded runs, `evaluate`
     {"cli", "__main__", "__init__"},
 ]
 LAYER = {name: i for i, names in enumerate(LAYERS) for name in names}
@@ -65,3 +69,12 @@ def test_lower_layers_never_import_higher_ones() -> None:
                 parts = name.split(".")
                 if parts[0] == "trustmatch" and len(parts) > 1 and parts[1] in LAYER:
                     assert LAYER[parts[1]] <= LAYER[top], f"{path.relative_to(PACKAGE)} imports {name}"
+
+
+def test_no_two_modules_share_a_file_name() -> None:
+    """A name says what is inside: two ``segmentation.py`` in one package say nothing."""
+    names: dict[str, list[str]] = {}
+    for path in PACKAGE.rglob("*.py"):
+        if path.name != "__init__.py":
+            names.setdefault(path.name, []).append(str(path.relative_to(PACKAGE)))
+    assert {name: paths for name, paths in names.items() if len(paths) > 1} == {}

@@ -34,7 +34,7 @@ import numpy as np
 import pytest
 import torch
 
-from trustmatch.metrics import (
+from trustmatch.evaluation.metrics import (
     ClassificationMeter,
     calibration_bins,
     classification_metrics,

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from trustmatch.errors import UserError
+from trustmatch.core.errors import UserError
 from trustmatch.models import MODELS, build_model
 
 SMALL = ["cnn", "wrn_28_2", "wrn_37_2"]

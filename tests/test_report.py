@@ -10,8 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from trustmatch.metrics import reliability_bins
-from trustmatch.report import DataMapPanel, data_map, reliability_diagram, training_curves
+from trustmatch.evaluation.metrics import reliability_bins
+from trustmatch.reporting.plots import DataMapPanel, data_map, reliability_diagram, training_curves
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -135,7 +135,7 @@ def test_failed_render_leaves_no_temp_file(tmp_path: Path, monkeypatch: pytest.M
 
     path = tmp_path / "rel.png"
     path.write_bytes(b"previous")
-    monkeypatch.setattr("trustmatch.report.FigureCanvasAgg", BrokenCanvas)
+    monkeypatch.setattr("trustmatch.reporting.plots.FigureCanvasAgg", BrokenCanvas)
     with pytest.raises(RuntimeError, match="renderer died"):
         reliability_diagram(_empty_bins(5), path, "broken")
     assert _only_file(tmp_path) == path

@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from trustmatch.metrics import SegmentationMeter, expected_calibration_error
-from trustmatch.report import _NEUTRAL, _overlay, segmentation_overlays
+from trustmatch.evaluation.metrics import SegmentationMeter, expected_calibration_error
+from trustmatch.reporting.plots import _NEUTRAL, _overlay, segmentation_overlays
 
 K = 5  # class 4 never occurs in the masks and is never predicted: its IoU is undefined
 IGNORE = 255

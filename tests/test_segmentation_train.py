@@ -15,11 +15,11 @@ from torch import nn
 from test_train import assert_same_state, check_torchrun_resume
 from trustmatch.cli import main
 from trustmatch.config import load_config
-from trustmatch.engine.checkpoint import load_checkpoint
+from trustmatch.methods import FixMatchSelector, Selection
+from trustmatch.methods.unimatch_step import SegBatch, paste, pixel_loss, unimatch_step
 from trustmatch.models.output import Output
-from trustmatch.segmentation import SegBatch, paste, pixel_loss, unimatch_step
-from trustmatch.selection import FixMatchSelector, Selection
-from trustmatch.trainer import Trainer
+from trustmatch.run.checkpoint import load_checkpoint
+from trustmatch.run.trainer import Trainer
 
 SMALL = [
     "data.scenes=40",

@@ -8,8 +8,8 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from trustmatch.engine.inference import _window_starts, segment
-from trustmatch.engine.precision import Precision
+from trustmatch.core.precision import Precision
+from trustmatch.evaluation.forward import _window_starts, segment
 from trustmatch.models import MODELS, SEGMENTATION_MODELS, Output, build_model
 
 NETS = ["segnet_small", "deeplabv3plus_r50"]

@@ -8,6 +8,7 @@ import torch
 import torchvision.transforms.v2.functional as tvf
 from PIL import Image
 
+from trustmatch.core.errors import UserError
 from trustmatch.data.segviews import (
     SegViews,
     adjust_hue,
@@ -15,7 +16,6 @@ from trustmatch.data.segviews import (
     gaussian_blur,
     strong_params,
 )
-from trustmatch.errors import UserError
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 

@@ -4,11 +4,11 @@ import pytest
 import torch
 
 from trustmatch.config import DataConfig
+from trustmatch.core.errors import UserError
 from trustmatch.data import load_ssl_data
-from trustmatch.data.base import ImageSet, SourceData
+from trustmatch.data.image_sets import ImageSet, SourceData
 from trustmatch.data.sampler import IndexStream
 from trustmatch.data.split import make_ssl_split
-from trustmatch.errors import UserError
 
 
 def _source(per_class: int = 10, classes: int = 3) -> SourceData:

@@ -10,11 +10,11 @@ from PIL import Image
 
 from trustmatch.cli import main
 from trustmatch.config import load_config
-from trustmatch.engine.checkpoint import load_checkpoint
-from trustmatch.errors import UserError
-from trustmatch.schedules import cosine_factor
-from trustmatch.step import Regularizer
-from trustmatch.trainer import Trainer
+from trustmatch.core.errors import UserError
+from trustmatch.core.lr_schedules import cosine_factor
+from trustmatch.methods.step_output import Regularizer
+from trustmatch.run.checkpoint import load_checkpoint
+from trustmatch.run.trainer import Trainer
 
 TIME_KEYS = {"elapsed", "elapsed_s", "wall_time_s"}  # wall-clock time is the one thing a resume may change
 
@@ -271,9 +271,9 @@ from pathlib import Path
 
 import torch
 
-from trustmatch import distributed as dist
+from trustmatch.core import distributed as dist
 from trustmatch.config import load_config
-from trustmatch.trainer import Trainer
+from trustmatch.run.trainer import Trainer
 
 out, name, overrides = Path(sys.argv[1]), sys.argv[2], sys.argv[3:]
 cfg = load_config(name, overrides)
@@ -434,7 +434,7 @@ class _LogitPenalty(Regularizer):
 
 def test_a_regularizer_adds_its_loss_and_its_state_is_checkpointed(tmp_path: Path) -> None:
     from trustmatch.tasks import TASKS
-    from trustmatch.tasks.classification import ClassificationTask
+    from trustmatch.tasks.image_classification import ClassificationTask
 
     class WithPenalty(ClassificationTask):
         def __init__(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]

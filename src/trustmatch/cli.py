@@ -11,7 +11,7 @@ import os
 import sys
 from pathlib import Path
 
-from trustmatch.errors import UserError
+from trustmatch.core.errors import UserError
 
 EXIT_USER_ERROR = 2
 
@@ -57,7 +57,8 @@ def _parser() -> argparse.ArgumentParser:
     rp.add_argument("--out", type=Path, default=Path("report"), help="directory for report.md and report.png")
     rp.add_argument("--labels", nargs="+", metavar="NAME", help="one name per RUN_DIR (default: directory names)")
 
-    ls = sub.add_parser("list", help="list the shipped configs")
+    ls = sub.add_parser("list", help="list the shipped configs, or print one resolved")
+    ls.add_argument("name", nargs="?", help="a shipped config (or YAML file): print its resolved config as YAML")
     ls.add_argument("--keys", action="store_true", help="list every config key instead")
     return p
 
@@ -89,7 +90,7 @@ def _train(args: argparse.Namespace) -> int:
             args.config, args.overrides = None, [args.config, *args.overrides]
         if args.config or args.seed is not None or args.out is not None:
             raise UserError("--resume takes its config and directory from RUN_DIR: drop CONFIG, --seed and --out")
-        from trustmatch.trainer import Trainer
+        from trustmatch.run.trainer import Trainer
 
         trainer = Trainer.resume(args.resume, args.overrides, progress=not args.quiet)
     else:
@@ -97,12 +98,12 @@ def _train(args: argparse.Namespace) -> int:
             raise UserError("train needs CONFIG (a name from `trustmatch list` or a YAML file) or --resume RUN_DIR")
         overrides = list(args.overrides) + ([f"seed={args.seed}"] if args.seed is not None else [])
         cfg = load_config(args.config, overrides)  # fails fast, before torch and the data load
-        from trustmatch.trainer import Trainer
+        from trustmatch.run.trainer import Trainer
 
         out = args.out or Path("runs") / run_name(args.config, list(args.overrides), cfg.seed)
         trainer = Trainer(cfg, out, progress=not args.quiet)
     metrics = trainer.fit()
-    from trustmatch import distributed
+    from trustmatch.core import distributed
 
     main_process = distributed.is_main()
     distributed.shutdown()
@@ -132,7 +133,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from trustmatch.evaluate import evaluate_run
+    from trustmatch.run.checkpoint_evaluation import evaluate_run
 
     result = evaluate_run(args.run_dir, args.checkpoint, args.split)
     print(json.dumps(result, indent=2))
@@ -141,7 +142,8 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 def _predict(args: argparse.Namespace) -> int:
     from trustmatch.config import read_yaml
-    from trustmatch.runs import checkpoint_path, load_run_model
+    from trustmatch.run.loaded_run import checkpoint_path, load_run_model
+    from trustmatch.tasks import TASKS
 
     path = checkpoint_path(args.run_dir, args.checkpoint)
     config = args.run_dir / "config.yaml"
@@ -160,7 +162,10 @@ def _predict(args: argparse.Namespace) -> int:
             )
     run = load_run_model(path)
     temperature = None if args.raw else run.meta.get("temperature")
-    n = run.task.predict(run.model, run.meta, args.inputs, args.out, run.precision, temperature, **options)
+    predict = TASKS.metadata(run.cfg.task).get("predict")
+    if predict is None:
+        raise UserError(f"task {run.cfg.task!r} has no predictor: register one with TASKS.register(..., predict=...)")
+    n = predict(run.model, run.meta, args.inputs, args.out, run.precision, temperature, **options)
     how = (
         "raw confidences"
         if temperature is None
@@ -171,7 +176,7 @@ def _predict(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from trustmatch.compare import load_runs, markdown_report, write_report
+    from trustmatch.reporting.run_comparison import load_runs, markdown_report, write_report
 
     runs = load_runs(args.run_dirs, args.labels)
     markdown, png = write_report(runs, args.out)
@@ -181,8 +186,15 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _list(args: argparse.Namespace) -> int:
-    from trustmatch.config import describe_keys, shipped_configs
+    from trustmatch.config import describe_keys, load_config, shipped_configs
 
+    if args.name is not None:
+        if args.keys:
+            raise UserError("trustmatch list takes NAME or --keys, not both")
+        import yaml
+
+        print(yaml.safe_dump(load_config(args.name).to_dict(), sort_keys=False), end="")
+        return 0
     if args.keys:
         rows = describe_keys()
         key_width, default_width = (max(len(r[i]) for r in rows) for i in (0, 1))
@@ -210,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except UserError as e:
-        from trustmatch import distributed
+        from trustmatch.core import distributed
 
         if not (e.everywhere and not distributed.is_main()):  # under torchrun, a shared error once
             print(f"trustmatch: error: {e}", file=sys.stderr)

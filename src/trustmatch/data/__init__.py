@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from trustmatch.config import DataConfig
 from trustmatch.data import digits, digitscenes, folders, segfiles, torchvision_sets  # noqa: F401  (register loaders)
-from trustmatch.data.base import DATASETS, ImageSet, SourceData
 from trustmatch.data.cache import MappedImages
+from trustmatch.data.image_sets import DATASETS, ImageSet, SourceData
 from trustmatch.data.split import SSLData, make_ssl_split
 
 __all__ = ["DATASETS", "ImageSet", "MappedImages", "SourceData", "SSLData", "load_ssl_data"]

@@ -39,8 +39,8 @@ import torch
 from torch import Tensor
 
 from trustmatch.config import DataConfig
-from trustmatch.errors import UserError
-from trustmatch.fileio import atomic_write_bytes
+from trustmatch.core.errors import UserError
+from trustmatch.core.fileio import atomic_write_bytes
 
 FORMAT_VERSION = 1  # bump when the file layout or a loader's decoded pixels change
 MAGIC = b"TMDECODE"

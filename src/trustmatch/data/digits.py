@@ -10,7 +10,7 @@ import torch
 from torchvision.transforms.v2 import functional as TF
 
 from trustmatch.config import DataConfig
-from trustmatch.data.base import DATASETS, ImageSet, SourceData
+from trustmatch.data.image_sets import DATASETS, ImageSet, SourceData
 
 DIGITS_DEFAULT_SIZE = 16
 

@@ -38,8 +38,9 @@ import torch
 import torch.nn.functional as F
 
 from trustmatch.config import DataConfig
-from trustmatch.data.segmentation import IGNORE, SEGMENTATION_DATASETS, SegmentationData, TensorSegSet, voc_palette
-from trustmatch.errors import UserError
+from trustmatch.core.errors import UserError
+from trustmatch.core.labels import IGNORE
+from trustmatch.data.seg_sets import SEGMENTATION_DATASETS, SegmentationData, TensorSegSet, voc_palette
 
 DEFAULT_SIZE = 64
 TEST_SCENES = 300

@@ -29,10 +29,10 @@ from PIL import Image
 from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
 
 from trustmatch.config import DataConfig
-from trustmatch.data.base import DATASETS, ImageSet, SourceData
+from trustmatch.core.errors import UserError
 from trustmatch.data.cache import MappedImages, cache_name, decoded_dir, open_cache, source_key, use_disk
+from trustmatch.data.image_sets import DATASETS, ImageSet, SourceData
 from trustmatch.data.imageio import convert_image, decode_reason
-from trustmatch.errors import UserError
 
 DEFAULT_IMAGE_SIZE = 32
 DECODE_THREADS = 4  # PIL releases the GIL while decoding, so threads overlap file reads and decodes
@@ -267,8 +267,3 @@ def stats_from_histogram(histogram: Histogram) -> tuple[tuple[float, ...], tuple
         variance = (squares * n - total * total) / (255 * 255 * n * n)  # exact integers, then one division
         stds.append(max(math.sqrt(variance), 1 / 255))  # a flat channel: no divide by 0
     return tuple(means), tuple(stds)
-
-
-def _channel_stats(images: torch.Tensor | MappedImages) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Per-channel mean and std in [0, 1] units, read in chunks to bound memory."""
-    return stats_from_histogram(channel_histogram(images))

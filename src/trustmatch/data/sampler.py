@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from trustmatch import distributed as dist
+from trustmatch.core import distributed as dist
 
 
 class IndexStream:

@@ -25,9 +25,10 @@ import numpy as np
 from PIL import Image
 
 from trustmatch.config import DataConfig
+from trustmatch.core.errors import UserError
 from trustmatch.data.folders import DECODE_ERRORS, EXTENSIONS, existing_folder, image_files, unlabeled_files
 from trustmatch.data.imageio import convert_image, decode_reason
-from trustmatch.data.segmentation import (
+from trustmatch.data.seg_sets import (
     CITYSCAPES_PALETTE,
     IGNORE,
     IMAGENET_MEAN,
@@ -38,7 +39,6 @@ from trustmatch.data.segmentation import (
     read_mask,
     voc_palette,
 )
-from trustmatch.errors import UserError
 
 PASCAL_CLASSES = [
     "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",

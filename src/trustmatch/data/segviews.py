@@ -37,9 +37,10 @@ from torch import Tensor
 from torchvision import tv_tensors
 from torchvision.transforms import InterpolationMode
 
-from trustmatch.data.segmentation import IGNORE, SegmentationSet
+from trustmatch.core.errors import UserError
+from trustmatch.core.labels import IGNORE
+from trustmatch.data.seg_sets import SegmentationSet
 from trustmatch.data.views import Normalise, adjust_brightness, adjust_contrast, adjust_saturation, to_device
-from trustmatch.errors import UserError
 
 JITTER = (0.5, 0.5, 0.5, 0.25)  # ColorJitter brightness, contrast, saturation, hue (UniMatch)
 MILD_JITTER = (0.2, 0.2, 0.2, 0.2)  # CSL's Trusted Mask Perturbation view

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
-from trustmatch.data.base import ImageSet, SourceData, cat_images
-from trustmatch.errors import UserError
+from trustmatch.core.errors import UserError
+from trustmatch.data.image_sets import ImageSet, SourceData, cat_images
 
 TEST_SPLIT_SEED = 20240601  # fixed: every run and seed of a dataset is scored on the same test set
 

@@ -36,10 +36,10 @@ from torchvision import datasets as tvd
 from torchvision.transforms.v2 import functional as TF
 
 from trustmatch.config import DataConfig
-from trustmatch.data.base import DATASETS, ImageSet, SourceData
+from trustmatch.core.errors import UserError
+from trustmatch.core.fileio import atomic_write_bytes
 from trustmatch.data.cache import MappedImages, cache_dir, cache_name, decoded_dir, open_cache, source_key, use_disk
-from trustmatch.errors import UserError
-from trustmatch.fileio import atomic_write_bytes
+from trustmatch.data.image_sets import DATASETS, ImageSet, SourceData
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 RESIZE_CHUNK = 4096  # images resized per call: bounds the float scratch memory on 100k-image sets

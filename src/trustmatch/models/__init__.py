@@ -17,25 +17,25 @@ from typing import Any
 
 from torch import nn
 
+from trustmatch.core.registry import Registry
 from trustmatch.models import cnn, segnets, wideresnet
 from trustmatch.models.output import Output
-from trustmatch.registry import Registry
 
 __all__ = ["MODELS", "SEGMENTATION_MODELS", "Output", "build_model"]
 
 ModelFactory = Callable[..., nn.Module]
 
 MODELS: Registry[ModelFactory] = Registry("model")
-MODELS.register("wrn_28_2")(wideresnet.wrn_28_2)
-MODELS.register("wrn_28_8")(wideresnet.wrn_28_8)
-MODELS.register("wrn_37_2")(wideresnet.wrn_37_2)
-MODELS.register("cnn")(cnn.SmallCNN)
-MODELS.register("deeplabv3plus_r50")(segnets.deeplabv3plus_r50)
-MODELS.register("deeplabv3plus_r101")(segnets.deeplabv3plus_r101)
-MODELS.register("segnet_small")(segnets.segnet_small)
+MODELS.register("wrn_28_2", task="classification")(wideresnet.wrn_28_2)
+MODELS.register("wrn_28_8", task="classification")(wideresnet.wrn_28_8)
+MODELS.register("wrn_37_2", task="classification")(wideresnet.wrn_37_2)
+MODELS.register("cnn", task="classification")(cnn.SmallCNN)
+# segmentation factories take ``pretrained`` and ``output_stride`` and return per-pixel logits
+MODELS.register("deeplabv3plus_r50", task="segmentation")(segnets.deeplabv3plus_r50)
+MODELS.register("deeplabv3plus_r101", task="segmentation")(segnets.deeplabv3plus_r101)
+MODELS.register("segnet_small", task="segmentation")(segnets.segnet_small)
 
-# The names whose factories take ``pretrained`` and ``output_stride`` and return per-pixel logits.
-SEGMENTATION_MODELS = ("deeplabv3plus_r50", "deeplabv3plus_r101", "segnet_small")
+SEGMENTATION_MODELS = tuple(MODELS.where(task="segmentation"))
 
 
 def build_model(

@@ -1,14 +1,16 @@
-"""Tasks by name (``task`` in the config): classification and segmentation."""
+"""Tasks by name (``task`` in the config), each with the predictor ``trustmatch predict`` runs for it."""
 
 from __future__ import annotations
 
-from trustmatch.registry import Registry
-from trustmatch.tasks.base import Evaluation, Regularizer, Stateful, StepOutput, Task
-from trustmatch.tasks.classification import ClassificationTask
-from trustmatch.tasks.segmentation import SegmentationTask
+from trustmatch.core.registry import Registry
+from trustmatch.inference.predict_classes import write_predictions
+from trustmatch.inference.predict_masks import write_masks
+from trustmatch.tasks.image_classification import ClassificationTask
+from trustmatch.tasks.semantic_segmentation import SegmentationTask
+from trustmatch.tasks.task import Evaluation, Regularizer, SSLTask, Stateful, StepOutput, Task
 
-__all__ = ["TASKS", "Evaluation", "Regularizer", "Stateful", "StepOutput", "Task"]
+__all__ = ["TASKS", "Evaluation", "Regularizer", "SSLTask", "Stateful", "StepOutput", "Task"]
 
 TASKS: Registry[type[Task]] = Registry("task")
-TASKS.register("classification")(ClassificationTask)
-TASKS.register("segmentation")(SegmentationTask)
+TASKS.register("classification", predict=write_predictions)(ClassificationTask)  # a CSV of classes
+TASKS.register("segmentation", predict=write_masks)(SegmentationTask)  # PNG masks (and confidence maps)

@@ -1,0 +1,283 @@
+"""The shipped configs, generated from one table: dataset settings x methods x label counts.
+
+Each config is a nested mapping of config keys, the shape of a YAML file, so a user YAML can start
+from one with ``base: <name>``. A new dataset is one entry in FAMILIES; a new method is one entry
+in ``trustmatch.methods.method.METHODS`` and joins every family that trains all methods (or all SSL ones).
+Every family also gets ``<dataset>-calibratemix-<labels>``: CalibrateMix on SoftMatch, as released.
+Segmentation: ``digitscenes-<method>`` (CPU-sized; ``digitscenes-csl-notmp`` is CSL without TMP) and
+UniMatch's published Pascal, Cityscapes and COCO settings for every segmentation method (CSL at output
+stride 8, as published).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from trustmatch.methods import METHODS
+
+ALL = tuple(METHODS.for_task("classification"))
+SSL = tuple(m for m in ALL if METHODS.get(m).semi_supervised)  # the published tables compare SSL methods only
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str  # config name, with {method} and {labels}
+    title: str  # the dataset as descriptions name it
+    classes: int
+    labels: tuple[int, ...]  # total labeled images: one config per count
+    methods: tuple[str, ...]
+    settings: dict[str, Any]  # method.* keys here reach only the methods that read them
+    note: str  # the end of each description
+
+
+def _cpu(dataset: str, steps: int, eval_every: int, **data: Any) -> dict[str, Any]:
+    """A small CNN and a step budget that trains in minutes on 2 CPU cores."""
+    return {
+        "data": {"name": dataset, "strong_ops": 2, **data},  # FixMatch's 2 RandAugment ops per strong view
+        # USB's BatchNorm momentum 0.001 is for 2^20 steps: running statistics would lag a short run.
+        "model": {"name": "cnn", "bn_momentum": 0.1},
+        # FreeMatch/SoftMatch statistics: with 0.999 the EMA horizon 1/(1-m) is 1,000 steps, most of
+        # the run, so they would mostly reflect their initial values; 0.99 gives 100 steps (5-7 % of
+        # the budget): short against the run, long against batch noise.
+        "method": {"ema_m": 0.99},
+        # The model EMA: the same reasoning.
+        "train": {"steps": steps, "batch_size": 32, "uratio": 7, "ema": 0.99, "eval_every": eval_every},
+    }
+
+
+def _usb(dataset: str, model: str, weight_decay: float = 5e-4) -> dict[str, Any]:
+    """USB's published setting: batch 64 + 7x64 unlabeled, SGD 0.03 nesterov, 2^20 steps, EMA 0.999.
+
+    The batch is global, as USB's: any number of processes dividing 64 runs it unchanged, lr included."""
+    return {
+        "data": {
+            "name": dataset,
+            "val_per_class": 0,  # "40 labels" means 40 labeled images and nothing more: no validation split
+            "include_labeled_in_unlabeled": True,
+            "strong_ops": 3,  # USB's strong view: 3 RandAugment ops at random magnitudes, then Cutout
+        },
+        "model": {"name": model},
+        "train": {
+            "steps": 2**20,
+            "batch_size": 64,
+            "uratio": 7,
+            "lr": 0.03,
+            "momentum": 0.9,
+            "nesterov": True,
+            "weight_decay": weight_decay,
+            "ema": 0.999,
+            "eval_every": 5000,
+            "log_every": 100,
+        },
+    }
+
+
+_USB_NOTE = "(published USB setting)"
+FAMILIES = (  # name, dataset as described, classes, label counts, methods, settings, end of the description
+    Family(
+        "digits-{method}", "scikit-learn's digits", 10, (40,), ALL,
+        _cpu("digits", 1500, 250, val_per_class=5, image_size=16), "CNN at 16 px, 1,500 steps (CPU-sized)",
+    ),
+    Family(
+        "fashionmnist-{method}-{labels}", "Fashion-MNIST", 10, (40, 250), ALL,
+        _cpu("fashionmnist", 2000, 500, val_per_class=10), "CNN, 2,000 steps (CPU-sized)",
+    ),
+    Family(
+        "cifar10-{method}-{labels}", "CIFAR-10", 10, (40, 250, 4000), SSL,
+        _usb("cifar10", "wrn_28_2"), f"WRN-28-2 {_USB_NOTE}",
+    ),
+    Family(
+        "cifar100-{method}-{labels}", "CIFAR-100", 100, (400, 2500, 10000), SSL,
+        _usb("cifar100", "wrn_28_8", weight_decay=1e-3), f"WRN-28-8, wd 1e-3 {_USB_NOTE}",
+    ),
+    Family(
+        "svhn-{method}-{labels}", "SVHN", 10, (40, 250, 1000), SSL,
+        _usb("svhn", "wrn_28_2"), f"WRN-28-2 {_USB_NOTE}",
+    ),
+    Family(
+        "stl10-{method}-{labels}", "STL-10", 10, (40, 250, 1000), SSL,
+        _usb("stl10", "wrn_37_2"), f"+100k unlabeled, WRN-37-2 at 96 px {_USB_NOTE}",
+    ),
+)  # fmt: skip
+
+
+def _config(family: Family, method: str, labels: int) -> dict[str, Any]:
+    settings, spec = family.settings, METHODS.get(method)
+    return {
+        "description": f"{spec.description} on {family.title} with {labels} labels, {family.note}",
+        **settings,
+        "data": {**settings["data"], "labels_per_class": labels // family.classes},
+        "method": {"name": method, **{k: v for k, v in settings.get("method", {}).items() if k in spec.Config.keys()}},
+    }
+
+
+def _calibratemix(family: Family, labels: int) -> dict[str, Any]:
+    """CalibrateMix as released: on SoftMatch, with the second forward pass."""
+    config = _config(family, CALIBRATEMIX_BASE, labels)
+    config["description"] = f"CalibrateMix on {config['description']}"
+    return {**config, "calibratemix": {"mode": "faithful"}}
+
+
+CALIBRATEMIX_BASE = "softmatch"  # the only variant the authors released
+SEGMENTATION = tuple(METHODS.for_task("segmentation"))
+
+
+@dataclass(frozen=True)
+class SegFamily:
+    """Segmentation configs: ``splits`` maps a split name to (labeled, unlabeled) image counts."""
+
+    name: str  # with {method} and {split}
+    title: str
+    splits: dict[str, tuple[int, int]]
+    epochs: int  # UniMatch counts epochs over the unlabeled set: steps = epochs * ceil(unlabeled / batch)
+    settings: dict[str, Any]
+    note: str
+
+
+def _unimatch(
+    dataset: str, crop: int, lr: float, head_lr_scale: float, model: str, output_stride: int = 16, **data: Any
+) -> dict[str, Any]:
+    """UniMatch's published setting: batch 8 labeled + 8 unlabeled (UniMatch's global batch, as
+    train.batch_size is: one GPU or any number of torchrun processes dividing 8 runs it unchanged), SGD
+    (momentum 0.9, wd 1e-4), poly decay (power 0.9), DeepLabV3+ with an ImageNet encoder, threshold
+    0.95, the trained model itself evaluated (no EMA: train.ema 0), images decoded in 8 threads."""
+    return {
+        "task": "segmentation",
+        "data": {"name": dataset, "crop_size": crop, "workers": 8, **data},
+        "model": {"name": model, "pretrained": True, "output_stride": output_stride, "bn_momentum": 0.1},
+        "method": {"tau": 0.95},
+        "train": {
+            "batch_size": 8,
+            "uratio": 1,
+            "lr": lr,
+            "head_lr_scale": head_lr_scale,
+            "schedule": "poly",
+            "poly_power": 0.9,
+            "momentum": 0.9,
+            "nesterov": False,
+            "weight_decay": 1e-4,
+            "ema": 0.0,
+            "eval_every": 5000,
+            "eval_batch_size": 1,
+            "log_every": 100,
+        },
+    }
+
+
+def _pascal_splits() -> dict[str, tuple[int, int]]:
+    # UniMatch's "original" splits: labeled from the 1,464 fine masks, unlabeled the rest of the
+    # 10,582 SBD-augmented set
+    return {str(n): (n, 10582 - n) for n in (92, 183, 366, 732, 1464)}
+
+
+def _fraction_splits(total: int, denominators: tuple[int, ...]) -> dict[str, tuple[int, int]]:
+    return {f"1_{d}": (round(total / d), total - round(total / d)) for d in denominators}
+
+
+SEG_FAMILIES = (
+    SegFamily(
+        "pascal-{method}-{split}", "Pascal VOC 2012 (+SBD)", _pascal_splits(), 80,
+        _unimatch("pascal", 321, 0.001, 10.0, "deeplabv3plus_r101"), "DeepLabV3+ R101, crop 321 (UniMatch setting)",
+    ),
+    SegFamily(
+        "cityscapes-{method}-{split}", "Cityscapes", _fraction_splits(2975, (16, 8, 4, 2)), 240,
+        _unimatch("cityscapes", 801, 0.005, 1.0, "deeplabv3plus_r50", output_stride=8, sliding_window=True),
+        "DeepLabV3+ R50 at stride 8, crop 801, sliding-window evaluation (UniMatch setting; its public "
+        "config crops 769, uses multi-grid and an OHEM labeled loss)",
+    ),
+    SegFamily(
+        "coco-{method}-{split}", "COCO (81 classes)", _fraction_splits(118287, (512, 256, 128, 64, 32)), 30,
+        _unimatch("coco", 513, 0.004, 10.0, "deeplabv3plus_r101"),
+        "DeepLabV3+ R101, crop 513 (UniMatch setting, which uses Xception-65)",
+    ),
+)  # fmt: skip
+
+
+def _digitscenes(method: str, tmp: bool = True) -> dict[str, Any]:
+    """Scenes of real handwritten digits, 64 px: a small network trains in minutes on 2 CPU cores.
+
+    The head learns at the encoder's rate (UniMatch's 10x is for an ImageNet-pretrained encoder; this
+    one starts from scratch: 4x lowered val mIoU from 0.47 to 0.37). lr 0.025 and 80 labeled scenes,
+    chosen on the validation scenes of seed 0 (2,000 steps): at 80 labeled, supervised 0.268 at lr
+    0.0125 and 0.298 at 0.025, UniMatch 0.250 and 0.312; with 20 labeled scenes every method stays
+    near the all-background 0.12, so 80 is the smallest count that shows the methods apart.
+    2,000 UniMatch steps take about 3 minutes on 2 CPU cores.
+
+    CSL's TMP grid keeps the published cell-to-crop ratio rather than the 32-px cell itself: Pascal's
+    32-px cells are a tenth of a 321 crop and a part of an object; at 64 px a 32-px cell is a whole
+    digit, so the scenes use 8-px cells (8 x 8, a quarter of a digit). ``tmp``: False gives CSL's
+    selection in UniMatch's step (two CutMix strong views), the ablation without TMP.
+    """
+    spec = METHODS.get(method)
+    method_keys: dict[str, Any] = {"ema_m": 0.99} if "ema_m" in spec.Config.keys() else {}
+    description = spec.description
+    if "tmp" in spec.Config.keys():
+        method_keys.update({"tmp": tmp, "tmp_cell": 8} if tmp else {"tmp": False})
+        description += "" if tmp else ", without TMP (UniMatch's two strong views)"
+    return {
+        "description": f"{description} on digitscenes (80 labeled scenes), small network, 2,000 steps (CPU-sized)",
+        "task": "segmentation",
+        "data": {"name": "digitscenes", "crop_size": 64, "scenes": 1000, "labeled_images": 80, "val_images": 100},
+        "model": {"name": "segnet_small", "bn_momentum": 0.1},
+        "method": {"name": method, **method_keys},
+        "train": {
+            "steps": 2000,
+            "batch_size": 8,
+            "uratio": 1,
+            "lr": 0.025,
+            "schedule": "poly",
+            "momentum": 0.9,
+            "nesterov": False,
+            "weight_decay": 1e-4,
+            "ema": 0.99,
+            "eval_every": 250,
+            "eval_batch_size": 100,
+        },
+    }
+
+
+def _segmentation(family: SegFamily, method: str, split: str) -> dict[str, Any]:
+    """Steps as UniMatch counts them: epochs over the unlabeled set (over the labeled set when supervised)."""
+    labeled, unlabeled = family.splits[split]
+    settings, spec = family.settings, METHODS.get(method)
+    batch = settings["train"]["batch_size"]
+    epoch = unlabeled if spec.semi_supervised else labeled
+    model, note = settings["model"], family.note
+    if spec.published_backbone is not None:  # the method's own release's (UniMatch's is the family's)
+        name, stride, described = spec.published_backbone
+        model = {**model, "name": name, "output_stride": stride}
+        note += f"; {described}"
+    return {
+        "description": f"{spec.description} on {family.title}, split {split} ({labeled} labeled), {note}",
+        **settings,
+        "model": model,
+        "data": {**settings["data"], "split": split},
+        "method": {"name": method, **{k: v for k, v in settings["method"].items() if k in spec.Config.keys()}},
+        "train": {**settings["train"], "steps": family.epochs * -(-epoch // batch)},
+    }
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    family.name.format(method=method, labels=labels): _config(family, method, labels)
+    for family in FAMILIES
+    for method in family.methods
+    for labels in family.labels
+}
+PRESETS.update(
+    {
+        family.name.format(method="calibratemix", labels=labels): _calibratemix(family, labels)
+        for family in FAMILIES
+        for labels in family.labels
+    }
+)
+PRESETS.update({f"digitscenes-{method}": _digitscenes(method) for method in SEGMENTATION})
+PRESETS["digitscenes-csl-notmp"] = _digitscenes("csl", tmp=False)
+PRESETS.update(
+    {
+        family.name.format(method=method, split=split): _segmentation(family, method, split)
+        for family in SEG_FAMILIES
+        for method in SEGMENTATION
+        for split in family.splits
+    }
+)

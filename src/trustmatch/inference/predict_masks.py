@@ -1,0 +1,73 @@
+"""Segmentation predictions for a user's images: one palette PNG of class ids per image, at the
+image's own size, and on request a per-pixel confidence map beside it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+from trustmatch.core.errors import UserError
+from trustmatch.core.fileio import atomic_write_bytes, write_error
+from trustmatch.core.precision import Precision
+from trustmatch.data.seg_sets import FileSegSet
+from trustmatch.data.segfiles import checked_size
+from trustmatch.data.segviews import SegViews
+from trustmatch.evaluation.forward import segment
+from trustmatch.inference.predict_classes import collect_images
+
+LARGE = 4  # an image whose longer side exceeds this many crops is predicted in sliding windows
+
+
+def _write_png(path: Path, image: Image.Image) -> None:
+    atomic_write_bytes(path, lambda f: image.save(f, format="PNG"))
+
+
+def write_masks(
+    model: nn.Module,
+    meta: dict[str, Any],
+    inputs: list[Path],
+    out: Path,
+    precision: Precision,
+    temperature: float | None = None,
+    confidence_maps: bool = False,
+) -> int:
+    """``out/<stem>.png`` per image: class ids in a palette PNG (viewers show the class colours,
+    ``np.array(Image.open(p))`` gives the ids). ``confidence_maps``: ``out/<stem>_confidence.png``,
+    the top-class probability per pixel as 8-bit grey (0-255 for 0-1). Returns the number of images."""
+    files = collect_images(inputs)
+    stems: dict[str, Path] = {}
+    for path in files:
+        if path.stem in stems:
+            raise UserError(f"{stems[path.stem]} and {path} would both write {path.stem}.png: predict them separately")
+        stems[path.stem] = path
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file: segmentation writes one mask per image into a directory")
+    for path in files:  # a damaged image stops the command before the first mask is written
+        checked_size(path)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise write_error(out, e) from None
+    views = SegViews(tuple(meta["mean"]), tuple(meta["std"]), meta["crop_size"])
+    window = meta["crop_size"]
+    palette = [value for colour in meta["palette"] for value in colour]
+    images = FileSegSet([(path, None) for path in files], len(meta["classes"]))
+    for i, path in enumerate(files):
+        image, _ = images.load(i)
+        x = views.plain(image[None].to(precision.device))
+        # crop-sized windows where the run evaluates so, or where a whole photo would not fit in memory
+        crop = window if meta["sliding_window"] or max(image.shape[1:]) > LARGE * window else None
+        probs = (segment(model, x, precision, crop)[0] / (temperature or 1.0)).softmax(dim=0)
+        confidence, classes = probs.max(dim=0)
+        mask = Image.fromarray(classes.to(torch.uint8).cpu().numpy(), mode="P")
+        mask.putpalette(palette)
+        _write_png(out / f"{path.stem}.png", mask)
+        if confidence_maps:
+            grey = (confidence * 255).round().byte().cpu().numpy().astype(np.uint8)
+            _write_png(out / f"{path.stem}_confidence.png", Image.fromarray(grey, mode="L"))
+    return len(files)

@@ -1,0 +1,169 @@
+"""What a method is: its ``method.*`` config section, the tasks it trains, and what a task asks of it.
+
+Each method module defines a config dataclass (its keys, defaults and range checks) and a ``Method``
+subclass registered in ``METHODS`` with its description and tasks; every list of methods (config
+validation, presets, benchmarks, ``trustmatch list``) is derived from that registry. A task never
+compares method names: it asks the method for its selector, its step, and whether it needs a TMP view
+or a selection recorder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from trustmatch.core.options import opt
+from trustmatch.core.registry import Registry
+from trustmatch.methods.selector import Selector
+from trustmatch.methods.step_output import StepOutput
+from trustmatch.methods.unimatch_step import SegBatch, supervised_pixel_step, unimatch_step
+from trustmatch.methods.weak_to_strong import Batch, consistency_loss, supervised_step, weak_to_strong_step
+
+Check = tuple[bool, str, str]  # (holds, key, what the key must be)
+
+
+@dataclass
+class MethodConfig:
+    """The ``method`` section: ``name``, and in each method's subclass the keys that method reads."""
+
+    name: str = opt("fixmatch", "the method: see `trustmatch list`, or METHODS")
+    #: keys only one task reads (CSL's TMP keys: segmentation), refused in the others
+    task_only: ClassVar[dict[str, str]] = {}
+
+    @classmethod
+    def keys(cls, task: str | None = None) -> tuple[str, ...]:
+        """The method.* keys this method reads besides ``name`` (when it trains ``task``, if given)."""
+        names = (f.name for f in dataclasses.fields(cls) if f.name != "name")
+        return tuple(k for k in names if task is None or cls.task_only.get(k, task) == task)
+
+    def checks(self) -> list[Check]:
+        """The range of each key, checked once the config is merged."""
+        return []
+
+
+@dataclass
+class SSLConfig(MethodConfig):
+    lambda_u: float = opt(1.0, "weight of the unlabeled loss")
+
+
+@dataclass
+class ThresholdConfig(SSLConfig):
+    """The keys of a confidence threshold (FixMatch, FlexMatch, UniMatch, UDA)."""
+
+    tau: float = opt(0.95, "confidence threshold of a pseudo-label")
+
+    def checks(self) -> list[Check]:
+        return [*super().checks(), (0.0 < self.tau <= 1.0, "method.tau", "in (0, 1]")]
+
+
+@dataclass
+class StatisticsConfig(SSLConfig):
+    """The keys of methods that keep EMA statistics of the model's confidence (FreeMatch, SoftMatch)."""
+
+    ema_m: float = opt(0.999, "EMA momentum of the method's confidence statistics")
+
+    def checks(self) -> list[Check]:
+        return [*super().checks(), (0.0 <= self.ema_m < 1.0, "method.ema_m", "in [0, 1)")]
+
+
+class Method:
+    """A method built from its config section. The base trains on labeled images only (supervised);
+    ``SSLMethod`` adds the unlabeled term. Set by ``METHODS.register``: name, description, tasks."""
+
+    name: ClassVar[str]
+    description: ClassVar[str]
+    tasks: ClassVar[tuple[str, ...]]
+    Config: ClassVar[type[MethodConfig]] = MethodConfig
+    semi_supervised: ClassVar[bool] = False
+    records_selection: ClassVar[bool] = False  # keep a few training selections for a plot (CSL)
+    #: segmentation presets: (model, output stride, as descriptions say it) where the release's differs
+    published_backbone: ClassVar[tuple[str, int, str] | None] = None
+
+    def __init__(self, cfg: MethodConfig) -> None:
+        self.cfg = cfg
+
+    def selector(self, num_classes: int, num_unlabeled: int) -> Selector | None:
+        """The pseudo-label selector (None: no unlabeled term)."""
+        return None
+
+    def trusted_mask_view(self) -> tuple[int, float] | None:
+        """Segmentation: (cell, cover) of CSL's TMP view, which replaces the second strong view; None: none."""
+        return None
+
+    def classification_step(
+        self, model: nn.Module, batch: Batch, selector: Selector | None, step: int, total_steps: int
+    ) -> StepOutput:
+        return supervised_step(model, batch, step, total_steps)
+
+    def segmentation_step(
+        self, model: nn.Module, batch: SegBatch, selector: Selector | None, step: int, total_steps: int
+    ) -> StepOutput:
+        return supervised_pixel_step(model, batch, step, total_steps)
+
+
+class SSLMethod(Method):
+    """A semi-supervised method: FixMatch's weak-to-strong step in classification, UniMatch's in
+    segmentation, with this method's selector."""
+
+    semi_supervised = True
+    cfg: SSLConfig
+
+    def selector(self, num_classes: int, num_unlabeled: int) -> Selector:
+        raise NotImplementedError
+
+    def classification_step(
+        self, model: nn.Module, batch: Batch, selector: Selector | None, step: int, total_steps: int
+    ) -> StepOutput:
+        assert selector is not None
+        return weak_to_strong_step(model, batch, selector, self.cfg.lambda_u, step, total_steps)
+
+    def segmentation_step(
+        self, model: nn.Module, batch: SegBatch, selector: Selector | None, step: int, total_steps: int
+    ) -> StepOutput:
+        assert selector is not None
+        return unimatch_step(model, batch, selector, self.cfg.lambda_u, step, total_steps)
+
+    def unlabeled_loss(self, selector: Selector, weak_logits: Tensor, strong_logits: Tensor, indices: Tensor) -> Tensor:
+        """The weighted unlabeled term of another forward (CalibrateMix's faithful second pass); the
+        selector is read, not updated."""
+        with torch.no_grad():
+            selection = selector.select(weak_logits.detach().softmax(dim=1), indices, update=False)
+        return self.cfg.lambda_u * consistency_loss(strong_logits, selection)
+
+
+class MethodRegistry(Registry[type[Method]]):
+    """``METHODS``: name -> ``Method`` subclass, in registration order, with its description and tasks."""
+
+    def register(  # type: ignore[override]
+        self, name: str, *, description: str, tasks: tuple[str, ...]
+    ) -> Callable[[type[Method]], type[Method]]:
+        def add(cls: type[Method]) -> type[Method]:
+            cls.name, cls.description, cls.tasks = name, description, tasks
+            return Registry.register(self, name)(cls)
+
+        return add
+
+    def for_task(self, task: str) -> list[str]:
+        """The methods that train ``task``, in registration order."""
+        return [name for name, cls in self._items.items() if task in cls.tasks]
+
+    def tasks(self) -> tuple[str, ...]:
+        """Every task some method trains: the task names config knows without importing the tasks."""
+        return tuple(dict.fromkeys(t for cls in self._items.values() for t in cls.tasks))
+
+
+METHODS = MethodRegistry("method")
+
+
+def method_config(name: str, **values: Any) -> MethodConfig:
+    """The config section of method ``name`` with ``values`` set (its defaults elsewhere)."""
+    return METHODS.get(name).Config(name=name, **values)
+
+
+def build_method(cfg: MethodConfig) -> Method:
+    return METHODS.get(cfg.name)(cfg)

@@ -1,0 +1,138 @@
+"""UniMatch's step for semi-supervised segmentation, with any per-pixel selector, and the supervised step.
+
+UniMatch (Yang et al., CVPR 2023): a weak view u_w, two strong views u_s1, u_s2 with CutMix boxes
+pasted from a partner batch, and feature perturbation (Dropout2d(0.5) on the encoder features of
+u_w, decoded by the same head). The partner batch is predicted in eval mode without gradient, so
+its forward does not move the BatchNorm statistics, and its pseudo-labels are read from the
+selector with ``update=False``. Pixels outside the image (crop padding, 255) are invalid: weight 0,
+in no statistic, and out of the normaliser. Loss (UniMatch, per pixel, over valid pixels):
+
+    L = (L_x + lambda_u * (0.25 L_s1 + 0.25 L_s2 + 0.5 L_fp)) / 2
+
+The method's selector (``unimatch``: fixed threshold 0.95; SoftMatch, FreeMatch, UDA ...) decides
+pseudo-labels and weights; the step is the same for all of them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from trustmatch.core.labels import IGNORE
+from trustmatch.methods.selector import Selection, Selector
+from trustmatch.methods.step_output import StepOutput
+
+
+@dataclass
+class SegBatch:
+    """One training batch on the device: normalised images, int64 masks (255 = ignore)."""
+
+    x_lb: Tensor
+    y_lb: Tensor
+    u_weak: Tensor | None = None
+    u_strong: tuple[Tensor, ...] | None = None  # already CutMixed with the partner's strong views
+    valid_u: Tensor | None = None  # bool [B, H, W]: pixels of the image, not padding
+    mix_weak: Tensor | None = None  # the CutMix partner batch, weak view
+    valid_mix: Tensor | None = None
+    boxes: tuple[Tensor, ...] | None = None  # bool [B, H, W]: where each strong view shows the partner
+    u_tmp: Tensor | None = None  # CSL's Trusted Mask Perturbation view of u (not CutMixed)
+    cover: Tensor | None = None  # bool [B, H, W]: the TMP view's cover grid
+    truth_u: Tensor | None = None  # int64 true masks of u where known (255 = unknown): diagnostics only
+
+
+def supervised_pixel_step(model: nn.Module, batch: SegBatch, step: int, total_steps: int) -> StepOutput:
+    out = model(batch.x_lb)
+    loss = F.cross_entropy(out.logits, batch.y_lb, ignore_index=IGNORE)
+    return StepOutput(
+        loss, {"loss_sup": loss.detach()}, {"lb": out.logits}, {"lb": out.features}, None, step, total_steps
+    )
+
+
+def pixel_loss(logits: Tensor, selection: Selection, valid: Tensor) -> Tensor:
+    """sum_p w_p CE(logits_p, target_p) / #valid pixels (UniMatch's normaliser; 0 with none valid)."""
+    target = selection.labels if selection.targets is None else selection.targets.float()
+    ce = F.cross_entropy(logits.float(), target, reduction="none")
+    return (ce * selection.weights).sum() / valid.sum().clamp_min(1)
+
+
+def paste(inside: Selection, outside: Selection, box: Tensor) -> Selection:
+    """The selection of a CutMixed image: ``inside`` within the box, ``outside`` elsewhere."""
+    targets = None
+    if inside.targets is not None and outside.targets is not None:
+        targets = torch.where(box[:, None], inside.targets, outside.targets)
+    return Selection(
+        torch.where(box, inside.labels, outside.labels), torch.where(box, inside.weights, outside.weights), targets
+    )
+
+
+def partner_selection(model: nn.Module, batch: SegBatch, selector: Selector) -> Selection:
+    """The CutMix partner's pseudo-labels: predicted in eval mode without gradient, so its forward
+    leaves the BatchNorm statistics alone, and read from the selector without updating it."""
+    assert batch.mix_weak is not None and batch.valid_mix is not None
+    with torch.no_grad():
+        model.eval()
+        probs = model(batch.mix_weak).logits.float().softmax(dim=1)
+        model.train()
+        return selector.select(probs, valid=batch.valid_mix, update=False)
+
+
+def weak_forward(model: nn.Module, batch: SegBatch) -> tuple[Tensor, Tensor, Tensor]:
+    """One forward over cat(x, u_w) with feature perturbation: labeled, weak and perturbed-weak logits."""
+    assert batch.u_weak is not None
+    n_lb = len(batch.x_lb)
+    out = model(torch.cat([batch.x_lb, batch.u_weak]), perturb=True)
+    clean, perturbed = out.logits.chunk(2)
+    logits_lb, logits_w = clean.split([n_lb, len(batch.u_weak)])
+    return logits_lb, logits_w, perturbed[n_lb:]
+
+
+def selection_logs(selection: Selection, valid: Tensor, truth: Tensor | None) -> dict[str, Tensor]:
+    """The share of valid pixels' weight used, and, where true masks are known, pseudo-label accuracy
+    over all valid pixels and weighted by the selection (masks, not indexing: no host sync)."""
+    logs = {"mask": selection.weights.sum() / valid.sum().clamp_min(1)}
+    if truth is not None:
+        known = (valid & (truth != IGNORE)).float()
+        correct = (selection.labels == truth).float() * known
+        logs["pl_acc"] = correct.sum() / known.sum().clamp_min(1.0)
+        used = selection.weights * known
+        logs["pl_acc_selected"] = (correct * used).sum() / used.sum().clamp_min(1e-12)
+    return logs
+
+
+def unimatch_step(
+    model: nn.Module, batch: SegBatch, selector: Selector, lambda_u: float, step: int, total_steps: int
+) -> StepOutput:
+    assert batch.u_strong is not None and batch.boxes is not None
+    assert batch.valid_u is not None and batch.valid_mix is not None
+    mix = partner_selection(model, batch, selector)
+    logits_lb, logits_w, logits_fp = weak_forward(model, batch)
+    strong = model(torch.cat(batch.u_strong)).logits
+    logits_s1, logits_s2 = strong.chunk(2)
+
+    with torch.no_grad():
+        weak = selector.select(logits_w.detach().float().softmax(dim=1), valid=batch.valid_u)
+    box1, box2 = batch.boxes
+    sel1, sel2 = paste(mix, weak, box1), paste(mix, weak, box2)
+    valid1 = torch.where(box1, batch.valid_mix, batch.valid_u)
+    valid2 = torch.where(box2, batch.valid_mix, batch.valid_u)
+
+    loss_sup = F.cross_entropy(logits_lb, batch.y_lb, ignore_index=IGNORE)
+    loss_s1, loss_s2 = pixel_loss(logits_s1, sel1, valid1), pixel_loss(logits_s2, sel2, valid2)
+    loss_fp = pixel_loss(logits_fp, weak, batch.valid_u)
+    loss_unsup = 0.25 * loss_s1 + 0.25 * loss_s2 + 0.5 * loss_fp
+    loss = (loss_sup + lambda_u * loss_unsup) / 2
+    logs = {
+        "loss_sup": loss_sup.detach(),
+        "loss_unsup": ((loss_s1 + loss_s2) / 2).detach(),
+        "loss_fp": loss_fp.detach(),
+        **selection_logs(weak, batch.valid_u, batch.truth_u),
+    }
+    aux = selector.auxiliary_loss(logits_s1, sel1)
+    if aux is not None:
+        loss = loss + aux
+        logs["loss_aux"] = aux.detach()
+    logits = {"lb": logits_lb, "weak": logits_w, "strong": logits_s1, "strong2": logits_s2, "fp": logits_fp}
+    return StepOutput(loss, logs, logits, {}, weak, step, total_steps)

@@ -1,0 +1,37 @@
+"""``trustmatch evaluate``: re-score a run's checkpoint on a split of the data it was trained with."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from trustmatch.core.errors import UserError
+from trustmatch.core.fileio import atomic_write_text
+from trustmatch.run.artefacts import write_diagram
+from trustmatch.run.loaded_run import checkpoint_path, load_run_model
+
+
+def evaluate_run(run_dir: Path, checkpoint: str = "auto", split: str = "test") -> dict[str, Any]:
+    """Metrics of the checkpoint on ``split``; writes a JSON file and the task's plots beside it."""
+    run_dir = Path(run_dir)
+    path = checkpoint_path(run_dir, checkpoint)
+    run = load_run_model(path)
+    meta = run.meta
+    if split == "val" and run.cfg.data.val_per_class == 0:  # said before the data load
+        raise UserError(f"run {run_dir} has no val split (data.val_per_class=0): use --split test")
+    task = run.task(run.cfg, run.precision)
+    if not task.has_split(split):
+        other = "val" if split == "test" else "test"
+        raise UserError(f"run {run_dir} has no {split} split: use --split {other}")
+    # fitted on validation when the checkpoint was written: scaled validation metrics would be in-sample
+    temperature = meta.get("temperature") if split == "test" else None
+    evaluation = task.evaluate(run.model, split, temperature)
+    which = path.stem
+    result = {"checkpoint": which, "step": int(meta["step"]), "split": split, **evaluation.metrics}
+    if evaluation.calibrated is not None:
+        result.update(temperature=temperature, calibrated=evaluation.calibrated)
+    stem = run_dir / f"evaluation-{which}-{split}"
+    atomic_write_text(stem.with_suffix(".json"), json.dumps(result, indent=2))
+    write_diagram(task, evaluation, stem, f"{which} checkpoint (step {meta['step']}), {split} split")
+    return result

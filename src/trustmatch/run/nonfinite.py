@@ -1,0 +1,99 @@
+"""``train.nonfinite``: a NaN or infinite loss (or, when skipping, update) stops the run with one line
+naming the step and the last good checkpoint, or skips the step as if its batch had not been drawn.
+
+Skipping restores what the forward changed besides the weights, which a skipped step leaves alone.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from trustmatch.core import distributed as dist
+from trustmatch.core.errors import UserError
+from trustmatch.data.sampler import IndexStream
+from trustmatch.tasks import Regularizer, Stateful, StepOutput
+
+MAX_CONSECUTIVE_SKIPS = 100  # train.nonfinite=skip: a run this broken stops instead of skipping on
+KEPT = ("model", "ema", "optimizer", "scheduler")  # untouched by a skipped step, or moving on
+
+
+class NonFiniteLoss(UserError):
+    """The loss of a step was NaN or infinite (``train.nonfinite=stop``)."""
+
+
+class NonFinitePolicy:
+    """Stop or skip (``mode``), for one run's model, checkpointed parts and regularizers."""
+
+    def __init__(
+        self,
+        mode: str,
+        model: nn.Module,
+        parts: dict[str, Stateful],
+        regularizers: dict[str, Regularizer],
+        checkpoint: Path,
+    ) -> None:
+        self.skip = mode == "skip"
+        self.model, self.parts, self.regularizers, self.checkpoint = model, parts, regularizers, checkpoint
+        self.consecutive_skips = 0
+
+    def snapshot(self) -> dict[str, Any] | None:
+        """What a step's forward changes besides the weights: BatchNorm statistics, selector and
+        regularizer state (streams move on: a skipped batch is not drawn again). None: not skipping."""
+        if not self.skip:
+            return None
+        parts = {n: p for n, p in self.parts.items() if n not in KEPT and not isinstance(p, IndexStream)}
+        return {
+            "buffers": [b.detach().clone() for b in self.model.buffers()],
+            "parts": {n: copy.deepcopy(p.state_dict()) for n, p in parts.items()},
+            "rank": {n: copy.deepcopy(r.rank_state()) for n, r in self.regularizers.items()},
+        }
+
+    def restore(self, snapshot: dict[str, Any]) -> None:
+        with torch.no_grad():
+            for buffer, saved in zip(self.model.buffers(), snapshot["buffers"]):
+                buffer.copy_(saved)
+        for name, state in snapshot["parts"].items():
+            self.parts[name].load_state_dict(state)
+        for name, state in snapshot["rank"].items():
+            self.regularizers[name].load_rank_state(state)
+
+    def count_skip(self, out: StepOutput, bad_rank: int, step: int, saved_step: int | None, what: str) -> None:
+        """One more step skipped in a row; MAX_CONSECUTIVE_SKIPS of them stop the run."""
+        self.consecutive_skips += 1
+        if self.consecutive_skips >= MAX_CONSECUTIVE_SKIPS:
+            span = f"{MAX_CONSECUTIVE_SKIPS} steps in a row, up to "
+            raise self.error(out, bad_rank, step, saved_step, span, what)
+
+    def error(
+        self,
+        out: StepOutput | None,
+        bad_rank: int,
+        step: int,
+        saved_step: int | None,
+        span: str = "",
+        what: str = "the loss is",
+    ) -> NonFiniteLoss:
+        """The one line: what, where, at which step (``out``: of the step being taken, None: of an
+        evaluation after ``step``), the last good checkpoint (at ``saved_step``) and the fix."""
+        where = f" on process {bad_rank}" if dist.is_distributed() else ""
+        logs = out.logs if out is not None else {}
+        parts = ", ".join(f"{k} {float(v):.3g}" for k, v in logs.items() if k.startswith("loss"))
+        shown = f" ({parts})" if parts and not where else ""
+        saved = "no checkpoint was saved yet"
+        if saved_step is not None:
+            saved = f"the last good checkpoint is {self.checkpoint} (step {saved_step})"
+        if span:  # skipping did not help
+            fix = "lower train.lr and start again"
+        elif saved_step is not None:
+            fix = "resume it with train.nonfinite=skip to skip such steps, or lower train.lr and start again"
+        else:
+            fix = "lower train.lr and start again (train.nonfinite=skip skips such steps)"
+        step += out is not None
+        error = NonFiniteLoss(f"{what} not finite{where} at {span}step {step}{shown}; {saved}: {fix}")
+        error.everywhere = out is not None  # a step's verdict is agreed: the CLI prints it once
+        return error

@@ -1,0 +1,108 @@
+"""The run directory: checked before anything is built, created only once it is, and emptied again of
+what a run added when it fails before its first ``last.pt`` (it never removes a file it did not write).
+
+Only the main process calls these (through ``dist.on_main`` where every process must learn of a failure).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from trustmatch.config import Config
+from trustmatch.core.errors import UserError
+from trustmatch.core.fileio import atomic_write_text
+
+# what a run writes into its directory: a failed start removes these, never anything else
+RUN_FILES = ("config.yaml", "metrics.json", "last.pt", "best.pt", "tensorboard", "*.png", "*.csv", ".*.tmp")
+
+
+class RunDirectory:
+    """One run's folder, its config.yaml, metrics.json and TensorBoard writer."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.writer: Any = None  # a TensorBoard SummaryWriter once opened (tensorboard is optional)
+        self._made: tuple[list[Path], set[str]] | None = None  # folders this run created, entries it found
+
+    def check(self) -> None:
+        """A clash with an existing run, or a folder that cannot be written, before anything is built."""
+        if (self.path / "last.pt").exists():
+            raise UserError(
+                f"run directory {self.path} already holds a run: use --resume {self.path} "
+                "to continue it, or --out with a new directory"
+            )
+        if self.path.exists() and not self.path.is_dir():
+            raise UserError(f"--out {self.path} is a file: choose a directory for the run")
+        existing = next(p for p in (self.path, *self.path.parents) if p.exists())
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise UserError(
+                f"cannot write the run directory {self.path}: {existing} is not writable; choose another --out"
+            )
+
+    def create(self, cfg: Config) -> None:
+        """The directory and its config.yaml; a failed write removes what this call created."""
+        created = [p for p in (self.path, *self.path.parents) if not p.exists()]
+        found = set(os.listdir(self.path)) if self.path.is_dir() else set()
+        self._made = created, found
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            self.write_config(cfg)
+        except (UserError, OSError) as e:
+            self.unmake()
+            if isinstance(e, UserError):
+                raise
+            reason = e.strerror or type(e).__name__
+            raise UserError(f"cannot create the run directory {self.path} ({reason}): use another --out") from None
+
+    def unmake(self) -> None:
+        """Remove what this run added to its directory (and the folders it created): a run that
+        failed on bad input before its first ``last.pt`` leaves nothing half-made behind."""
+        if self._made is None:
+            return
+        created, found = self._made
+        self.close()
+        if self.path.is_dir():
+            ours = {entry for pattern in RUN_FILES for entry in self.path.glob(pattern)}
+            for entry in ours:
+                if entry.name not in found:
+                    shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+        for folder in created:  # innermost first
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+
+    def write_config(self, cfg: Config) -> None:
+        atomic_write_text(self.path / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+    def write_metrics(self, metrics: dict[str, Any]) -> None:
+        atomic_write_text(self.path / "metrics.json", json.dumps(metrics, indent=2))
+
+    def remove_stale_temp_files(self) -> None:
+        """Temp files of checkpoint writes a SIGKILL interrupted: the run's own, never read."""
+        for stale in self.path.glob(".*.pt.*.tmp"):
+            stale.unlink(missing_ok=True)
+
+    def open_writer(self) -> None:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:  # tensorboard is optional
+            return
+        self.writer = SummaryWriter(str(self.path / "tensorboard"))
+
+    def scalars(self, group: str, values: dict[str, Any], step: int) -> None:
+        """``group/name`` TensorBoard scalars at ``step``, where a writer is open."""
+        if self.writer is not None:
+            for k, v in values.items():
+                self.writer.add_scalar(f"{group}/{k}", v, step)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None

@@ -1,0 +1,205 @@
+"""Semantic segmentation: image/mask crops with joint transforms, the method's step (UniMatch's with its
+per-pixel selector; CSL's with TMP), streaming mIoU and pixel calibration, prediction overlays.
+
+Crops are cut on the CPU (in ``data.workers`` threads for files: decoding dominates there) with
+parameters drawn from the run's generator in the main thread, so a batch is a pure function of the
+generator state and resume stays bit-exact; the photometric strong views and CutMix run on the device.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from trustmatch.config import Config
+from trustmatch.core import distributed as dist
+from trustmatch.core.errors import UserError
+from trustmatch.core.labels import IGNORE
+from trustmatch.core.precision import Precision
+from trustmatch.data.seg_sets import SegmentationSet, load_segmentation_data
+from trustmatch.data.segviews import SegViews
+from trustmatch.evaluation.forward import segment
+from trustmatch.evaluation.metrics import SegmentationMeter
+from trustmatch.methods.unimatch_step import SegBatch
+from trustmatch.models import SEGMENTATION_MODELS, build_model
+from trustmatch.reporting.plots import segmentation_overlays
+from trustmatch.tasks.task import Evaluation, SSLTask, StepOutput
+
+SPLITS = ("val", "test")
+OVERLAY_IMAGES = 4
+
+
+class SegmentationTask(SSLTask):
+    primary = "miou"
+    calibration_metric = "pixel_ece_15"
+    diagram_unit = ", per pixel"  # every labeled pixel of the split is one sample
+    curves = (("miou", "mIoU"), ("pixel_ece_15", "pixel ECE (15 bins)"))
+    fits_temperature = False  # post-hoc temperature scaling is fitted for classification only (so far)
+
+    def __init__(self, cfg: Config, precision: Precision) -> None:
+        super().__init__(cfg, precision)
+        if cfg.model.name not in SEGMENTATION_MODELS:
+            raise UserError(
+                f"model.name={cfg.model.name!r} is a classifier: segmentation needs one of "
+                f"{', '.join(SEGMENTATION_MODELS)}"
+            )
+        dist.batch_share(cfg.train.batch_size)  # the global batch, refused before the data load if unshareable
+        self.data = d = load_segmentation_data(cfg.data, cfg.seed)
+        if not any(s is not None and len(s) for s in (d.val, d.test)):
+            raise UserError(
+                f"{cfg.data.name}: nothing to evaluate on: give data.val_dir and/or data.test_dir "
+                "(folders with images/ and masks/)"
+            )
+        self.views = SegViews(d.mean, d.std, cfg.data.crop_size, hflip=d.hflip)
+        self.trusted_mask = self.method.trusted_mask_view()  # CSL's (cell, cover), replacing the second strong view
+        if self.method.semi_supervised:
+            if d.unlabeled is None or len(d.unlabeled) == 0:
+                where = "data.unlabeled_dir" if cfg.data.name == "folder" else "an unlabeled.txt beside labeled.txt"
+                raise UserError(
+                    f"method {cfg.method.name!r} needs unlabeled images and {cfg.data.name} has none: "
+                    f"give {where} (or use method.name=supervised)"
+                )
+        num_unlabeled = len(d.unlabeled) if d.unlabeled is not None else 0
+        self.start(len(d.labeled), num_unlabeled, len(d.classes), unlabeled_streams=2)  # + the CutMix partners
+
+    @classmethod
+    def model_for(cls, meta: dict[str, Any]) -> nn.Module:
+        return cls._model(meta, pretrained=False)  # the checkpoint's weights replace any download
+
+    def build_model(self) -> nn.Module:
+        return self._model(self.meta(), pretrained=self.cfg.model.pretrained)
+
+    @staticmethod
+    def _model(meta: dict[str, Any], pretrained: bool) -> nn.Module:
+        model = meta["config"]["model"]
+        return build_model(
+            model["name"],
+            len(meta["classes"]),
+            meta["channels"],
+            bn_momentum=model["bn_momentum"],
+            dropout=model["dropout"],
+            pretrained=pretrained,
+            output_stride=model["output_stride"],
+        )
+
+    def _crops(
+        self, dataset: SegmentationSet, stream: str, generator: torch.Generator
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
+        crops = self.views.crops(dataset, self.streams[stream].next(), generator, self.cfg.data.workers)
+        return tuple(t if t is None else t.to(self.device, non_blocking=True) for t in crops)  # type: ignore[return-value]
+
+    def next_batch(self, generator: torch.Generator) -> SegBatch:
+        """Labeled crops; with a semi-supervised method also u's weak view, its strong views CutMixed with
+        the partner batch's (two for UniMatch, one beside the TMP view for CSL) and the partner's weak view."""
+        d, views, layout = self.data, self.views, self.precision.layout
+        images, masks, _ = self._crops(d.labeled, "lb_stream", generator)
+        batch = SegBatch(layout(views.plain(images)), masks.long())
+        if self.selector is None:
+            return batch
+        assert d.unlabeled is not None
+        u, pad_u, truth_u = self._crops(d.unlabeled, "ulb_stream", generator)
+        m, pad_m, _ = self._crops(d.unlabeled, "mix_stream", generator)
+        views_per_image = 1 if self.trusted_mask else 2
+        strong = [views.strong(u, generator) for _ in range(views_per_image)]
+        partner = [views.strong(m, generator) for _ in range(views_per_image)]
+        boxes = tuple(views.cutmix_boxes(len(u), generator, self.device) for _ in range(views_per_image))
+        mixed = [torch.where(box[:, None], p, s) for box, p, s in zip(boxes, partner, strong)]
+        batch.u_weak, batch.mix_weak = layout(views.plain(u)), layout(views.plain(m))
+        batch.u_strong = tuple(layout(x) for x in mixed)
+        batch.valid_u, batch.valid_mix, batch.boxes = pad_u != IGNORE, pad_m != IGNORE, boxes
+        if self.trusted_mask:
+            cell, cover = self.trusted_mask
+            u_tmp, batch.cover = views.trusted_mask_view(u, generator, cell, cover)
+            batch.u_tmp = layout(u_tmp)
+        batch.truth_u = truth_u.long() if truth_u is not None else None
+        return batch
+
+    def method_step(self, model: nn.Module, batch: SegBatch, step: int, total_steps: int) -> StepOutput:
+        return self.method.segmentation_step(model, batch, self.selector, step, total_steps)
+
+    def truth(self, batch: SegBatch) -> tuple[Tensor | None, Tensor | None]:
+        return batch.truth_u, batch.valid_u
+
+    # ------------------------------------------------------------------ evaluation
+
+    def has_split(self, split: str) -> bool:
+        dataset = getattr(self.data, split, None) if split in SPLITS else None
+        return dataset is not None and dataset.has_masks and len(dataset) > 0
+
+    def _batches(self, dataset: SegmentationSet, indices: list[int]) -> Iterator[tuple[Tensor, Tensor | None]]:
+        """uint8 images and masks: stacked where every image has one size, else one image at a time;
+        files are decoded a few at a time in ``data.workers`` threads."""
+        workers = self.cfg.data.workers
+        size = self.cfg.train.eval_batch_size if dataset.fixed_size is not None else 1
+        chunk = size if dataset.fixed_size is not None else max(1, 2 * workers)
+        for start in range(0, len(indices), chunk):
+            loaded = self.views.load(dataset, indices[start : start + chunk], workers)
+            for first in range(0, len(loaded), size):
+                group = loaded[first : first + size]
+                masks = [mask for _, mask in group]
+                yield torch.stack([image for image, _ in group]), None if masks[0] is None else torch.stack(masks)
+
+    def _logits(self, model: nn.Module, images: Tensor) -> Tensor:
+        x = self.views.plain(images.to(self.device, non_blocking=True))  # segment puts it in the model's layout
+        return segment(model, x, self.precision, self.cfg.data.crop_size if self.cfg.data.sliding_window else None)
+
+    def evaluate(self, model: nn.Module, split: str, temperature: float | None = None) -> Evaluation:
+        dataset = getattr(self.data, split)
+        meter = SegmentationMeter(len(self.data.classes), self.device)
+        for images, masks in self._batches(dataset, list(range(dist.rank(), len(dataset), dist.world_size()))):
+            meter.update(self._logits(model, images), masks.to(self.device))
+        meter.all_reduce()
+        metrics: dict[str, Any] = meter.compute()
+        metrics["per_class_iou"] = dict(zip(self.data.classes, meter.per_class_iou()))
+        return Evaluation(metrics, meter.bins())
+
+    def describe(self, metrics: dict[str, float]) -> str:
+        return f"miou {metrics['miou']:.4f} pixel_ece15 {metrics['pixel_ece_15']:.4f}"
+
+    def score(self, metrics: dict[str, float]) -> tuple[float, ...]:
+        """Validation mIoU, ties broken by lower pixel NLL."""
+        return (metrics["miou"], -metrics["pixel_nll"])
+
+    # ------------------------------------------------------------------ description and artefacts
+
+    def split_sizes(self) -> dict[str, int]:
+        d = self.data
+        sizes = {"labeled": len(d.labeled), "unlabeled": len(d.unlabeled) if d.unlabeled is not None else 0}
+        return {**sizes, **{s: len(getattr(d, s)) if self.has_split(s) else 0 for s in SPLITS}}
+
+    def meta(self) -> dict[str, Any]:
+        d = self.data
+        return {
+            "config": self.cfg.to_dict(),
+            "classes": d.classes,
+            "palette": [list(c) for c in d.palette],
+            "mean": list(d.mean),
+            "std": list(d.std),
+            "channels": 3,
+            "crop_size": self.cfg.data.crop_size,
+            "sliding_window": self.cfg.data.sliding_window,
+        }
+
+    def write_final(self, model: nn.Module, run_dir: Path) -> None:
+        """Besides ``SSLTask``'s: prediction overlays of the first validation (else test) images, on the
+        main process."""
+        super().write_final(model, run_dir)
+        if not dist.is_main():
+            return
+        split = next((s for s in SPLITS if self.has_split(s)), None)
+        if split is None:
+            return
+        dataset = getattr(self.data, split)
+        shown = list(range(min(OVERLAY_IMAGES, len(dataset))))
+        images, masks, predictions = [], [], []
+        for image, mask in self._batches(dataset, shown):
+            predictions += list(self._logits(model, image).argmax(dim=1).cpu())
+            images += list(image)
+            masks += list(mask) if mask is not None else [None] * len(image)
+        title = f"final EMA model, {split} images: image | ground truth | prediction"
+        names = [dataset.name(i) for i in shown]
+        segmentation_overlays(images, masks, predictions, self.data.palette, run_dir / "overlays.png", title, names)

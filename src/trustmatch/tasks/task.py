@@ -1,0 +1,223 @@
+"""The task interface: what differs between classification and segmentation, and what they share.
+
+The trainer owns what every run shares (loop, EMA, optimizer and schedule, checkpoints, RNG
+streams, processes, progress, run directory). A task owns its data, batches and views, the step,
+and streaming evaluation with the score that picks ``best``. ``SSLTask`` holds what both tasks do
+alike: the method object (which gives the selector and the step, so no task compares method names),
+the index streams, the selection recorder and the regularizers (CalibrateMix), which add their loss on
+top of the step's outputs and write their own artefacts. Plots of evaluations and ``predict`` are not
+part of training: the run layer draws from ``Evaluation`` and the task's metric names, and
+``trustmatch.inference`` predicts.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any, ClassVar, Protocol
+
+import torch
+from torch import Tensor, nn
+
+from trustmatch.config import Config
+from trustmatch.core import distributed as dist
+from trustmatch.core.precision import Precision
+from trustmatch.data.sampler import IndexStream
+from trustmatch.methods import Selector, build_method
+from trustmatch.methods.calibratemix import NAME as CALIBRATEMIX
+from trustmatch.methods.calibratemix import CalibrateMix
+from trustmatch.methods.csl_recorder import CSL_PLOT_TITLE, SelectionRecorder
+from trustmatch.methods.step_output import Regularizer, StepOutput
+
+
+class Stateful(Protocol):
+    """Anything the checkpoint saves and restores: modules, optimizers, schedulers, streams, trackers."""
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> Any: ...
+
+
+@dataclass
+class Evaluation:
+    """Metrics of one split (fractions) and the task's small summary for its plots (bins, counts)."""
+
+    metrics: dict[str, float]
+    detail: Any = None
+    calibrated: dict[str, float] | None = None  # the same metrics after temperature scaling, when asked
+    calibrated_detail: Any = None
+
+
+class Task(ABC):
+    """One kind of problem. Built from the config on a device, it loads its data at once."""
+
+    #: metric of ``Evaluation.metrics`` that ``score`` ranks by and reports as the headline
+    primary: ClassVar[str]
+    #: the calibration error of ``Evaluation.metrics`` a reliability diagram shows (its bins: ``detail``)
+    calibration_metric: ClassVar[str]
+    #: what one sample of a diagram is, where not an image (segmentation: ", per pixel")
+    diagram_unit: ClassVar[str] = ""
+    #: (metric, label) panels of the run's curves over its evaluations
+    curves: ClassVar[tuple[tuple[str, str], ...]]
+    #: whether ``validate`` fits a post-hoc temperature (metrics.json explains a missing one only then)
+    fits_temperature: ClassVar[bool] = True
+
+    def __init__(self, cfg: Config, precision: Precision) -> None:
+        self.cfg, self.precision, self.device = cfg, precision, precision.device
+        self.regularizers: dict[str, Regularizer] = {}
+
+    @classmethod
+    @abstractmethod
+    def model_for(cls, meta: dict[str, Any]) -> nn.Module:
+        """The network a checkpoint's ``meta`` describes: training and inference build the same."""
+
+    def build_model(self) -> nn.Module:
+        """A fresh network for this task's data (the trainer seeds, places and wraps it)."""
+        return self.model_for(self.meta())
+
+    @abstractmethod
+    def state_parts(self) -> dict[str, Stateful]:
+        """The task's stateful parts besides the model (selector, data streams, trackers)."""
+
+    @abstractmethod
+    def next_batch(self, generator: torch.Generator) -> Any:
+        """The next training batch with its views, on the device; randomness from ``generator``."""
+
+    @abstractmethod
+    def step(self, model: nn.Module, batch: Any, step: int, total_steps: int) -> StepOutput:
+        """Forward and losses of one step (under the trainer's autocast; no backward here)."""
+
+    @abstractmethod
+    def evaluate(self, model: nn.Module, split: str, temperature: float | None = None) -> Evaluation:
+        """Streaming, sharded evaluation of ``split`` ("val" or "test"), reduced over processes;
+        with a ``temperature``, the temperature-scaled metrics too, from the same pass."""
+
+    def validate(self, model: nn.Module) -> tuple[dict[str, float], float | None]:
+        """Validation metrics and, from the same pass, the post-hoc temperature fitted on them (never
+        on test; None where the task fits none)."""
+        return self.evaluate(model, "val").metrics, None
+
+    @abstractmethod
+    def has_split(self, split: str) -> bool:
+        """Whether ``split`` exists and holds samples (no validation split: no ``best``)."""
+
+    @abstractmethod
+    def split_sizes(self) -> dict[str, int]:
+        """Samples per split, recorded in metrics.json."""
+
+    def train_stats(self) -> dict[str, float]:
+        """Scalars worth logging besides the step's (selector thresholds, EMA statistics)."""
+        return {}
+
+    @abstractmethod
+    def summary(self) -> str:
+        """One line describing the data, printed when a run starts."""
+
+    @abstractmethod
+    def meta(self) -> dict[str, Any]:
+        """What inference needs besides the weights: the config, classes, normalisation, input shape."""
+
+    def write_final(self, model: nn.Module, run_dir: Path) -> None:  # noqa: B027 (an optional hook)
+        """Artefacts of the finished run that need the final model (called on every process)."""
+
+    def describe(self, metrics: dict[str, float]) -> str:
+        """The metrics of one evaluation in a few words, for the progress log and the final line."""
+        return f"{self.primary} {metrics[self.primary]:.4f}"
+
+    def score(self, metrics: dict[str, float]) -> tuple[float, ...]:
+        """Higher is better; ``best`` is the evaluation with the highest validation score."""
+        return (metrics[self.primary],)
+
+    def step_with_regularizers(self, model: nn.Module, batch: Any, step: int, total_steps: int) -> StepOutput:
+        for regularizer in self.regularizers.values():
+            regularizer.prepare(batch, step, total_steps)
+        out = self.step(model, batch, step, total_steps)
+        for name, regularizer in self.regularizers.items():
+            missing = [view for view in regularizer.views if view not in out.logits]
+            if missing:
+                raise ValueError(
+                    f"regularizer {name!r} needs the views {missing} that {type(self).__name__}'s step lacks"
+                )
+            loss, logs = regularizer(model, batch, out)
+            out.loss = out.loss + loss
+            out.logs.update({f"{name}/{k}": v for k, v in logs.items()})
+        return out
+
+
+class SSLTask(Task):
+    """What both tasks share: the method object, its selector, the labeled and unlabeled index streams,
+    the selection recorder (CSL) and the regularizers (CalibrateMix). A subclass loads its data, then
+    calls ``start`` with its sizes; its ``method_step`` picks the method's step for the task."""
+
+    data: Any  # the task's loaded data
+
+    def __init__(self, cfg: Config, precision: Precision) -> None:
+        super().__init__(cfg, precision)
+        self.method = build_method(cfg.method)
+        self.selector: Selector | None = None
+        self.streams: dict[str, IndexStream] = {}
+        self.recorder = SelectionRecorder(seed=cfg.seed) if self.method.records_selection else None
+
+    def start(self, num_labeled: int, num_unlabeled: int, num_classes: int, unlabeled_streams: int = 1) -> None:
+        """The streams (global batches: each process takes batch_size / world_size of them, and uratio
+        times as many unlabeled ones), the selector and the regularizers, once the data is loaded."""
+        t, seed = self.cfg.train, self.cfg.seed
+        self.streams["lb_stream"] = IndexStream(num_labeled, t.batch_size, seed)
+        self.selector = self.method.selector(num_classes, num_unlabeled)
+        if self.selector is None:
+            return
+        self.selector.to(self.device)
+        for i, name in enumerate(("ulb_stream", "mix_stream")[:unlabeled_streams]):
+            self.streams[name] = IndexStream(num_unlabeled, t.batch_size * t.uratio, seed + 1 + i)
+        if self.cfg.calibratemix.mode != "off":
+            second_pass = partial(self.method.unlabeled_loss, self.selector)
+            self.regularizers[CALIBRATEMIX] = CalibrateMix(
+                self.cfg.calibratemix, num_labeled, num_unlabeled, num_classes, second_pass
+            )
+
+    def state_parts(self) -> dict[str, Stateful]:
+        parts: dict[str, Stateful] = {"lb_stream": self.streams["lb_stream"]}
+        if self.selector is not None:
+            parts["selector"] = self.selector
+            parts.update({name: s for name, s in self.streams.items() if name != "lb_stream"})
+        if self.recorder is not None:
+            parts["csl_snapshots"] = self.recorder
+        return parts
+
+    @abstractmethod
+    def method_step(self, model: nn.Module, batch: Any, step: int, total_steps: int) -> StepOutput:
+        """The method's step for this task (``Method.classification_step`` or ``segmentation_step``)."""
+
+    @abstractmethod
+    def truth(self, batch: Any) -> tuple[Tensor | None, Tensor | None]:
+        """The batch's true unlabeled labels, where known, and the valid-element mask, for the recorder."""
+
+    def step(self, model: nn.Module, batch: Any, step: int, total_steps: int) -> StepOutput:
+        out = self.method_step(model, batch, step, total_steps)
+        if self.recorder is not None and out.selection is not None:
+            self.recorder.observe(step, total_steps, out.selection, *self.truth(batch))
+        return out
+
+    def train_stats(self) -> dict[str, float]:
+        return self.selector.stats() if self.selector is not None else {}
+
+    def summary(self) -> str:
+        return f"{self.cfg.data.name}: {self.data.summary()}"
+
+    def sample_predictions(self, model: nn.Module, split: str) -> tuple[Tensor, Tensor]:
+        """The final model's confidence and class for every sample of a training split (a data map)."""
+        raise NotImplementedError(f"{type(self).__name__} gives no per-sample predictions")
+
+    def write_final(self, model: nn.Module, run_dir: Path) -> None:
+        """On the main process: the CSL selection scatter of a few training batches, and each regularizer's
+        own artefacts (CalibrateMix: the data map)."""
+        if not dist.is_main():
+            return
+        if self.recorder is not None:
+            self.recorder.write(run_dir / "csl_selection.png", CSL_PLOT_TITLE)
+        predictions: Callable[[str], tuple[Tensor, Tensor]] = lambda split: self.sample_predictions(model, split)  # noqa: E731
+        for regularizer in self.regularizers.values():
+            regularizer.write_artefacts(run_dir, predictions, self.data)
