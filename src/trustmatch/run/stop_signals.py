@@ -10,6 +10,8 @@ import threading
 from types import TracebackType
 from typing import Any
 
+import torch
+
 from trustmatch.core import distributed as dist
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -51,3 +53,16 @@ class StopSignals:
         if not dist.is_distributed():
             self.agreed = self.requested
         return self.agreed
+
+    def agree(self, loss: torch.Tensor) -> int | None:
+        """The rank of a process whose loss is not finite (None: all finite); records a stop any process
+        was asked for. Under torchrun one collective for both, between forward and backward."""
+        bad = ~torch.isfinite(loss.detach())
+        if not dist.is_distributed():
+            return 0 if bool(bad) else None
+        requested = torch.tensor(self.requested or 0, dtype=torch.int32, device=loss.device)
+        flags = torch.stack([bad.to(torch.int32) * (dist.rank() + 1), requested])
+        dist.all_reduce_max_(flags)
+        if int(flags[1]):
+            self.agreed = int(flags[1])
+        return int(flags[0]) - 1 if int(flags[0]) else None

@@ -29,11 +29,12 @@ from trustmatch.core.errors import UserError
 from trustmatch.core.precision import Precision, resolve_device
 from trustmatch.evaluation.metrics import NonFiniteLogits
 from trustmatch.run.artefacts import write_curves, write_diagram
-from trustmatch.run.checkpoint import CHECKPOINT_VERSION, load_checkpoint, load_weights, save_checkpoint
+from trustmatch.run.checkpoint import CHECKPOINT_VERSION, load_checkpoint, save_checkpoint
 from trustmatch.run.ema import ModelEMA
 from trustmatch.run.nonfinite import NonFiniteLoss, NonFinitePolicy
 from trustmatch.run.optim import build_optimizer, build_scheduler
 from trustmatch.run.progress import Progress
+from trustmatch.run.run_checkpoint import RunCheckpoint, whole_checkpoint
 from trustmatch.run.run_directory import RunDirectory
 from trustmatch.run.run_record import RunRecord
 from trustmatch.run.stop_signals import StopSignals
@@ -83,6 +84,7 @@ class Trainer:
             **self.task.state_parts(),
             **{f"regularizer.{name}": r for name, r in self.task.regularizers.items()},
         }
+        self.checkpoint = RunCheckpoint(self.parts, self.aug_rng, self.device, self.task.regularizers)
         last = self.run_dir / "last.pt"
         self.nonfinite = NonFinitePolicy(cfg.train.nonfinite, self.model, self.parts, self.task.regularizers, last)
         self.signals = StopSignals()
@@ -119,74 +121,23 @@ class Trainer:
         temperature = self.record.temperature_at(self.step)
         return meta if temperature is None else {**meta, "temperature": temperature}
 
-    def _rank_state(self) -> dict[str, Any]:
-        """What differs between processes: RNG streams and the regularizers' per-rank state."""
-        state: dict[str, Any] = {"aug": self.aug_rng.get_state(), "torch": torch.get_rng_state()}
-        if self.device.type == "cuda":
-            state["cuda"] = torch.cuda.get_rng_state(self.device)
-        state["regularizers"] = {name: r.rank_state() for name, r in self.task.regularizers.items()}
-        return state
-
     def _save_last(self) -> None:
         """``last.pt``: every part, every process's RNG streams (by rank) and the run's record."""
-        rng = dist.all_gather_objects(self._rank_state())  # collective: every process calls it
-
-        def save() -> None:
-            parts = {name: part.state_dict() for name, part in self.parts.items()}
-            state = {**self._meta(), "parts": parts, "rng": rng, "run": self.record.state()}
-            save_checkpoint(state, self.run_dir / "last.pt")
-
-        dist.on_main(save)  # a failed write stops every process with the same line
+        self.checkpoint.save(self.run_dir / "last.pt", self._meta(), self.record.state())
         self.saved_step = self.step
 
     def _restore(self, path: Path) -> None:
         state = load_checkpoint(path)
-        try:
-            self._restore_state(state, path)
-        except torch.OutOfMemoryError:
-            raise
-        except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError) as e:  # parsed, not whole
-            first = str(e).strip().splitlines()[0][:120] if str(e).strip() else ""
-            raise UserError(
-                f"checkpoint {path} is incomplete or damaged ({type(e).__name__}: {first}): "
-                "use an earlier copy, or start the run again"
-            ) from None
+        with whole_checkpoint(path):
+            self.checkpoint.restore(state, path, self.cfg.train.batch_size)
+            # the current lr from the schedule (which may now span an extended train.steps), not as saved
+            lrs = zip(self.optimizer.param_groups, self.scheduler.base_lrs, self.scheduler.lr_lambdas)
+            for group, base, factor in lrs:
+                group["lr"] = base * factor(self.scheduler.last_epoch)
+            self.step = int(state["step"])
+            self.record.load(state, self.step)
         if dist.is_main():
             self.directory.remove_stale_temp_files()
-
-    def _restore_state(self, state: dict[str, Any], path: Path) -> None:
-        if state.get("version") != CHECKPOINT_VERSION or set(state.get("parts", {})) != set(self.parts):
-            raise UserError(
-                f"checkpoint {path} does not fit this run (version {state.get('version')}, parts "
-                f"{sorted(state.get('parts', {}))}; this trustmatch expects version {CHECKPOINT_VERSION}, "
-                f"parts {sorted(self.parts)}): resume it with the trustmatch version that wrote it"
-            )
-        for name, part in self.parts.items():
-            load_weights(part, state["parts"][name], path)
-        # the current lr from the schedule (which may now span an extended train.steps), not as saved
-        lrs = zip(self.optimizer.param_groups, self.scheduler.base_lrs, self.scheduler.lr_lambdas)
-        for group, base, factor in lrs:
-            group["lr"] = base * factor(self.scheduler.last_epoch)
-        if len(state["rng"]) != dist.world_size():
-            raise UserError(
-                f"{path} was written by {len(state['rng'])} process(es): resume it with the same number "
-                f"(this is {dist.world_size()}), so every process gets its own data and RNG streams back"
-            )
-        if len(state["rng"]) > 1 and not state.get("global_batch"):
-            batch = self.cfg.train.batch_size
-            raise UserError(
-                f"{path} was written when train.batch_size was per process: resume it with "
-                f"train.batch_size={batch * len(state['rng'])} (the global batch it trained with) in its config.yaml"
-            )
-        rng = state["rng"][dist.rank()]
-        self.aug_rng.set_state(rng["aug"])
-        torch.set_rng_state(rng["torch"])
-        if self.device.type == "cuda" and "cuda" in rng:
-            torch.cuda.set_rng_state(rng["cuda"], self.device)
-        for name, regularizer in self.task.regularizers.items():
-            regularizer.load_rank_state(rng["regularizers"][name])
-        self.step = int(state["step"])
-        self.record.load(state, self.step)
 
     @classmethod
     def resume(cls, run_dir: Path, overrides: list[str] | None = None, progress: bool = True) -> Trainer:
@@ -228,7 +179,7 @@ class Trainer:
         snapshot = self.nonfinite.snapshot()
         with self.precision.autocast():
             out = self.task.step_with_regularizers(self.train_model, batch, self.step, self.cfg.train.steps)
-        bad_rank, what = self._agree(out.loss), "the loss is"
+        bad_rank, what = self.signals.agree(out.loss), "the loss is"
         if bad_rank is None and snapshot is not None:  # skip mode: the update must be finite too
             self.optimizer.zero_grad(set_to_none=True)
             out.loss.backward()  # DDP's averaged gradients are the same on every process
@@ -248,19 +199,6 @@ class Trainer:
         self.ema.update(self.model)
         self.step += 1
         return out
-
-    def _agree(self, loss: torch.Tensor) -> int | None:
-        """The rank of a process whose loss is not finite (None: all finite); records a stop any
-        process was asked for. One collective for both under torchrun."""
-        bad = ~torch.isfinite(loss.detach())
-        if not dist.is_distributed():
-            return 0 if bool(bad) else None
-        requested = torch.tensor(self.signals.requested or 0, dtype=torch.int32, device=loss.device)
-        flags = torch.stack([bad.to(torch.int32) * (dist.rank() + 1), requested])
-        dist.all_reduce_max_(flags)
-        if int(flags[1]):
-            self.signals.agreed = int(flags[1])
-        return int(flags[0]) - 1 if int(flags[0]) else None
 
     def _skip(self, out: StepOutput, snapshot: dict[str, Any], bad_rank: int, what: str) -> StepOutput:
         """No update; what the forward changed is restored; the schedule and the data move on."""
