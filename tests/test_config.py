@@ -308,3 +308,18 @@ def test_cli_list(capsys: pytest.CaptureFixture[str]) -> None:
     rows = {row.split()[0]: row for row in capsys.readouterr().out.splitlines()}
     assert set(rows) == set(all_keys())
     assert "0.95" in rows["method.tau"] and "threshold" in rows["method.tau"]
+
+
+def test_errors_keep_their_order_and_a_users_task_reads_every_method_key() -> None:
+    """Types first, then names and ranges, in one order; CSL's TMP keys are refused only in the tasks
+    methods train without them (classification), not in a task of the user's own."""
+    with pytest.raises(UserError, match="'method.tau' expects float"):
+        from_dict({"method": {"name": "nope", "tau": "x"}})
+    with pytest.raises(UserError, match="'method.name' must be one of"):
+        from_dict({"method": {"name": "nope"}})
+    with pytest.raises(UserError, match="off for method 'supervised'"):
+        load_config("digits-supervised", ["calibratemix.mode=faithful", "calibratemix.similarity=bad"])
+    with pytest.raises(UserError, match="'train.batch_size' must be at least 2 with CalibrateMix"):
+        load_config("digits-fixmatch", ["calibratemix.mode=faithful", "calibratemix.k=0", "train.batch_size=1"])
+    cfg = from_dict({"task": "mytask", "method": {"name": "csl", "tmp": False}})
+    assert cfg.method.tmp is False and cfg.to_dict()["method"]["tmp"] is False

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from csl_reference import reference_csl
-from trustmatch.methods import build_selector, csl_features, csl_select, csl_selection, method_config
+from trustmatch.methods import build_method, csl_features, csl_select, csl_selection, method_config
 
 OPTIONS = [
     {},
@@ -126,7 +126,7 @@ def test_dispersion_is_stable_for_confident_pixels() -> None:
 
 def test_selector_registry_reads_the_method_keys() -> None:
     cfg = method_config("csl", csl_alpha=2.0, csl_dispersion="nonmax", csl_scaled=True, csl_reliable="covar")
-    selector = build_selector(cfg, 5, 100)
+    selector = build_method(cfg).selector(5, 100)
     probs = _probs((3, 5, 4, 4), 9)
     got = selector.select(probs.float())
     ref = reference_csl(probs.float(), alpha=2.0, dispersion="nonmax", scaled=True, reliable_rule="covar")

@@ -11,7 +11,7 @@ from trustmatch.methods import (
     FreeMatchSelector,
     SoftMatchSelector,
     align_to_uniform,
-    build_selector,
+    build_method,
     fixed_threshold,
     flexmatch_class_thresholds,
     freematch_fairness_loss,
@@ -140,7 +140,7 @@ def test_softmatch_initial_state_and_checkpoint_roundtrip() -> None:
 
 @pytest.mark.parametrize("name", ["fixmatch", "flexmatch", "freematch", "softmatch"])
 def test_registry_builds_every_method(name: str) -> None:
-    sel = build_selector(method_config(name), num_classes=3, num_unlabeled=10)
+    sel = build_method(method_config(name)).selector(num_classes=3, num_unlabeled=10)
     probs = torch.rand(5, 3).softmax(1)
     out = sel.select(probs, torch.arange(5))
     assert out.labels.shape == (5,) and ((out.weights >= 0) & (out.weights <= 1)).all()
@@ -167,7 +167,7 @@ def test_ignored_pixels_get_no_weight_and_enter_no_statistic(name: str) -> None:
     """Changing the probabilities of invalid pixels changes neither the state nor the valid weights."""
     probs, valid = _segmentation_like()
     noisy = torch.where(valid.unsqueeze(1), probs, torch.rand_like(probs).softmax(dim=1))
-    a, b = (build_selector(method_config(name), num_classes=4, num_unlabeled=0) for _ in range(2))
+    a, b = (build_method(method_config(name)).selector(num_classes=4, num_unlabeled=0) for _ in range(2))
     out_a, out_b = a.select(probs, valid=valid), b.select(noisy, valid=valid)
     assert (out_a.weights[~valid] == 0).all() and (out_b.weights[~valid] == 0).all()
     torch.testing.assert_close(out_a.weights[valid], out_b.weights[valid])
@@ -193,7 +193,7 @@ def test_masked_statistics_equal_those_of_the_valid_pixels_alone() -> None:
 @pytest.mark.parametrize("name", ["freematch", "softmatch"])
 def test_a_batch_without_valid_elements_moves_no_statistic(name: str) -> None:
     """An all-ignored crop (NaN in its ignored pixels, even) leaves the state as it was."""
-    sel = build_selector(method_config(name, ema_m=0.5), num_classes=4, num_unlabeled=0)
+    sel = build_method(method_config(name, ema_m=0.5)).selector(num_classes=4, num_unlabeled=0)
     before = {k: v.clone() for k, v in sel.state_dict().items()}
     probs = torch.full((2, 4, 3, 3), float("nan"))
     out = sel.select(probs, valid=torch.zeros(2, 3, 3, dtype=torch.bool))
@@ -207,7 +207,7 @@ def test_a_batch_without_valid_elements_moves_no_statistic(name: str) -> None:
 
 @pytest.mark.parametrize("name", ["fixmatch", "flexmatch", "freematch", "softmatch"])
 def test_select_without_update_changes_no_state(name: str) -> None:
-    sel = build_selector(method_config(name), num_classes=3, num_unlabeled=10)
+    sel = build_method(method_config(name)).selector(num_classes=3, num_unlabeled=10)
     sel.select(torch.rand(6, 3).softmax(1), torch.arange(6))  # some state first
     before = {k: v.clone() for k, v in sel.state_dict().items()}
     probs = torch.rand(4, 3).mul(20).softmax(1)

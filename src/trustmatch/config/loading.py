@@ -110,10 +110,12 @@ def _merge(target: Any, values: dict[str, Any], prefix: str = "") -> None:
 
 def _validate(cfg: Config, given: set[str]) -> None:
     """Check values; ``given`` are the method.* keys set explicitly, which the method must read."""
+    if cfg.method.name not in METHODS:
+        raise UserError(f"config key 'method.name' must be one of {', '.join(METHODS)}, got {cfg.method.name!r}")
     method = METHODS.get(cfg.method.name)
     if cfg.task in METHODS.tasks() and cfg.task not in method.tasks:  # a task of the user's own reads every method
         others = METHODS.for_task(cfg.task)
-        hint = " (its fixed-threshold selection is 'unimatch' there)" if cfg.method.name == "fixmatch" else ""
+        hint = f" ({method.elsewhere[cfg.task]})" if cfg.task in method.elsewhere else ""
         raise UserError(
             f"method {cfg.method.name!r} does not train task {cfg.task!r}{hint}: use one of {', '.join(others)}"
         )
@@ -170,22 +172,7 @@ def _validate(cfg: Config, given: set[str]) -> None:
             "memory or auto here: digits is embedded (always in memory) and segmentation decodes per batch",
         ),
         (cfg.model.output_stride in (8, 16), "model.output_stride", "8 or 16"),
-        (
-            cfg.calibratemix.mode == "off" or cfg.task == "classification",
-            "calibratemix.mode",
-            "off for segmentation (CalibrateMix is a classification method)",
-        ),
-        *cfg.calibratemix.checks(),
-        (
-            cfg.calibratemix.mode == "off" or METHODS.get(cfg.method.name).semi_supervised,
-            "calibratemix.mode",
-            "off for method 'supervised' (CalibrateMix mixes labeled with unlabeled images)",
-        ),
-        (
-            cfg.calibratemix.mode == "off" or cfg.train.batch_size >= 2,
-            "train.batch_size",
-            "at least 2 with CalibrateMix (each batch is split into an easy and a hard half)",
-        ),
+        *cfg.calibratemix.checks(cfg.task, method, cfg.train.batch_size),
     ]
     for ok, key, expected in checks:
         if not ok:
@@ -380,9 +367,8 @@ def from_dict(values: dict[str, Any]) -> Config:
     if "name" in given:  # the method's own section, with its defaults (UDA's tau 0.8), before its keys merge
         assert isinstance(section, dict)
         name = _coerce("method.name", section["name"], str)
-        if name not in METHODS:
-            raise UserError(f"config key 'method.name' must be one of {', '.join(METHODS)}, got {name!r}")
-        cfg.method = method_config(name)
+        if name in METHODS:  # (an unknown name is named by ``_validate``, after every key's type)
+            cfg.method = method_config(name)
     _merge(cfg, values)
     _validate(cfg, given)
     return cfg

@@ -1,8 +1,9 @@
 """The shipped configs, generated from one table: dataset settings x methods x label counts.
 
 Each config is a nested mapping of config keys, the shape of a YAML file, so a user YAML can start
-from one with ``base: <name>``. A new dataset is one entry in FAMILIES; a new method is one entry
-in ``trustmatch.methods.method.METHODS`` and joins every family that trains all methods (or all SSL ones).
+from one with ``base: <name>``. A new dataset is one entry in FAMILIES; a new method (a module
+registered in ``trustmatch.methods.METHODS``) joins every family that trains all methods of its task
+(or all SSL ones).
 Every family also gets ``<dataset>-calibratemix-<labels>``: CalibrateMix on SoftMatch, as released.
 Segmentation: ``digitscenes-<method>`` (CPU-sized; ``digitscenes-csl-notmp`` is CSL without TMP) and
 UniMatch's published Pascal, Cityscapes and COCO settings for every segmentation method (CSL at output
@@ -18,6 +19,7 @@ from trustmatch.methods import METHODS
 
 ALL = tuple(METHODS.for_task("classification"))
 SSL = tuple(m for m in ALL if METHODS.get(m).semi_supervised)  # the published tables compare SSL methods only
+CALIBRATEMIX_BASE = "softmatch"  # the only variant the authors released
 
 
 @dataclass(frozen=True)
@@ -119,7 +121,6 @@ def _calibratemix(family: Family, labels: int) -> dict[str, Any]:
     return {**config, "calibratemix": {"mode": "faithful"}}
 
 
-CALIBRATEMIX_BASE = "softmatch"  # the only variant the authors released
 SEGMENTATION = tuple(METHODS.for_task("segmentation"))
 
 

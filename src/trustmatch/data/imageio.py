@@ -1,6 +1,6 @@
 """One conversion of any decoded image to the 8-bit RGB (or grayscale) the networks read.
 
-Classification (``folders.decode_image``), segmentation (``segmentation.read_image``) and both
+Classification (``folders.decode_image``), segmentation (``seg_sets.read_image``) and both
 ``predict`` paths call it, so an image is converted the same way in training and inference:
 
 - 16-bit and 32-bit grayscale (PIL modes ``I;16*``, ``I``, ``F``) are *scaled* to 8 bits from the

@@ -30,7 +30,6 @@ __all__ = [
     "UDASelector",
     "align_to_uniform",
     "build_method",
-    "build_selector",
     "csl_boundary",
     "csl_features",
     "csl_select",
@@ -42,8 +41,3 @@ __all__ = [
     "sharpen",
     "softmatch_weights",
 ]
-
-
-def build_selector(cfg: MethodConfig, num_classes: int, num_unlabeled: int) -> Selector | None:
-    """The selector of the method ``cfg`` configures (None for the supervised baseline)."""
-    return build_method(cfg).selector(num_classes, num_unlabeled)

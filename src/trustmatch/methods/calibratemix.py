@@ -29,13 +29,14 @@ from torch import Tensor, nn
 
 from trustmatch.core.options import opt
 from trustmatch.methods.data_map import SPLITS, write_data_map
-from trustmatch.methods.method import Check
+from trustmatch.methods.method import Check, Method
 from trustmatch.methods.step_output import Regularizer, StepOutput
 from trustmatch.methods.training_dynamics import APM_DTYPES, APMTracker, AUMTracker
 from trustmatch.methods.weak_to_strong import Batch, joint_forward
 
 NAME = "calibratemix"
 MODES = ("off", "faithful", "efficient")
+TASKS = ("classification",)  # it mixes whole images with one-hot targets
 
 
 @dataclass
@@ -55,10 +56,25 @@ class CalibrateMixConfig:
     apm_delta: float = opt(0.997, "APM update a = delta / (1 + visits)")
     apm_dtype: str = opt("float32", "storage of the per-class APM: float32, or float16 (half the memory)")
 
-    def checks(self) -> list[Check]:
-        """The range of each key; what depends on other sections (task, method, batch) config checks."""
+    def checks(self, task: str, method: type[Method], batch_size: int) -> list[Check]:
+        """The range of each key, and what CalibrateMix needs of the task, the method and the batch."""
         return [
+            (
+                self.mode == "off" or task in TASKS,
+                "calibratemix.mode",
+                "off for segmentation (CalibrateMix is a classification method)",
+            ),
             (self.mode in MODES, "calibratemix.mode", " | ".join(MODES)),
+            (
+                self.mode == "off" or method.semi_supervised,
+                "calibratemix.mode",
+                f"off for method {method.name!r} (CalibrateMix mixes labeled with unlabeled images)",
+            ),
+            (
+                self.mode == "off" or batch_size >= 2,
+                "train.batch_size",
+                "at least 2 with CalibrateMix (each batch is split into an easy and a hard half)",
+            ),
             (self.similarity in ("pixel", "feature"), "calibratemix.similarity", "'pixel' or 'feature'"),
             (self.loss in ("bce", "ce"), "calibratemix.loss", "'bce' or 'ce'"),
             (self.k >= 1, "calibratemix.k", "at least 1"),
@@ -105,6 +121,7 @@ class CalibrateMix(Regularizer):
     """The AUM/APM trackers and the guided mix loss, added on top of a weak-to-strong step."""
 
     views = ("lb", "weak", "strong")
+    min_share = 2  # labeled images per process: each batch is split into an easy and a hard half
 
     def __init__(
         self,

@@ -3,7 +3,7 @@
 The per-image boundary moves as the model learns, and whether the trusted cluster holds wrong
 pseudo-labels is the question CSL stands on. A ``SelectionRecorder`` keeps the (confidence, dispersion)
 points, weights and boundary of one image (or, for classification, the batch) at 10 %, 50 % and 100 %
-of training, and ``write`` draws them side by side with ``report.csl_selection_scatter``.
+of training, and ``write`` draws them side by side with ``reporting.plots.csl_selection_scatter``.
 
 Only a few hundred kilobytes per snapshot travel with the checkpoint (``state_dict``: tensors, ints and
 strings, so ``torch.load(weights_only=True)`` reads it), so a resumed run still plots the snapshots
@@ -27,6 +27,7 @@ from trustmatch.reporting.plots import SelectionSnapshot, csl_selection_scatter
 FRACTIONS = (0.1, 0.5, 1.0)  # of training: early, middle, end
 MAX_POINTS = 3000  # per snapshot: enough to see the clusters, small in a checkpoint and a PNG
 CSL_PLOT_TITLE = "CSL selection during training: max confidence vs residual dispersion"
+PART, FILE = "csl_snapshots", "csl_selection.png"  # its name among the run's state parts; its plot
 
 _ARRAYS = ("confidence", "dispersion", "weight", "reliable", "directions", "singular", "mean")
 
@@ -105,6 +106,10 @@ class SelectionRecorder:
             )
         )
         self.snapshots.sort(key=lambda s: s.step)
+
+    def write_artefacts(self, run_dir: Path) -> Path | None:
+        """``csl_selection.png`` in ``run_dir`` (nothing where no selection was kept)."""
+        return self.write(run_dir / FILE, CSL_PLOT_TITLE)
 
     def write(self, path: Path, title: str) -> Path | None:
         """The snapshots as one PNG at ``path``; None (and no file) when there is none (not a CSL run)."""

@@ -25,6 +25,7 @@ class FixMatch(SSLMethod):
 
     Config = ThresholdConfig
     cfg: ThresholdConfig
+    elsewhere = {"segmentation": "its fixed-threshold selection is 'unimatch' there"}
 
     def selector(self, num_classes: int, num_unlabeled: int) -> Selector:
         return FixMatchSelector(self.cfg.tau)

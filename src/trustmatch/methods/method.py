@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
@@ -31,15 +31,18 @@ Check = tuple[bool, str, str]  # (holds, key, what the key must be)
 class MethodConfig:
     """The ``method`` section: ``name``, and in each method's subclass the keys that method reads."""
 
-    name: str = opt("fixmatch", "the method: see `trustmatch list`, or METHODS")
-    #: keys only one task reads (CSL's TMP keys: segmentation), refused in the others
+    name: str = field(metadata={"help": "the method (METHODS)"})  # no default: a section names its method
+    #: keys only one task reads (CSL's TMP keys: segmentation), refused in the other tasks methods train
     task_only: ClassVar[dict[str, str]] = {}
 
     @classmethod
     def keys(cls, task: str | None = None) -> tuple[str, ...]:
-        """The method.* keys this method reads besides ``name`` (when it trains ``task``, if given)."""
+        """The method.* keys this method reads besides ``name`` (when it trains ``task``, if given; a task
+        of the user's own reads them all)."""
         names = (f.name for f in dataclasses.fields(cls) if f.name != "name")
-        return tuple(k for k in names if task is None or cls.task_only.get(k, task) == task)
+        if task is None or task not in METHODS.tasks():
+            return tuple(names)
+        return tuple(k for k in names if cls.task_only.get(k, task) == task)
 
     def checks(self) -> list[Check]:
         """The range of each key, checked once the config is merged."""
@@ -83,6 +86,8 @@ class Method:
     records_selection: ClassVar[bool] = False  # keep a few training selections for a plot (CSL)
     #: segmentation presets: (model, output stride, as descriptions say it) where the release's differs
     published_backbone: ClassVar[tuple[str, int, str] | None] = None
+    #: task -> where this method's idea is found there, for a task it does not train (FixMatch: UniMatch)
+    elsewhere: ClassVar[dict[str, str]] = {}
 
     def __init__(self, cfg: MethodConfig) -> None:
         self.cfg = cfg
@@ -143,8 +148,8 @@ class MethodRegistry(Registry[type[Method]]):
         self, name: str, *, description: str, tasks: tuple[str, ...]
     ) -> Callable[[type[Method]], type[Method]]:
         def add(cls: type[Method]) -> type[Method]:
-            cls.name, cls.description, cls.tasks = name, description, tasks
-            return Registry.register(self, name)(cls)
+            cls.name, cls.description, cls.tasks = name, description, tasks  # what a method object reads
+            return Registry.register(self, name, description=description, tasks=tasks)(cls)
 
         return add
 

@@ -19,3 +19,16 @@ def write_diagram(task: Task, evaluation: Evaluation, stem: Path, title: str) ->
 def write_curves(task: Task, history: list[dict[str, Any]], run_dir: Path) -> Path:
     """``curves.png``: the task's headline and calibration metrics over the run's evaluations."""
     return training_curves(history, run_dir / "curves.png", task.curves)
+
+
+def write_final_plots(
+    task: Task, test: Evaluation, temperature: float | None, history: list[dict[str, Any]], run_dir: Path, step: int
+) -> None:
+    """The final model's diagrams (raw, and temperature-scaled where a temperature was fitted) and curves."""
+    title = f"final EMA model (step {step})"
+    write_diagram(task, test, run_dir / "reliability_final", title)
+    if test.calibrated is not None:
+        calibrated = Evaluation(test.calibrated, test.calibrated_detail)
+        scaled = f"{title}\ntemperature {temperature:.3f}, fitted on validation"
+        write_diagram(task, calibrated, run_dir / "reliability_final_calibrated", scaled)
+    write_curves(task, history, run_dir)

@@ -62,6 +62,10 @@ class NonFinitePolicy:
         for name, state in snapshot["rank"].items():
             self.regularizers[name].load_rank_state(state)
 
+    def finite(self) -> None:
+        """A step updated: the count of skips in a row starts again."""
+        self.consecutive_skips = 0
+
     def count_skip(self, out: StepOutput, bad_rank: int, step: int, saved_step: int | None, what: str) -> None:
         """One more step skipped in a row; MAX_CONSECUTIVE_SKIPS of them stop the run."""
         self.consecutive_skips += 1

@@ -28,7 +28,7 @@ from trustmatch.core import distributed as dist
 from trustmatch.core.errors import UserError
 from trustmatch.core.precision import Precision, resolve_device
 from trustmatch.evaluation.metrics import NonFiniteLogits
-from trustmatch.run.artefacts import write_curves, write_diagram
+from trustmatch.run.artefacts import write_diagram, write_final_plots
 from trustmatch.run.checkpoint import CHECKPOINT_VERSION, load_checkpoint, save_checkpoint
 from trustmatch.run.ema import ModelEMA
 from trustmatch.run.nonfinite import NonFiniteLoss, NonFinitePolicy
@@ -193,7 +193,7 @@ class Trainer:
         if snapshot is None:
             self.optimizer.zero_grad(set_to_none=True)
             out.loss.backward()
-        self.nonfinite.consecutive_skips = 0
+        self.nonfinite.finite()
         self.optimizer.step()
         self.scheduler.step()
         self.ema.update(self.model)
@@ -349,13 +349,7 @@ class Trainer:
         self.task.write_final(self.ema.module, self.run_dir)
 
         def write() -> None:
-            title = f"final EMA model (step {self.step})"
-            write_diagram(self.task, test, self.run_dir / "reliability_final", title)
-            if test.calibrated is not None:
-                calibrated = Evaluation(test.calibrated, test.calibrated_detail)
-                scaled = f"{title}\ntemperature {self.record.temperature:.3f}, fitted on validation"
-                write_diagram(self.task, calibrated, self.run_dir / "reliability_final_calibrated", scaled)
-            write_curves(self.task, self.record.history, self.run_dir)
+            write_final_plots(self.task, test, self.record.temperature, self.record.history, self.run_dir, self.step)
             self.directory.write_metrics(self.metrics(final))
             self.directory.close()
 

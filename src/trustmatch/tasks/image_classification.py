@@ -37,8 +37,7 @@ class ClassificationTask(SSLTask):
                 f"model.name={cfg.model.name!r} is a segmentation network: classification needs one of "
                 f"{', '.join(sorted(MODELS.where(task='classification')))} (or task=segmentation)"
             )
-        halves = cfg.calibratemix.mode != "off"  # CalibrateMix splits each process's batch in two halves
-        dist.batch_share(cfg.train.batch_size, 2 if halves else 1, "CalibrateMix needs (it halves each batch)")
+        self.share_batch()
         self.data = d = load_ssl_data(cfg.data, cfg.seed)
         self.views = Views(d.mean, d.std, d.hflip, n_ops=cfg.data.strong_ops, magnitude=cfg.data.strong_magnitude)
         self.ulb_labels_known = bool((d.unlabeled.labels >= 0).any())

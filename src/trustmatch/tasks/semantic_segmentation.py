@@ -47,7 +47,7 @@ class SegmentationTask(SSLTask):
                 f"model.name={cfg.model.name!r} is a classifier: segmentation needs one of "
                 f"{', '.join(SEGMENTATION_MODELS)}"
             )
-        dist.batch_share(cfg.train.batch_size)  # the global batch, refused before the data load if unshareable
+        self.share_batch()
         self.data = d = load_segmentation_data(cfg.data, cfg.seed)
         if not any(s is not None and len(s) for s in (d.val, d.test)):
             raise UserError(

@@ -29,7 +29,8 @@ from trustmatch.data.sampler import IndexStream
 from trustmatch.methods import Selector, build_method
 from trustmatch.methods.calibratemix import NAME as CALIBRATEMIX
 from trustmatch.methods.calibratemix import CalibrateMix
-from trustmatch.methods.csl_recorder import CSL_PLOT_TITLE, SelectionRecorder
+from trustmatch.methods.csl_recorder import PART as RECORDER_PART
+from trustmatch.methods.csl_recorder import SelectionRecorder
 from trustmatch.methods.step_output import Regularizer, StepOutput
 
 
@@ -161,6 +162,16 @@ class SSLTask(Task):
         self.streams: dict[str, IndexStream] = {}
         self.recorder = SelectionRecorder(seed=cfg.seed) if self.method.records_selection else None
 
+    def share_batch(self) -> None:
+        """Before the data load: refuse a global batch the processes cannot share equally, or that would
+        leave a regularizer fewer images per process than it needs (CalibrateMix halves each share)."""
+        if self.cfg.calibratemix.mode != "off":
+            dist.batch_share(
+                self.cfg.train.batch_size, CalibrateMix.min_share, "CalibrateMix needs (it halves each batch)"
+            )
+        else:
+            dist.batch_share(self.cfg.train.batch_size)
+
     def start(self, num_labeled: int, num_unlabeled: int, num_classes: int, unlabeled_streams: int = 1) -> None:
         """The streams (global batches: each process takes batch_size / world_size of them, and uratio
         times as many unlabeled ones), the selector and the regularizers, once the data is loaded."""
@@ -184,7 +195,7 @@ class SSLTask(Task):
             parts["selector"] = self.selector
             parts.update({name: s for name, s in self.streams.items() if name != "lb_stream"})
         if self.recorder is not None:
-            parts["csl_snapshots"] = self.recorder
+            parts[RECORDER_PART] = self.recorder
         return parts
 
     @abstractmethod
@@ -217,7 +228,7 @@ class SSLTask(Task):
         if not dist.is_main():
             return
         if self.recorder is not None:
-            self.recorder.write(run_dir / "csl_selection.png", CSL_PLOT_TITLE)
+            self.recorder.write_artefacts(run_dir)
         predictions: Callable[[str], tuple[Tensor, Tensor]] = lambda split: self.sample_predictions(model, split)  # noqa: E731
         for regularizer in self.regularizers.values():
             regularizer.write_artefacts(run_dir, predictions, self.data)
