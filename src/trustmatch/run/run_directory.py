@@ -14,12 +14,15 @@ from typing import Any
 
 import yaml
 
-from trustmatch.config import Config
+from trustmatch.config import Config, from_dict, merge_values, parse_overrides, read_yaml
 from trustmatch.core.errors import UserError
 from trustmatch.core.fileio import atomic_write_text
 
 # what a run writes into its directory: a failed start removes these, never anything else
 RUN_FILES = ("config.yaml", "metrics.json", "last.pt", "best.pt", "tensorboard", "*.png", "*.csv", ".*.tmp")
+
+# what --resume may change: none of them changes the steps already taken
+RESUME_KEYS = ("train.steps", "train.eval_every", "train.log_every", "train.save_every", "train.nonfinite")
 
 
 class RunDirectory:
@@ -77,6 +80,19 @@ class RunDirectory:
                 folder.rmdir()
             except OSError:
                 break
+
+    def saved_config(self, overrides: list[str]) -> Config:
+        """The run's config.yaml, with ``overrides`` of the keys a resumed run may change (``RESUME_KEYS``)."""
+        path = self.path / "config.yaml"
+        if not path.is_file():
+            raise UserError(f"{self.path} is not a trustmatch run directory (no config.yaml)")
+        for item in overrides:
+            key = item.split("=", 1)[0].strip()
+            if key not in RESUME_KEYS:
+                raise UserError(
+                    f"--resume can change only {', '.join(RESUME_KEYS)}, not {key!r}: start a new run (--out) instead"
+                )
+        return from_dict(merge_values(read_yaml(path), parse_overrides(overrides)))
 
     def write_config(self, cfg: Config) -> None:
         atomic_write_text(self.path / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from trustmatch.config import Config, from_dict, merge_values, parse_overrides, read_yaml
+from trustmatch.config import Config
 from trustmatch.core import distributed as dist
 from trustmatch.core.errors import UserError
 from trustmatch.core.precision import Precision, resolve_device
@@ -40,8 +40,6 @@ from trustmatch.run.run_record import RunRecord
 from trustmatch.run.stop_signals import StopSignals
 from trustmatch.tasks import TASKS, Evaluation, Stateful, StepOutput
 
-# what --resume may change: none of them changes the steps already taken
-RESUME_KEYS = ("train.steps", "train.eval_every", "train.log_every", "train.save_every", "train.nonfinite")
 SHOWN = ("loss_sup", "loss_unsup", "mask", "pl_acc")  # the averages a progress line shows
 
 
@@ -141,19 +139,9 @@ class Trainer:
 
     @classmethod
     def resume(cls, run_dir: Path, overrides: list[str] | None = None, progress: bool = True) -> Trainer:
-        """Continue the run in ``run_dir``; ``overrides`` may change RESUME_KEYS (extend train.steps)."""
-        path = Path(run_dir) / "config.yaml"
-        if not path.is_file():
-            raise UserError(f"{run_dir} is not a trustmatch run directory (no config.yaml)")
-        values = read_yaml(path)
-        for item in overrides or []:
-            key = item.split("=", 1)[0].strip()
-            if key not in RESUME_KEYS:
-                raise UserError(
-                    f"--resume can change only {', '.join(RESUME_KEYS)}, not {key!r}: start a new run (--out) instead"
-                )
-        values = merge_values(values, parse_overrides(overrides or []))
-        trainer = cls(from_dict(values), Path(run_dir), resume=True, progress=progress)
+        """Continue the run in ``run_dir``; ``overrides`` may change ``RESUME_KEYS`` (extend train.steps)."""
+        cfg = RunDirectory(Path(run_dir)).saved_config(overrides or [])
+        trainer = cls(cfg, Path(run_dir), resume=True, progress=progress)
         if trainer.step > trainer.cfg.train.steps:
             raise UserError(
                 f"{run_dir} is at step {trainer.step}: train.steps={trainer.cfg.train.steps} cannot shorten it"
