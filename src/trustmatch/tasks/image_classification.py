@@ -19,7 +19,7 @@ from trustmatch.evaluation.forward import iter_logits
 from trustmatch.evaluation.metrics import ClassificationMeter
 from trustmatch.evaluation.temperature import fit_temperature
 from trustmatch.methods.weak_to_strong import Batch
-from trustmatch.models import MODELS, SEGMENTATION_MODELS, build_model
+from trustmatch.models import MODELS, SEGMENTATION_MODELS
 from trustmatch.tasks.task import Evaluation, SSLTask, StepOutput
 
 SPLITS = ("val", "test")
@@ -42,18 +42,6 @@ class ClassificationTask(SSLTask):
         self.views = Views(d.mean, d.std, d.hflip, n_ops=cfg.data.strong_ops, magnitude=cfg.data.strong_magnitude)
         self.ulb_labels_known = bool((d.unlabeled.labels >= 0).any())
         self.start(len(d.labeled), len(d.unlabeled), d.num_classes)
-
-    @classmethod
-    def model_for(cls, meta: dict[str, Any]) -> nn.Module:
-        """The network a checkpoint's metadata describes (training and inference build the same)."""
-        model = meta["config"]["model"]
-        return build_model(
-            model["name"],
-            len(meta["classes"]),
-            meta["channels"],
-            bn_momentum=model["bn_momentum"],
-            dropout=model["dropout"],
-        )
 
     def next_batch(self, generator: torch.Generator) -> Batch:
         """Gather the next labeled (and unlabeled) batch and build its views on the device."""

@@ -25,7 +25,7 @@ from trustmatch.data.segviews import SegViews
 from trustmatch.evaluation.forward import segment
 from trustmatch.evaluation.metrics import SegmentationMeter
 from trustmatch.methods.unimatch_step import SegBatch
-from trustmatch.models import SEGMENTATION_MODELS, build_model
+from trustmatch.models import SEGMENTATION_MODELS
 from trustmatch.reporting.plots import segmentation_overlays
 from trustmatch.tasks.task import Evaluation, SSLTask, StepOutput
 
@@ -67,24 +67,13 @@ class SegmentationTask(SSLTask):
         self.start(len(d.labeled), num_unlabeled, len(d.classes), unlabeled_streams=2)  # + the CutMix partners
 
     @classmethod
-    def model_for(cls, meta: dict[str, Any]) -> nn.Module:
-        return cls._model(meta, pretrained=False)  # the checkpoint's weights replace any download
+    def model_for(cls, meta: dict[str, Any], pretrained: bool = False) -> nn.Module:  # type: ignore[override]
+        """Inference builds it without a download: the checkpoint's weights replace any."""
+        stride = meta["config"]["model"]["output_stride"]
+        return super().model_for(meta, pretrained=pretrained, output_stride=stride)
 
     def build_model(self) -> nn.Module:
-        return self._model(self.meta(), pretrained=self.cfg.model.pretrained)
-
-    @staticmethod
-    def _model(meta: dict[str, Any], pretrained: bool) -> nn.Module:
-        model = meta["config"]["model"]
-        return build_model(
-            model["name"],
-            len(meta["classes"]),
-            meta["channels"],
-            bn_momentum=model["bn_momentum"],
-            dropout=model["dropout"],
-            pretrained=pretrained,
-            output_stride=model["output_stride"],
-        )
+        return self.model_for(self.meta(), pretrained=self.cfg.model.pretrained)
 
     def _crops(
         self, dataset: SegmentationSet, stream: str, generator: torch.Generator

@@ -22,6 +22,7 @@ from typing import Any, ClassVar, Protocol
 import torch
 from torch import Tensor, nn
 
+from trustmatch import models
 from trustmatch.config import Config
 from trustmatch.core import distributed as dist
 from trustmatch.core.precision import Precision
@@ -71,9 +72,18 @@ class Task(ABC):
         self.regularizers: dict[str, Regularizer] = {}
 
     @classmethod
-    @abstractmethod
-    def model_for(cls, meta: dict[str, Any]) -> nn.Module:
-        """The network a checkpoint's ``meta`` describes: training and inference build the same."""
+    def model_for(cls, meta: dict[str, Any], **options: Any) -> nn.Module:
+        """The network a checkpoint's ``meta`` describes: training and inference build the same.
+        ``options``: what this task's networks take besides the common keys (segmentation's stride)."""
+        model = meta["config"]["model"]
+        return models.build_model(
+            model["name"],
+            len(meta["classes"]),
+            meta["channels"],
+            bn_momentum=model["bn_momentum"],
+            dropout=model["dropout"],
+            **options,
+        )
 
     def build_model(self) -> nn.Module:
         """A fresh network for this task's data (the trainer seeds, places and wraps it)."""
