@@ -191,10 +191,10 @@ def launch(tmp: Path, processes: int, task: str, overrides: list[str], modes: st
     tmp.mkdir(parents=True, exist_ok=True)
     script = tmp / "equivalence.py"
     script.write_text(SCRIPT)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     runner = [sys.executable]
     if processes > 1:
-        runner += ["-m", "torch.distributed.run", "--nproc_per_node", str(processes)]
+        runner += ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
     config, base = CONFIGS[task]
     cmd = [*runner, str(script), str(tmp), modes, config, *base, *overrides]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
@@ -360,9 +360,9 @@ def test_unpatched_two_processes_differ_by_an_augmentation_draw(task: str, tmp_p
 @pytest.mark.slow
 def test_torchrun_refuses_an_unshareable_batch_before_any_file(tmp_path: Path) -> None:
     """train.batch_size=7 over 2 processes: one line naming the value, the count and the fix; no run directory."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "trustmatch", "train"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "trustmatch", "train"]
     done = subprocess.run(
         [*cmd, "digits-fixmatch", "--out", str(run), "--quiet", "train.batch_size=7"],
         env=env,

@@ -8,7 +8,7 @@ import torch
 from trustmatch.config import TrainConfig
 from trustmatch.core.errors import UserError
 from trustmatch.core.lr_schedules import SCHEDULES
-from trustmatch.core.precision import Precision, native_bf16
+from trustmatch.core.precision import Precision, native_bf16, resolve_device
 from trustmatch.models import build_model
 from trustmatch.run.optim import build_optimizer, build_scheduler, param_groups
 
@@ -61,3 +61,16 @@ def test_schedules_and_scheduler_keep_head_scale() -> None:
     assert lrs == pytest.approx([0.1 * 0.5**0.9, 1.0 * 0.5**0.9])
     with pytest.raises(UserError, match="did you mean 'poly'"):
         SCHEDULES.get("polly")
+
+
+@pytest.mark.parametrize("name", ["auto", "cuda"])
+def test_more_torchrun_processes_than_gpus_is_one_line(monkeypatch: pytest.MonkeyPatch, name: str) -> None:
+    """Rank 1 of 2 on a node with one GPU: a refusal naming the count and the fix, not a CUDA ordinal error."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert resolve_device(name) == torch.device("cuda", 0)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    with pytest.raises(UserError, match=r"started 2 processes on this node but only 1 CUDA device\(s\).*--nproc_per_node=1"):
+        resolve_device(name)

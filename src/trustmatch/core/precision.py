@@ -23,7 +23,7 @@ def resolve_device(name: str) -> torch.device:
     """``auto``: this process's GPU under torchrun (LOCAL_RANK), else the GPU, MPS or the CPU."""
     if name == "auto":
         if torch.cuda.is_available():
-            return torch.device("cuda", dist.local_rank())
+            return _local_gpu(name)
         if torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
@@ -37,7 +37,7 @@ def resolve_device(name: str) -> torch.device:
         if not torch.cuda.is_available():
             raise UserError("train.device=cuda but no CUDA device is visible: use train.device=auto or cpu")
         if device.index is None:
-            return torch.device("cuda", dist.local_rank())
+            return _local_gpu(name)
         if device.index >= torch.cuda.device_count():
             raise UserError(f"train.device={name}: only {torch.cuda.device_count()} CUDA device(s) are visible")
         if int(os.environ.get("LOCAL_WORLD_SIZE", 1)) > 1:
@@ -45,6 +45,17 @@ def resolve_device(name: str) -> torch.device:
                 f"train.device={name} would put every torchrun process on one GPU: use train.device=cuda or auto"
             )
     return device
+
+
+def _local_gpu(name: str) -> torch.device:
+    """This process's GPU (LOCAL_RANK); more processes on a node than GPUs is refused, not a CUDA error."""
+    rank, count = dist.local_rank(), torch.cuda.device_count()
+    if rank >= count:
+        raise UserError(
+            f"train.device={name}: torchrun started {os.environ.get('LOCAL_WORLD_SIZE', rank + 1)} processes on this "
+            f"node but only {count} CUDA device(s) are visible: use --nproc_per_node={count}, or train.device=cpu"
+        )
+    return torch.device("cuda", rank)
 
 
 def native_bf16(device: torch.device) -> bool:

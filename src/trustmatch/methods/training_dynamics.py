@@ -53,9 +53,12 @@ class AUMTracker(nn.Module):
 
     @torch.no_grad()
     def update(self, logits: Tensor, labels: Tensor, indices: Tensor) -> None:
-        """Add this step's margins (every process's): repeats of a sample in one batch all count."""
+        """Add this step's margins (every process's): repeats of a sample in one batch all count.
+
+        ``index_put_`` accumulates repeats in index order on CUDA too (``index_add_``'s atomic adds
+        would not, and a resumed run would drift from the uninterrupted one in the last bits)."""
         idx, margins = dist.all_gather_cat(indices), dist.all_gather_cat(aum_margins(logits, labels))
-        self.margin_sum.index_add_(0, idx, margins)
+        self.margin_sum.index_put_((idx,), margins, accumulate=True)
         self.count.index_add_(0, idx, torch.ones_like(idx, dtype=torch.int32))
 
     def scores(self, indices: Tensor | None = None) -> Tensor:
