@@ -166,7 +166,7 @@ def test_modes_mix_easy_with_hard_in_the_forwards_they_promise(tmp_path: Path, m
         assert counting.sizes == [40 + 8] and regularizer.pending[0].shape[0] == 8
     images, targets, groups = regularizer.mixes(trainer.next_batch(), out, out.logits["weak"].argmax(dim=1))
     assert images.shape[0] == 8 and groups.tolist() == [0] * 4 + [1] * 4
-    torch.testing.assert_close(targets.sum(dim=1), torch.ones(8))
+    torch.testing.assert_close(targets.sum(dim=1), torch.ones(8, device=targets.device))
 
 
 @pytest.mark.slow
@@ -281,7 +281,7 @@ def test_temperature_is_fitted_on_validation_and_used_by_predict(
         out = tmp_path / f"p{len(flags)}.csv"
         assert main(["predict", str(run), str(image), "--out", str(out), *flags]) == 0
         confidence = float(next(csv.DictReader(out.open()))["confidence"])
-        z = task.views.plain(task.data.test.images[:1])
+        z = task.views.plain(task.data.test.images[:1]).to(loaded.precision.device)
         with torch.no_grad():
             expected = float((loaded.model(z).logits.float() / scale).softmax(dim=1).max())
         assert math.isclose(confidence, expected, rel_tol=1e-2)

@@ -217,7 +217,9 @@ class SegViews:
         if masks is None:
             lab = tv_tensors.Mask(torch.zeros([1, *size], dtype=torch.uint8))
         else:
-            lab = tvf.resize(tv_tensors.Mask(masks), size, interpolation=InterpolationMode.NEAREST_EXACT)
+            # resize_image, not resize: torchvision 0.26 (seen on a GPU machine) resizes a Mask with NEAREST
+            # whatever is asked, half a pixel off the image; the image kernel honours NEAREST_EXACT everywhere
+            lab = tv_tensors.Mask(tvf.resize_image(masks, size, interpolation=InterpolationMode.NEAREST_EXACT))
         c = self.crop_size
         pad_h, pad_w = max(c - size[0], 0), max(c - size[1], 0)
         if pad_h or pad_w:
