@@ -26,7 +26,7 @@ def reference_csl(
     probs: Tensor,
     valid: Tensor | None = None,
     alpha: float = 8.0,
-    dispersion: str = "release",
+    dispersion: str = "csl",
     scaled: bool = False,
     reliable_rule: str = "confidence",
     eps: float = 1e-8,
@@ -49,7 +49,7 @@ def reference_csl(
         r[rows, top] = 0.0
         m = r.sum(dim=1) / (k - 1)
         dev = (r - m[:, None]).square()
-        if dispersion == "nonmax":
+        if dispersion == "simple_covar":
             dev[rows, top] = 0.0
         v = dev.sum(dim=1) / (k - 1)
         if scaled:

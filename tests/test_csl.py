@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
 from csl_reference import reference_csl
+from trustmatch.config import from_dict, from_saved, load_config
+from trustmatch.core.errors import UserError
 from trustmatch.methods import build_method, csl_features, csl_select, csl_selection, method_config
 
 OPTIONS = [
     {},
-    {"dispersion": "nonmax"},
+    {"dispersion": "simple_covar"},
     {"scaled": True},
     {"reliable_rule": "covar"},
-    {"alpha": 2.0, "dispersion": "nonmax", "scaled": True, "reliable_rule": "covar"},
+    {"alpha": 2.0, "dispersion": "simple_covar", "scaled": True, "reliable_rule": "covar"},
 ]
 
 
@@ -48,7 +51,7 @@ def _assert_matches(probs: torch.Tensor, valid: torch.Tensor | None, **options) 
     torch.testing.assert_close(got.boundary.var.double(), ref.var, rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.parametrize("options", OPTIONS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "release")
+@pytest.mark.parametrize("options", OPTIONS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "csl")
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_batched_matches_per_image_svd(options: dict, seed: int) -> None:
     probs = _probs((6, 7, 9, 11), seed)
@@ -125,13 +128,52 @@ def test_dispersion_is_stable_for_confident_pixels() -> None:
 
 
 def test_selector_registry_reads_the_method_keys() -> None:
-    cfg = method_config("csl", csl_alpha=2.0, csl_dispersion="nonmax", csl_scaled=True, csl_reliable="covar")
+    cfg = method_config("csl", csl_alpha=2.0, csl_dispersion="simple_covar", csl_scaled=True, csl_reliable="covar")
     selector = build_method(cfg).selector(5, 100)
     probs = _probs((3, 5, 4, 4), 9)
     got = selector.select(probs.float())
-    ref = reference_csl(probs.float(), alpha=2.0, dispersion="nonmax", scaled=True, reliable_rule="covar")
+    ref = reference_csl(probs.float(), alpha=2.0, dispersion="simple_covar", scaled=True, reliable_rule="covar")
     assert torch.equal(got.reliable, ref.reliable)
     assert selector.select(probs.float(), update=False).weights.shape == (3, 4, 4)
+
+
+# Two pixels, K = 5; the second has tied maxima (only the first copy is zeroed). By hand: row 0 has
+# r = (0, .2, .15, .1, .05), m = .5 / 4 = .125, squared deviations of the four non-max entries
+# .005625 + .000625 + .000625 + .005625 = .0125 and of the zeroed slot .125^2 = .015625.
+TINY = np.array([[0.5, 0.2, 0.15, 0.1, 0.05], [0.25, 0.25, 0.2, 0.2, 0.1]])
+
+
+def test_csl_dispersion_keeps_the_zeroed_max_slot() -> None:
+    """'csl' (CSL's release, CoVar's segmentation code): the variance over all K slots of p with the max
+    set to 0, around the mean of the K-1 others, over K-1."""
+    nonmax = [np.delete(row, row.argmax()) for row in TINY]
+    expected = [(np.sum((rest - rest.mean()) ** 2) + rest.mean() ** 2) / 4 for rest in nonmax]
+    np.testing.assert_allclose(expected[0], (0.0125 + 0.015625) / 4)
+    _, labels, v = csl_features(torch.from_numpy(TINY), "csl")
+    np.testing.assert_allclose(v.numpy(), expected, rtol=1e-12)
+    assert labels.tolist() == [0, 0]
+
+
+def test_simple_covar_dispersion_is_over_the_non_max_classes() -> None:
+    """'simple_covar' (SimPLE+CoVar): the population variance of the K-1 non-max classes."""
+    expected = [np.var(np.delete(row, row.argmax())) for row in TINY]
+    np.testing.assert_allclose(expected[0], 0.0125 / 4)
+    _, _, v = csl_features(torch.from_numpy(TINY), "simple_covar")
+    np.testing.assert_allclose(v.numpy(), expected, rtol=1e-12)
+
+
+@pytest.mark.parametrize(("old", "new"), [("release", "csl"), ("nonmax", "simple_covar")])
+def test_old_dispersion_names_are_refused_with_the_new_one(old: str, new: str) -> None:
+    """A user's config or call is refused with the new name; a run saved under the old one still loads."""
+    with pytest.raises(UserError, match=f"did you mean '{new}'"):
+        load_config("digits-csl", [f"method.csl_dispersion={old}"])
+    with pytest.raises(ValueError, match=f"did you mean '{new}'"):
+        csl_select(torch.from_numpy(TINY), dispersion=old)
+    saved = load_config("digits-csl").to_dict()
+    saved["method"]["csl_dispersion"] = old
+    assert from_saved(saved).method.csl_dispersion == new
+    with pytest.raises(UserError, match=f"did you mean '{new}'"):
+        from_dict(saved)
 
 
 @pytest.mark.parametrize("bad", [{"dispersion": "other"}, {"reliable_rule": "other"}])

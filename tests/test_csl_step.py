@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from csl_reference import reference_csl
-from test_segmentation_train import SMALL, PixelNet, _batch, reference_forwards
+from test_segmentation_train import SMALL, PixelNet, _batch, norm_by_hand, reference_forwards, start_running_statistics
 from trustmatch.config import load_config
 from trustmatch.data.segviews import SegViews
 from trustmatch.methods.csl import CSLSelector, csl_step, hide_trusted
@@ -27,17 +27,19 @@ def _tmp_batch(seed: int = 0):
 
 
 def test_csl_step_is_the_csl_loss() -> None:
-    """By hand: partner in eval mode, CSL selection of the weak view (the per-image SVD reference),
+    """By hand: partner in training mode, CSL selection of the weak view (the per-image SVD reference),
     the TMP view with covered trusted pixels zeroed, (L_x + 0.25 L_s + 0.25 L_m + 0.5 L_fp) / 2."""
     torch.manual_seed(0)
-    model, batch, selector = PixelNet(), _tmp_batch(), CSLSelector(8.0, "release", False, "confidence")
+    model, batch, selector = PixelNet(), _tmp_batch(), CSLSelector(8.0, "csl", False, "confidence")
     reference = PixelNet()
     reference.load_state_dict(model.state_dict())
     torch.manual_seed(1)
     out = csl_step(model, batch, selector, 1.0, 0, 10)
-    assert model.modes == [False, True, True]
+    assert model.modes == [True, True, True]
 
-    p_mix, logits_lb, logits_w, logits_fp = reference_forwards(reference, batch)
+    _, logits_lb, logits_w, logits_fp = reference_forwards(reference, batch)
+    with torch.no_grad():
+        p_mix = reference(batch.mix_weak).logits.softmax(1)  # training mode: the partner's own statistics
     weak = reference_csl(logits_w.detach().softmax(1).double(), batch.valid_u)
     mix = reference_csl(p_mix.double(), batch.valid_mix)
     hidden = batch.cover & weak.reliable
@@ -59,6 +61,32 @@ def test_csl_step_is_the_csl_loss() -> None:
     torch.testing.assert_close(out.loss, expected, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(out.logs["loss_tmp"], loss_m.detach(), rtol=1e-4, atol=1e-5)
     assert out.logs["hidden"] == hidden.sum() / batch.valid_u.sum()
+
+
+def test_csl_step_batchnorm_as_released() -> None:
+    """CSL's release: the partner predicted with its own batch statistics, and of the three forwards
+    only the labeled + weak one moves the running statistics (by hand, momentum 0.1)."""
+    torch.manual_seed(0)
+    model, batch = PixelNet(), _tmp_batch()
+    mean0, var0 = start_running_statistics(model)
+    seen: list[torch.Tensor] = []
+
+    class Recording(CSLSelector):
+        def select(self, probs, indices=None, valid=None, update=True):
+            if not update:
+                seen.append(probs)
+            return super().select(probs, indices, valid, update)
+
+    expected_partner, _, _ = norm_by_hand(model, batch.mix_weak, batch_statistics=True)
+    _, mean_w, var_w = norm_by_hand(model, torch.cat([batch.x_lb, batch.u_weak]), True)
+    out = csl_step(model, batch, Recording(8.0, "csl", False, "confidence"), 1.0, 0, 10)
+    torch.testing.assert_close(seen[0], expected_partner)
+    bn = model.encoder[1]
+    torch.testing.assert_close(bn.running_mean, 0.9 * mean0 + 0.1 * mean_w)
+    torch.testing.assert_close(bn.running_var, 0.9 * var0 + 0.1 * var_w)
+    assert bn.num_batches_tracked == 8 and bn.track_running_stats
+    out.loss.backward()  # the strong/TMP forward's graph is a training-mode one
+    assert model.head.weight.grad is not None and model.head.weight.grad.isfinite().all()
 
 
 def test_hide_trusted_zeroes_only_covered_trusted_pixels() -> None:

@@ -111,6 +111,55 @@ def test_unimatch_step_is_unimatch_loss() -> None:
     torch.testing.assert_close(out.logs["loss_fp"], loss_fp.detach())
 
 
+def norm_by_hand(net: PixelNet, x: torch.Tensor, batch_statistics: bool) -> tuple[torch.Tensor, ...]:
+    """PixelNet's encoder output for ``x`` normalised with the batch's statistics (biased variance) or
+    the running ones, its head's probabilities, and the batch's mean and unbiased variance."""
+    conv, bn = net.encoder
+    with torch.no_grad():
+        f = conv(x)
+        mean, var = f.mean(dim=(0, 2, 3)), f.var(dim=(0, 2, 3), unbiased=False)
+        mu, sigma2 = (mean, var) if batch_statistics else (bn.running_mean, bn.running_var)
+        normed = (f - mu.view(1, -1, 1, 1)) / (sigma2.view(1, -1, 1, 1) + bn.eps).sqrt()
+        probs = net.head(normed * bn.weight.view(1, -1, 1, 1) + bn.bias.view(1, -1, 1, 1)).softmax(1)
+        n = f.numel() / f.shape[1]
+        return probs, mean, var * n / (n - 1)
+
+
+def start_running_statistics(net: PixelNet) -> tuple[torch.Tensor, torch.Tensor]:
+    """Running statistics away from their defaults, so that a restored value shows."""
+    bn = net.encoder[1]
+    g = torch.Generator().manual_seed(5)
+    bn.running_mean.copy_(torch.randn(4, generator=g))
+    bn.running_var.copy_(torch.rand(4, generator=g) + 0.5)
+    bn.num_batches_tracked.fill_(7)
+    return bn.running_mean.clone(), bn.running_var.clone()
+
+
+def test_unimatch_step_batchnorm_is_unchanged() -> None:
+    """UniMatch as released: the partner in eval mode (running statistics, not moved); the weak and
+    the strong forward each move the running statistics, by hand with momentum 0.1."""
+    torch.manual_seed(0)
+    model, batch = PixelNet(), _batch()
+    mean0, var0 = start_running_statistics(model)
+    seen: list[torch.Tensor] = []
+
+    class Recording(FixMatchSelector):
+        def select(self, probs, indices=None, valid=None, update=True):
+            if not update:
+                seen.append(probs)
+            return super().select(probs, indices, valid, update)
+
+    expected_partner, _, _ = norm_by_hand(model, batch.mix_weak, batch_statistics=False)
+    _, mean_w, var_w = norm_by_hand(model, torch.cat([batch.x_lb, batch.u_weak]), True)
+    _, mean_s, var_s = norm_by_hand(model, torch.cat(batch.u_strong), True)
+    unimatch_step(model, batch, Recording(0.4), 1.0, 0, 10)
+    torch.testing.assert_close(seen[0], expected_partner)
+    bn = model.encoder[1]
+    torch.testing.assert_close(bn.running_mean, 0.9 * (0.9 * mean0 + 0.1 * mean_w) + 0.1 * mean_s)
+    torch.testing.assert_close(bn.running_var, 0.9 * (0.9 * var0 + 0.1 * var_w) + 0.1 * var_s)
+    assert bn.num_batches_tracked == 9
+
+
 def test_paste_and_pixel_loss() -> None:
     inside = Selection(torch.full((1, 2, 2), 1), torch.full((1, 2, 2), 0.5))
     outside = Selection(torch.full((1, 2, 2), 2), torch.ones(1, 2, 2))

@@ -374,6 +374,17 @@ def from_dict(values: dict[str, Any]) -> Config:
     return cfg
 
 
+def from_saved(values: dict[str, Any]) -> Config:
+    """A run's saved config (config.yaml, a checkpoint's), method values renamed since it was written
+    (``MethodConfig.renamed``) read under their new names, so that older runs still resume and evaluate."""
+    section = values.get("method")
+    if isinstance(section, dict) and section.get("name") in METHODS:
+        renamed = METHODS.get(section["name"]).Config.renamed
+        section = {k: renamed[k].get(v, v) if k in renamed and isinstance(v, str) else v for k, v in section.items()}
+        values = {**values, "method": section}
+    return from_dict(values)
+
+
 def load_config(name_or_path: str, overrides: list[str] | None = None) -> Config:
     """A shipped config name or a YAML path, with ``key=value`` overrides applied on top."""
     return from_dict(merge_config(read_config(name_or_path), parse_overrides(overrides or [])))

@@ -10,8 +10,11 @@ included. Loss (per pixel, over valid pixels):
     L = (L_x + lambda_u * (0.25 L_s + 0.25 L_m + 0.5 L_fp)) / 2
 
 L_s: the CutMix strong view against the pasted partner/weak selection; L_m: the TMP view; L_fp: the
-feature-perturbed weak view. CSL without TMP (``method.tmp=false``) is UniMatch's step with the CSL
-selector. In classification, one boundary per unlabeled batch (CoVar) in FixMatch's step.
+feature-perturbed weak view. BatchNorm as CSL's release: the partner batch is predicted in training mode
+(its own batch statistics) and only the labeled + weak forward moves the running statistics; the
+partner's and the strong/TMP forward leave them as they were. CSL without TMP (``method.tmp=false``)
+is UniMatch's step (UniMatch's BatchNorm handling too) with the CSL selector. In classification, one
+boundary per unlabeled batch (CoVar) in FixMatch's step.
 """
 
 from __future__ import annotations
@@ -24,7 +27,14 @@ from torch import Tensor, nn
 
 from trustmatch.core.labels import IGNORE
 from trustmatch.core.options import opt
-from trustmatch.methods.csl_selection import DISPERSIONS, RELIABLE_RULES, CSLSelection, csl_select
+from trustmatch.methods.csl_selection import (
+    DISPERSIONS,
+    RELIABLE_RULES,
+    RENAMED_DISPERSIONS,
+    CSLSelection,
+    csl_select,
+    renamed_hint,
+)
 from trustmatch.methods.method import METHODS, Check, SSLConfig, SSLMethod
 from trustmatch.methods.selector import Selector
 from trustmatch.methods.step_output import StepOutput
@@ -33,6 +43,7 @@ from trustmatch.methods.unimatch_step import (
     partner_selection,
     paste,
     pixel_loss,
+    running_statistics_kept,
     selection_logs,
     weak_forward,
 )
@@ -42,7 +53,9 @@ from trustmatch.methods.unimatch_step import (
 class CSLConfig(SSLConfig):
     csl_alpha: float = opt(8.0, "CSL: width alpha of the weight exp(-z^2 / alpha) (release 8; CoVar 2)")
     csl_dispersion: str = opt(
-        "release", "CSL residual dispersion: 'release' (all K slots) or 'nonmax' (the K-1 non-max classes, CoVar)"
+        "csl",
+        "CSL residual dispersion: 'csl' (CSL's release and CoVar's segmentation code: all K slots, the zeroed "
+        "max included) or 'simple_covar' (SimPLE+CoVar's: the K-1 non-max classes)",
     )
     csl_scaled: bool = opt(False, "CSL: CoVar's confidence-scaled dispersion 0.5 (K-1)^2 v / (2 (1 - c))")
     csl_reliable: str = opt(
@@ -52,12 +65,17 @@ class CSLConfig(SSLConfig):
     tmp_cover: float = opt(0.7, "TMP: probability that a grid cell hides its reliable pixels")
     tmp_cell: int = opt(32, "TMP: grid cell size in pixels (round(crop / cell)^2 cells)")
     task_only = {"tmp": "segmentation", "tmp_cover": "segmentation", "tmp_cell": "segmentation"}
+    renamed = {"csl_dispersion": RENAMED_DISPERSIONS}
 
     def checks(self) -> list[Check]:
         return [
             *super().checks(),
             (self.csl_alpha > 0, "method.csl_alpha", "positive"),
-            (self.csl_dispersion in DISPERSIONS, "method.csl_dispersion", " or ".join(DISPERSIONS)),
+            (
+                self.csl_dispersion in DISPERSIONS,
+                "method.csl_dispersion",
+                " or ".join(map(repr, DISPERSIONS)) + renamed_hint(self.csl_dispersion),
+            ),
             (self.csl_reliable in RELIABLE_RULES, "method.csl_reliable", " or ".join(RELIABLE_RULES)),
             (0.0 <= self.tmp_cover <= 1.0, "method.tmp_cover", "in [0, 1]"),
             (self.tmp_cell >= 1, "method.tmp_cell", "at least 1 pixel"),
@@ -88,14 +106,15 @@ def csl_step(
 ) -> StepOutput:
     assert batch.u_strong is not None and batch.boxes is not None and batch.u_tmp is not None
     assert batch.valid_u is not None and batch.valid_mix is not None and batch.cover is not None
-    mix = partner_selection(model, batch, selector)
+    mix = partner_selection(model, batch, selector, own_statistics=True)
     logits_lb, logits_w, logits_fp = weak_forward(model, batch)
     with torch.no_grad():
         weak = selector.select(logits_w.detach().float().softmax(dim=1), valid=batch.valid_u)
     assert isinstance(weak, CSLSelection) and weak.reliable is not None, "TMP needs the CSL selector"
     (u_strong,), (box,) = batch.u_strong, batch.boxes
     masked = hide_trusted(batch.u_tmp, batch.cover, weak.reliable)
-    logits_s, logits_m = model(torch.cat([u_strong, masked])).logits.chunk(2)
+    with running_statistics_kept(model):
+        logits_s, logits_m = model(torch.cat([u_strong, masked])).logits.chunk(2)
 
     loss_sup = F.cross_entropy(logits_lb, batch.y_lb, ignore_index=IGNORE)
     loss_s = pixel_loss(logits_s, paste(mix, weak, box), torch.where(box, batch.valid_mix, batch.valid_u))

@@ -14,7 +14,10 @@ from torch import Tensor
 
 from trustmatch.methods.selector import Selection
 
-DISPERSIONS = ("release", "nonmax")  # method.csl_dispersion: the CSL release's, or CoVar's
+# method.csl_dispersion, named by the code each comes from: CSL's release (also CoVar's segmentation
+# code, CSL+CoVar), or SimPLE+CoVar's (CoVar's classification code); see ``csl_features``
+DISPERSIONS = ("csl", "simple_covar")
+RENAMED_DISPERSIONS = {"release": "csl", "nonmax": "simple_covar"}  # names before: a saved run's migrated
 RELIABLE_RULES = ("confidence", "covar")  # method.csl_reliable
 RANK_TOL = 1e-12  # l2 / l1 below this: a group's points lie on one line (a single pixel, equal pixels)
 CACHE_BLOCK = 2**21  # bytes of probabilities per block on the CPU: a few temporaries of it stay in L2
@@ -49,13 +52,20 @@ class CSLSelection(Selection):
     boundary: CSLBoundary | None = None
 
 
-def csl_features(probs: Tensor, dispersion: str = "release", scaled: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+def renamed_hint(dispersion: str) -> str:
+    """A did-you-mean for a dispersion's published old name ('' for any other)."""
+    new = RENAMED_DISPERSIONS.get(dispersion)
+    return f" (did you mean {new!r}, its new name?)" if new else ""
+
+
+def csl_features(probs: Tensor, dispersion: str = "csl", scaled: bool = False) -> tuple[Tensor, Tensor, Tensor]:
     """Max confidence c, pseudo-label argmax and residual dispersion v, class dim 1 removed.
 
-    r = p with the top entry zeroed, m = sum(r) / (K-1); ``release``: v = sum over all K entries of
-    (r_k - m)^2 / (K-1) (the zeroed slot included, as the CSL code does); ``nonmax``: the K-1 non-max
-    entries only (CoVar), i.e. release minus m^2 / (K-1). ``scaled``: CoVar's v' = 0.5 (K-1)^2 v /
-    (2 (1 - c + 1e-8)).
+    r = p with the top entry zeroed, m = sum(r) / (K-1); ``csl`` (CSL's release, and CoVar's
+    segmentation code): v = sum over all K entries of (r_k - m)^2 / (K-1), the zeroed slot included;
+    ``simple_covar`` (SimPLE+CoVar): the K-1 non-max entries only, i.e. ``csl`` minus m^2 / (K-1)
+    (that code also clusters on log c, which this option does not). ``scaled``: CoVar's
+    v' = 0.5 (K-1)^2 v / (2 (1 - c + 1e-8)).
 
     v comes from sum r and sum r^2 over the entries below the max (copies of the max beyond the first
     added back), not from sum p^2 - c^2, which cancels in float32 for confident pixels. On the CPU
@@ -63,7 +73,7 @@ def csl_features(probs: Tensor, dispersion: str = "release", scaled: bool = Fals
     per operation.
     """
     if dispersion not in DISPERSIONS:
-        raise ValueError(f"dispersion must be one of {DISPERSIONS}, got {dispersion!r}")
+        raise ValueError(f"dispersion must be one of {DISPERSIONS}, got {dispersion!r}{renamed_hint(dispersion)}")
     k = probs.shape[1]
     if k < 2:
         raise ValueError(f"CSL needs at least 2 classes, got {k}")
@@ -77,7 +87,7 @@ def csl_features(probs: Tensor, dispersion: str = "release", scaled: bool = Fals
     conf, labels, r_sum, r_sq = (torch.cat(t, dim=dim - 1 if dim else 0) for t in zip(*parts))
     m = r_sum / (k - 1)
     # sum over the K slots of (r_k - m)^2 = sum r^2 - 2 m sum r + K m^2, with sum r = (K-1) m
-    spread = r_sq - (k - 2 if dispersion == "release" else k - 1) * m.square()
+    spread = r_sq - (k - 2 if dispersion == "csl" else k - 1) * m.square()
     v = spread.clamp_min(0.0) / (k - 1)
     if scaled:
         v = 0.5 * (k - 1) ** 2 * v / (2.0 * (1.0 - conf + 1e-8))
@@ -155,7 +165,7 @@ def csl_select(
     probs: Tensor,
     valid: Tensor | None = None,
     alpha: float = 8.0,
-    dispersion: str = "release",
+    dispersion: str = "csl",
     scaled: bool = False,
     reliable_rule: str = "confidence",
     eps: float = 1e-8,
@@ -165,8 +175,9 @@ def csl_select(
 
     conf_z = (c - mu_c) / sqrt(var_c + eps), res_z = (mu_v - v) / sqrt(var_v + eps) with the reliable
     cluster's statistics; w = exp(-conf_z^2 / alpha) exp(-res_z^2 / alpha), 1 where conf_z > 0 or
-    res_z > 0, 0 where not ``valid``; reliable = (w == 1). Release defaults: alpha 8, the release
-    dispersion, the higher-confidence cluster; CoVar: alpha 2, ``nonmax``, ``scaled``, ``covar``.
+    res_z > 0, 0 where not ``valid``; reliable = (w == 1). CSL's release: alpha 8, the ``csl``
+    dispersion, the higher-confidence cluster; CoVar's options: alpha 2, ``scaled``, ``covar``, and
+    SimPLE+CoVar's ``simple_covar`` dispersion.
     """
     conf, labels, disp = csl_features(probs, dispersion, scaled)
     shape = conf.shape

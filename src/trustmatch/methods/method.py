@@ -34,6 +34,9 @@ class MethodConfig:
     name: str = field(metadata={"help": "the method (METHODS)"})  # no default: a section names its method
     #: keys only one task reads (CSL's TMP keys: segmentation), refused in the other tasks methods train
     task_only: ClassVar[dict[str, str]] = {}
+    #: values renamed since runs saved them, {key: {old: new}}: a saved config reads them under the new
+    #: name (``config.from_saved``); a user's config is refused with the new name
+    renamed: ClassVar[dict[str, dict[str, str]]] = {}
 
     @classmethod
     def keys(cls, task: str | None = None) -> tuple[str, ...]:

@@ -2,10 +2,11 @@
 
 UniMatch (Yang et al., CVPR 2023): a weak view u_w, two strong views u_s1, u_s2 with CutMix boxes
 pasted from a partner batch, and feature perturbation (Dropout2d(0.5) on the encoder features of
-u_w, decoded by the same head). The partner batch is predicted in eval mode without gradient, so
-its forward does not move the BatchNorm statistics, and its pseudo-labels are read from the
-selector with ``update=False``. Pixels outside the image (crop padding, 255) are invalid: weight 0,
-in no statistic, and out of the normaliser. Loss (UniMatch, per pixel, over valid pixels):
+u_w, decoded by the same head). The partner batch is predicted without gradient and without moving
+the BatchNorm running statistics (UniMatch: in eval mode; CSL: in training mode, see
+``partner_selection``), and its pseudo-labels are read from the selector with ``update=False``.
+Pixels outside the image (crop padding, 255) are invalid: weight 0, in no statistic, and out of the
+normaliser. Loss (UniMatch, per pixel, over valid pixels):
 
     L = (L_x + lambda_u * (0.25 L_s1 + 0.25 L_s2 + 0.5 L_fp)) / 2
 
@@ -15,6 +16,8 @@ pseudo-labels and weights; the step is the same for all of them.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -68,15 +71,37 @@ def paste(inside: Selection, outside: Selection, box: Tensor) -> Selection:
     )
 
 
-def partner_selection(model: nn.Module, batch: SegBatch, selector: Selector) -> Selection:
-    """The CutMix partner's pseudo-labels: predicted in eval mode without gradient, so its forward
-    leaves the BatchNorm statistics alone, and read from the selector without updating it."""
+@contextmanager
+def running_statistics_kept(model: nn.Module) -> Iterator[None]:
+    """Forwards inside still normalise by their own batch's BatchNorm statistics (training mode), but
+    leave the running statistics and counters as they were: ``track_running_stats`` is off meanwhile,
+    so BatchNorm (and SyncBatchNorm) in training mode is given no running buffers to update. Exact, and
+    nothing is copied; outputs and gradients are those of a training-mode forward."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    for norm in norms:
+        norm.track_running_stats = False
+    try:
+        yield
+    finally:
+        for norm in norms:
+            norm.track_running_stats = True
+
+
+def partner_selection(model: nn.Module, batch: SegBatch, selector: Selector, own_statistics: bool = False) -> Selection:
+    """The CutMix partner's pseudo-labels: predicted without gradient and without moving the BatchNorm
+    running statistics, and read from the selector without updating it. UniMatch predicts it in eval
+    mode (normalised by the running statistics); ``own_statistics`` (CSL's release) in training mode,
+    normalised by the partner batch's own statistics."""
     assert batch.mix_weak is not None and batch.valid_mix is not None
     with torch.no_grad():
-        model.eval()
-        probs = model(batch.mix_weak).logits.float().softmax(dim=1)
-        model.train()
-        return selector.select(probs, valid=batch.valid_mix, update=False)
+        if own_statistics:
+            with running_statistics_kept(model):
+                logits = model(batch.mix_weak).logits
+        else:
+            model.eval()
+            logits = model(batch.mix_weak).logits
+            model.train()
+        return selector.select(logits.float().softmax(dim=1), valid=batch.valid_mix, update=False)
 
 
 def weak_forward(model: nn.Module, batch: SegBatch) -> tuple[Tensor, Tensor, Tensor]:

@@ -7,7 +7,7 @@ from typing import Any, NamedTuple
 
 from torch import nn
 
-from trustmatch.config import Config, from_dict
+from trustmatch.config import Config, from_saved
 from trustmatch.core.errors import UserError
 from trustmatch.core.precision import Precision, resolve_device
 from trustmatch.run.checkpoint import CHECKPOINT_VERSION, load_checkpoint, load_weights
@@ -49,7 +49,7 @@ def load_run_model(path: Path) -> LoadedRun:
             f"checkpoint {path} is not a trustmatch checkpoint of version {CHECKPOINT_VERSION} "
             f"(version {state.get('version')}): evaluate it with the trustmatch version that wrote it"
         )
-    cfg = from_dict(state["config"])
+    cfg = from_saved(state["config"])
     task = TASKS.get(cfg.task)
     model = task.model_for(state)
     load_weights(model, state["parts"]["ema"], path)

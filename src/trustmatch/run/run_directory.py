@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from trustmatch.config import Config, from_dict, merge_values, parse_overrides, read_yaml
+from trustmatch.config import Config, from_saved, merge_values, parse_overrides, read_yaml
 from trustmatch.core.errors import UserError
 from trustmatch.core.fileio import atomic_write_text
 
@@ -92,7 +92,7 @@ class RunDirectory:
                 raise UserError(
                     f"--resume can change only {', '.join(RESUME_KEYS)}, not {key!r}: start a new run (--out) instead"
                 )
-        return from_dict(merge_values(read_yaml(path), parse_overrides(overrides)))
+        return from_saved(merge_values(read_yaml(path), parse_overrides(overrides)))
 
     def write_config(self, cfg: Config) -> None:
         atomic_write_text(self.path / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
