@@ -362,17 +362,7 @@ def test_torchrun_refuses_an_unshareable_batch_before_any_file(tmp_path: Path) -
     """train.batch_size=7 over 2 processes: one line naming the value, the count and the fix; no run directory."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     run = tmp_path / "run"
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-        "-m",
-        "trustmatch",
-        "train",
-    ]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "trustmatch", "train"]
     done = subprocess.run(
         [*cmd, "digits-fixmatch", "--out", str(run), "--quiet", "train.batch_size=7"],
         env=env,

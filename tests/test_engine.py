@@ -72,7 +72,5 @@ def test_more_torchrun_processes_than_gpus_is_one_line(monkeypatch: pytest.Monke
     assert resolve_device(name) == torch.device("cuda", 0)
     monkeypatch.setenv("LOCAL_RANK", "1")
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
-    with pytest.raises(
-        UserError, match=r"started 2 processes on this node but only 1 CUDA device\(s\).*--nproc_per_node=1"
-    ):
+    with pytest.raises(UserError, match=r"started 2 processes on this node but only 1 CUDA device\(s\).*--nproc_per_node=1"):
         resolve_device(name)

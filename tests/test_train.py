@@ -324,17 +324,7 @@ def check_torchrun_resume(tmp_path: Path, config: str, overrides: list[str]) -> 
     script = tmp_path / "ddp_resume.py"
     script.write_text(DDP_RESUME_SCRIPT)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-        str(script),
-        str(tmp_path),
-        config,
-    ]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script), str(tmp_path), config]
     done = subprocess.run([*cmd, *overrides], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     for name in ("straight", "resumed"):
