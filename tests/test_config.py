@@ -193,7 +193,7 @@ def test_saved_config_round_trips() -> None:
 def test_foreign_method_key_is_one_line_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     message = (
         "config key 'method.tau' does not apply to method 'softmatch' "
-        "(its keys: lambda_u, ema_m, n_sigma, dist_align, pseudo_label_from)"
+        "(its keys: lambda_u, lambda_u_rampup, lambda_u_rampup_shape, ema_m, n_sigma, dist_align, pseudo_label_from)"
     )
     with pytest.raises(UserError, match=re.escape(message)):
         load_config("digits-softmatch", ["method.tau=0.9"])

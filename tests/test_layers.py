@@ -19,6 +19,7 @@ LAYERS = [
     {"inference"},  # `trustmatch predict` for each task
     {"tasks"},  # classification and segmentation behind one interface
     {"run"},  # trainer, run directory, checkpoints, loaded runs, `evaluate`
+    {"tune"},  # `trustmatch tune`: search spaces, the Optuna study of runs, its report
     {"cli", "__main__", "__init__"},
 ]
 LAYER = {name: i for i, names in enumerate(LAYERS) for name in names}

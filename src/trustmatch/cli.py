@@ -1,4 +1,4 @@
-"""``trustmatch train | evaluate | predict | report | list``.
+"""``trustmatch train | tune | evaluate | predict | report | list``.
 
 Bad input ends in one line on stderr and exit code 2, never a traceback.
 """
@@ -33,6 +33,25 @@ def _parser() -> argparse.ArgumentParser:
     )
     t.add_argument("--quiet", action="store_true", help="no progress bar")
 
+    tu = sub.add_parser("tune", help="choose settings on validation: an Optuna study whose trials are runs")
+    tu.add_argument("config", help="shipped config name or YAML file, as for train")
+    tu.add_argument("overrides", nargs="*", help="key=value overrides every trial shares")
+    tu.add_argument(
+        "--space",
+        action="append",
+        default=[],
+        metavar="SPACE",
+        help="a shipped space (`trustmatch list --spaces`), a YAML file, or key=spec "
+        "(log:0.003:0.3, 0.25:4, int:1:5, choice:bce,ce); repeat to combine",
+    )
+    tu.add_argument("--trials", type=int, required=True, help="trials the study holds when done (a rerun resumes)")
+    tu.add_argument("--objective", default="metric", help="metric (validation accuracy / mIoU) or metric-ece")
+    tu.add_argument("--storage", help="SQLAlchemy URL shared by several workers (default: study.db in the tune dir)")
+    tu.add_argument("--study", help="study name (default: <config>-<space>-<hash of config, space, objective>)")
+    tu.add_argument("--out", type=Path, help="tune directory (default: tunes/<study>)")
+    tu.add_argument("--seed", type=int, default=0, help="seed of the TPE sampler (plus each trial's number)")
+    tu.add_argument("--quiet", action="store_true", help="no progress bar in the trials")
+
     e = sub.add_parser("evaluate", help="re-evaluate a run's checkpoint on its test (or validation) split")
     e.add_argument("run_dir", type=Path)
     e.add_argument("--checkpoint", default="auto", choices=["auto", "best", "last"], help="auto: best, else last")
@@ -60,6 +79,7 @@ def _parser() -> argparse.ArgumentParser:
     ls = sub.add_parser("list", help="list the shipped configs, or print one resolved")
     ls.add_argument("name", nargs="?", help="a shipped config (or YAML file): print its resolved config as YAML")
     ls.add_argument("--keys", action="store_true", help="list every config key instead")
+    ls.add_argument("--spaces", action="store_true", help="list the shipped search spaces (with NAME: print one)")
     return p
 
 
@@ -132,6 +152,24 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _tune(args: argparse.Namespace) -> int:
+    from trustmatch.tune import TuneRequest, load_space, tune
+    from trustmatch.tune.study import Stopped
+
+    request = TuneRequest(
+        args.config, args.overrides, load_space(args.space), args.trials, args.objective, args.storage, args.study,
+        args.out, args.seed, progress=not args.quiet,
+    )  # fmt: skip
+    try:
+        markdown, out = tune(request)
+    except Stopped as e:
+        print("trustmatch: tune stopped; rerun the same command to resume the study", file=sys.stderr)
+        return 128 + e.signum
+    print(markdown, end="")
+    print(f"tune directory: {out} (report.md, trials.csv, history.png)")
+    return 0
+
+
 def _evaluate(args: argparse.Namespace) -> int:
     from trustmatch.run.checkpoint_evaluation import evaluate_run
 
@@ -188,6 +226,17 @@ def _report(args: argparse.Namespace) -> int:
 def _list(args: argparse.Namespace) -> int:
     from trustmatch.config import describe_keys, load_config, shipped_configs
 
+    if args.spaces:
+        from trustmatch.tune import shipped_spaces, space_text
+
+        if args.name is not None:
+            print(space_text(args.name), end="")
+            return 0
+        spaces = shipped_spaces()
+        width = max(map(len, spaces))
+        for name, description in spaces.items():
+            print(f"{name:<{width}}  {description}")
+        return 0
     if args.name is not None:
         if args.keys:
             raise UserError("trustmatch list takes NAME or --keys, not both")
@@ -208,13 +257,20 @@ def _list(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"train": _train, "evaluate": _evaluate, "predict": _predict, "report": _report, "list": _list}
+COMMANDS = {
+    "train": _train,
+    "tune": _tune,
+    "evaluate": _evaluate,
+    "predict": _predict,
+    "report": _report,
+    "list": _list,
+}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args, extra = parser.parse_known_args(argv)
-    if args.command == "train":  # overrides may follow options: `train CFG --out DIR k=v`
+    if args.command in ("train", "tune"):  # overrides may follow options: `train CFG --out DIR k=v`
         args.overrides += [x for x in extra if "=" in x and not x.startswith("-")]
         extra = [x for x in extra if x not in args.overrides]
     if extra:

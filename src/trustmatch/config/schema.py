@@ -102,6 +102,11 @@ class TrainConfig:
         "a non-finite loss: 'stop' the run (naming the step and the last good checkpoint), or 'skip' the "
         "step (no update; selector, trackers and BatchNorm statistics restored) and count it",
     )
+    evaluate_test: bool = opt(
+        True,
+        "evaluate the test split at each evaluation and at the end; false: validation only, the test split "
+        "is never read (`trustmatch tune`'s trials)",
+    )
     eval_batch_size: int = opt(512, "images per evaluation forward, per process (a memory knob, not a training knob)")
     log_every: int = opt(50, "steps between logged training averages")
     device: str = opt("auto", "auto | cpu | cuda | cuda:N | mps")

@@ -85,8 +85,9 @@ class CalibrateMixConfig:
         ]
 
 
-#: (pass-2 weak logits, pass-2 strong logits, unlabeled indices) -> the base method's weighted unlabeled loss
-UnlabeledLoss = Callable[[Tensor, Tensor, Tensor], Tensor]
+#: (pass-2 weak logits, pass-2 strong logits, unlabeled indices, step, total steps) -> the base method's
+#: weighted unlabeled loss (its lambda_u at that step)
+UnlabeledLoss = Callable[[Tensor, Tensor, Tensor, int, int], Tensor]
 
 
 def split_halves(scores: Tensor) -> tuple[Tensor, Tensor]:
@@ -167,7 +168,7 @@ class CalibrateMix(Regularizer):
         logits, _ = joint_forward(model, views)
         loss_mix = mix_loss(logits[NAME], targets, groups, self.cfg.loss)
         loss_sup = F.cross_entropy(logits["lb"], batch.y_lb)
-        loss_unsup = self.unlabeled_loss(logits["weak"], logits["strong"], batch.idx_ulb)
+        loss_unsup = self.unlabeled_loss(logits["weak"], logits["strong"], batch.idx_ulb, out.step, out.total_steps)
         logs = {"loss_mix": loss_mix.detach(), "loss_sup2": loss_sup.detach(), "loss_unsup2": loss_unsup.detach()}
         return loss_mix + loss_sup + loss_unsup, logs
 

@@ -160,4 +160,4 @@ class CSL(SSLMethod):
         if not self.cfg.tmp:
             return super().segmentation_step(model, batch, selector, step, total_steps)
         assert selector is not None
-        return csl_step(model, batch, selector, self.cfg.lambda_u, step, total_steps)
+        return csl_step(model, batch, selector, self.cfg.lambda_u_at(step, total_steps), step, total_steps)

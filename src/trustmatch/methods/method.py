@@ -10,6 +10,7 @@ or a selection recorder.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -25,6 +26,7 @@ from trustmatch.methods.unimatch_step import SegBatch, supervised_pixel_step, un
 from trustmatch.methods.weak_to_strong import Batch, consistency_loss, supervised_step, weak_to_strong_step
 
 Check = tuple[bool, str, str]  # (holds, key, what the key must be)
+RAMPUP_SHAPES = ("sigmoid", "linear")
 
 
 @dataclass
@@ -52,9 +54,36 @@ class MethodConfig:
         return []
 
 
+def rampup(t: float, shape: str) -> float:
+    """The ramp's factor at fraction ``t`` in [0, 1] of its length: ``sigmoid`` exp(-5 (1 - t)^2) (Mean
+    Teacher's; 0.0067 at t = 0) or ``linear`` t; 1 at t = 1."""
+    return math.exp(-5.0 * (1.0 - t) ** 2) if shape == "sigmoid" else t
+
+
 @dataclass
 class SSLConfig(MethodConfig):
     lambda_u: float = opt(1.0, "weight of the unlabeled loss")
+    lambda_u_rampup: float = opt(
+        0.0, "fraction of train.steps over which lambda_u ramps up (0: off, the full weight from step 0)"
+    )
+    lambda_u_rampup_shape: str = opt(
+        "sigmoid", "shape of the lambda_u ramp: sigmoid exp(-5 (1 - t)^2) (Mean Teacher) or linear t"
+    )
+
+    def checks(self) -> list[Check]:
+        return [
+            *super().checks(),
+            (0.0 <= self.lambda_u_rampup <= 1.0, "method.lambda_u_rampup", "in [0, 1] (a fraction of train.steps)"),
+            (self.lambda_u_rampup_shape in RAMPUP_SHAPES, "method.lambda_u_rampup_shape", " or ".join(RAMPUP_SHAPES)),
+        ]
+
+    def lambda_u_at(self, step: int, total_steps: int) -> float:
+        """The unlabeled weight at ``step`` (0-based) of ``total_steps``: ramped over the first
+        ``lambda_u_rampup`` of training, then (and with the ramp off) exactly ``lambda_u``."""
+        length = self.lambda_u_rampup * total_steps
+        if step >= length:
+            return self.lambda_u
+        return self.lambda_u * rampup(step / length, self.lambda_u_rampup_shape)
 
 
 @dataclass
@@ -128,20 +157,23 @@ class SSLMethod(Method):
         self, model: nn.Module, batch: Batch, selector: Selector | None, step: int, total_steps: int
     ) -> StepOutput:
         assert selector is not None
-        return weak_to_strong_step(model, batch, selector, self.cfg.lambda_u, step, total_steps)
+        lambda_u = self.cfg.lambda_u_at(step, total_steps)
+        return weak_to_strong_step(model, batch, selector, lambda_u, step, total_steps)
 
     def segmentation_step(
         self, model: nn.Module, batch: SegBatch, selector: Selector | None, step: int, total_steps: int
     ) -> StepOutput:
         assert selector is not None
-        return unimatch_step(model, batch, selector, self.cfg.lambda_u, step, total_steps)
+        return unimatch_step(model, batch, selector, self.cfg.lambda_u_at(step, total_steps), step, total_steps)
 
-    def unlabeled_loss(self, selector: Selector, weak_logits: Tensor, strong_logits: Tensor, indices: Tensor) -> Tensor:
-        """The weighted unlabeled term of another forward (CalibrateMix's faithful second pass); the
-        selector is read, not updated."""
+    def unlabeled_loss(
+        self, selector: Selector, weak_logits: Tensor, strong_logits: Tensor, indices: Tensor, step: int, total: int
+    ) -> Tensor:
+        """The weighted unlabeled term of another forward at ``step`` of ``total`` (CalibrateMix's faithful
+        second pass, weighted as the step's own); the selector is read, not updated."""
         with torch.no_grad():
             selection = selector.select(weak_logits.detach().softmax(dim=1), indices, update=False)
-        return self.cfg.lambda_u * consistency_loss(strong_logits, selection)
+        return self.cfg.lambda_u_at(step, total) * consistency_loss(strong_logits, selection)
 
 
 class MethodRegistry(Registry[type[Method]]):

@@ -31,6 +31,7 @@ __all__ = [
     "csl_selection_scatter",
     "data_map",
     "draw_reliability",
+    "optimisation_history",
     "reliability_comparison",
     "reliability_diagram",
     "segmentation_overlays",
@@ -139,6 +140,28 @@ def _series(history: Sequence[dict], split: str, key: str) -> tuple[list[int], l
 
 
 CLASSIFICATION_CURVES = (("accuracy", "accuracy"), ("ece_15", "ECE (15 bins)"))
+
+
+def optimisation_history(
+    complete: Sequence[tuple[int, float]], pruned: Sequence[tuple[int, float]], path: Path, ylabel: str
+) -> Path:
+    """A study's trials, (number, objective), with the best so far: whether the search still improves.
+    Pruned trials are drawn at their last reported value."""
+    fig = Figure(figsize=(6, 4), dpi=_DPI)
+    ax = fig.subplots()
+    if complete:
+        numbers, values = zip(*sorted(complete))
+        ax.plot(numbers, values, "o", label="complete")
+        best = np.maximum.accumulate(np.asarray(values))
+        ax.step(numbers, best, where="post", label="best so far")
+    if pruned:
+        ax.plot(*zip(*pruned), "x", color="grey", label="pruned (last report)")
+    if ax.lines:
+        ax.legend()
+    ax.set(xlabel="trial", ylabel=ylabel, title="optimisation history (validation)")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return _save_png(fig, path)
 
 
 def training_curves(history: list[dict], path: Path, panels: Sequence[tuple[str, str]] = CLASSIFICATION_CURVES) -> Path:

@@ -19,14 +19,18 @@ NO_TEST = (
     "no test split (a segmentation folder without data.test_dir): `final` and every history entry's `test` "
     "are the validation split, which also chose `best`; give a test folder for an unbiased figure"
 )
+HELD_OUT = (
+    "train.evaluate_test=false: the test split is held out and never read; `final` and every history "
+    "entry's `test` are the validation split, which also chose `best`"
+)
 OPTIMISTIC = "max over evaluations of test {metric}, as USB reports it: optimistic, never used for a choice"
 
 
 class RunRecord:
     """History, best, time, skipped steps and temperature of one run of ``task``."""
 
-    def __init__(self, task: Task) -> None:
-        self.task = task
+    def __init__(self, task: Task, test_held_out: bool = False) -> None:
+        self.task, self.test_held_out = task, test_held_out
         self.history: list[dict[str, Any]] = []
         self.best: dict[str, Any] | None = None
         self.elapsed = 0.0
@@ -92,13 +96,19 @@ class RunRecord:
             **calibration,
             "best": best,
             **({} if self.task.has_split("val") else {"best_note": NO_BEST}),
-            **({} if self.task.has_split("test") else {"test_note": NO_TEST}),
+            **self._test_note(),
             "optimistic_best_test": None
             if optimistic is None
             else {key: optimistic["test"][key], "step": optimistic["step"], "note": OPTIMISTIC.format(metric=key)},
             "history": self.history,
             "split": self.task.split_sizes(),
         }
+
+    def _test_note(self) -> dict[str, str]:
+        """Why `final` is not the test split, where it is not."""
+        if self.test_held_out:
+            return {"test_note": HELD_OUT}
+        return {} if self.task.has_split("test") else {"test_note": NO_TEST}
 
     def _temperature_missing(self, last: dict[str, Any]) -> bool:
         """No temperature where one was tried (an evaluation ran), or where none can be (no val split)."""

@@ -16,6 +16,7 @@ from __future__ import annotations
 import signal
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,10 @@ from trustmatch.tasks import TASKS, Evaluation, Stateful, StepOutput
 
 SHOWN = ("loss_sup", "loss_unsup", "mask", "pl_acc")  # the averages a progress line shows
 
+#: called after each evaluation (once last.pt holds it) with the step and the validation metrics; an
+#: exception it raises ends ``fit`` there (tune's pruning). Under torchrun it must decide alike everywhere.
+EvaluationHook = Callable[[int, dict[str, float]], None]
+
 
 class Trainer:
     """Builds a run from a config (or resumes one from its directory) and trains it."""
@@ -57,6 +62,11 @@ class Trainer:
             torch.set_num_threads(cfg.train.threads)
         self.precision = Precision.resolve(self.device, cfg.train.amp, cfg.train.channels_last)
         self.task = task_cls(cfg, self.precision)
+        if not cfg.train.evaluate_test and not self.task.has_split("val"):  # before the run directory exists
+            raise UserError(
+                "train.evaluate_test=false needs a validation split to evaluate on: this data has none "
+                "(set data.val_per_class, or give segmentation a validation folder)"
+            )
         for regularizer in self.task.regularizers.values():
             regularizer.to(self.device)
 
@@ -86,7 +96,8 @@ class Trainer:
         last = self.run_dir / "last.pt"
         self.nonfinite = NonFinitePolicy(cfg.train.nonfinite, self.model, self.parts, self.task.regularizers, last)
         self.signals = StopSignals()
-        self.record = RunRecord(self.task)
+        self.record = RunRecord(self.task, test_held_out=not cfg.train.evaluate_test)
+        self.evaluation_hooks: list[EvaluationHook] = []
         self.step = 0
         self.saved_step: int | None = None  # the step of the last.pt on disk, for error messages
         if resume:
@@ -269,8 +280,9 @@ class Trainer:
 
     @property
     def report_split(self) -> str:
-        """The split behind `final` and `test`: the test split, or validation where a task has no test."""
-        return "test" if self.task.has_split("test") else "val"
+        """The split behind `final` and `test`: the test split, or validation where a task has none or
+        ``train.evaluate_test`` is false (the test split is then never read)."""
+        return "test" if self.cfg.train.evaluate_test and self.task.has_split("test") else "val"
 
     def evaluate(self, split: str, temperature: float | None = None) -> Evaluation:
         """The EMA model on ``split``, streamed and sharded over processes (and temperature-scaled)."""
@@ -297,13 +309,15 @@ class Trainer:
             dist.on_main(lambda: save_checkpoint(state, self.run_dir / "best.pt"))  # before last.pt, which records it
         self._save_last()
         dist.on_main(lambda: self._report(progress, val, test, improved))
+        for hook in self.evaluation_hooks:
+            hook(self.step, val)
 
     def _report(self, progress: Progress, val: dict[str, float], test: Evaluation, improved: bool) -> None:
         """The main process's log line, TensorBoard scalars, diagram and metrics.json of an evaluation."""
         key = self.task.primary
-        shown = f"val {key} {val[key]:.4f} | " if val else ""
+        shown = f"val {key} {val[key]:.4f} | " if val and self.report_split != "val" else ""
         best = " (best)" if improved else ""
-        progress.write(f"step {self.step}: {shown}test {self.task.describe(test.metrics)}{best}")
+        progress.write(f"step {self.step}: {shown}{self.report_split} {self.task.describe(test.metrics)}{best}")
         for split, m in (("val", val), ("test", test.metrics)):  # not segmentation's per-class table
             self.directory.scalars(split, {k: v for k, v in m.items() if isinstance(v, (int, float))}, self.step)
         if improved:

@@ -1,0 +1,197 @@
+"""``trustmatch tune``: an Optuna study whose trials are ordinary runs, chosen on validation only.
+
+Each trial is ``<tune dir>/trial-<n>/``, a ``trustmatch train`` run with the trial's overrides and
+``train.evaluate_test=false``, so no trial reads the test split; its value is the validation objective
+of its validation-chosen best checkpoint, and every evaluation reports to the median pruner (a pruned
+trial's directory is kept, with ``pruned.json``). TPE is seeded with ``--seed`` plus the trial's
+number, so a resumed study samples as an uninterrupted one and concurrent workers differ. A study
+holds N trials once N are complete, pruned or diverged (trials killed with their process are failed
+after a heartbeat grace period and run again).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from trustmatch.config import Config, load_config
+from trustmatch.core.errors import UserError
+from trustmatch.core.fileio import atomic_write_text
+from trustmatch.run.nonfinite import NonFiniteLoss
+from trustmatch.run.trainer import Trainer
+from trustmatch.tasks import TASKS
+from trustmatch.tune.space import Space, check_space
+from trustmatch.tune.storage import default_url, open_storage
+
+#: name -> what the study maximises, from the validation metrics of a run's best checkpoint
+OBJECTIVES = {
+    "metric": "validation accuracy (classification) or mIoU (segmentation)",
+    "metric-ece": "the metric minus its validation ECE-15 (segmentation: pixel ECE-15)",
+}
+HELD_OUT = "train.evaluate_test=false"  # every trial's: the test split is never read during the study
+DIVERGED = "diverged"  # user attribute of a trial stopped by a non-finite loss: it counts as run
+
+
+class Stopped(Exception):
+    """SIGINT / SIGTERM stopped a trial (its last.pt is saved); the study resumes without it."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+@dataclass
+class TuneRequest:
+    """What ``trustmatch tune`` was asked."""
+
+    config: str
+    overrides: list[str]
+    space: Space
+    trials: int
+    objective: str = "metric"
+    storage: str | None = None
+    study: str | None = None
+    out: Path | None = None
+    seed: int = 0
+    progress: bool = False
+    pruner: optuna.pruners.BasePruner = field(default_factory=optuna.pruners.MedianPruner)
+
+
+def objective_value(task: str, objective: str, val: dict[str, Any]) -> float:
+    cls = TASKS.get(task)
+    value = float(val[cls.primary])
+    return value - float(val[cls.calibration_metric]) if objective == "metric-ece" else value
+
+
+def missing_validation(cfg: Config) -> str | None:
+    """Why the config's data has no validation split (None: it has one), read from the config alone."""
+    if cfg.task == "segmentation":
+        if cfg.data.name == "digitscenes":
+            return None if cfg.data.val_images > 0 else "data.val_images=0; set data.val_images=100"
+        if cfg.data.name == "folder":
+            return None if cfg.data.val_dir else "the folder has no data.val_dir; give one (images/ + masks/)"
+        return f"{cfg.data.name} scores its val.txt as the test split (the published protocol)"
+    return None if cfg.data.val_per_class > 0 else "data.val_per_class=0; set data.val_per_class=5"
+
+
+def study_name(cfg: Config, req: TuneRequest) -> str:
+    """``<config>-<space>-<hash>``: the same command on any machine names the same study."""
+    key = json.dumps([cfg.to_dict(), req.space.describe(), req.objective], sort_keys=True)
+    return f"{Path(req.config).stem}-{req.space.label}-{hashlib.sha1(key.encode()).hexdigest()[:8]}"
+
+
+def prepare(req: TuneRequest) -> tuple[Config, str, Path]:
+    """The config, study name and tune directory, every input checked before anything is made."""
+    if req.objective not in OBJECTIVES:
+        raise UserError(f"--objective {req.objective!r} is not one of {', '.join(OBJECTIVES)}")
+    if req.trials < 1:
+        raise UserError(f"--trials must be at least 1, got {req.trials}")
+    cfg = load_config(req.config, req.overrides)
+    if "train.evaluate_test" in {o.split("=", 1)[0].strip() for o in req.overrides} | set(req.space.params):
+        raise UserError("tune sets train.evaluate_test=false in every trial (never the test split): drop the key")
+    why = missing_validation(cfg)
+    if why is not None:
+        raise UserError(f"{req.config} has no validation split to choose on ({why}); tune never chooses on test")
+    check_space(req.space, req.config, req.overrides)
+    name = req.study or study_name(cfg, req)
+    out = req.out or Path("tunes") / name
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file: choose a directory for the study")
+    record = out / "tune.json"
+    if record.is_file() and json.loads(record.read_text()).get("study") != name:
+        raise UserError(f"{out} holds another study ({json.loads(record.read_text())['study']}): use another --out")
+    return cfg, name, out
+
+
+def counted(study: optuna.Study) -> int:
+    """Trials that hold a place in the N: complete, pruned, diverged, or running now."""
+    states = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.FAIL)
+    trials = study.get_trials(deepcopy=False, states=states)
+    return sum(t.state != TrialState.FAIL or DIVERGED in t.user_attrs for t in trials)
+
+
+def open_study(req: TuneRequest, name: str, out: Path) -> optuna.Study:
+    """The study (made or loaded); the tune directory is made only once every input is good."""
+    storage = open_storage(req.storage) if req.storage else None  # before the directory: nothing half-made
+    created = [p for p in (out, *out.parents) if not p.exists()]
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        sampler = optuna.samplers.TPESampler(seed=req.seed)
+        study = optuna.create_study(
+            storage=storage or open_storage(default_url(out)),
+            study_name=name,
+            direction="maximize",
+            sampler=sampler,
+            pruner=req.pruner,
+            load_if_exists=True,
+        )
+        info = {"study": name, "config": req.config, "overrides": req.overrides, "space": req.space.describe()}
+        info.update(objective=req.objective, storage="default (study.db here)" if req.storage is None else "--storage")
+        atomic_write_text(out / "tune.json", json.dumps(info, indent=2))
+    except BaseException:
+        if created:
+            shutil.rmtree(created[-1], ignore_errors=True)
+        raise
+    return study
+
+
+def run_trials(study: optuna.Study, req: TuneRequest, cfg: Config, out: Path) -> None:
+    """Trials until the study holds ``req.trials``; a diverged trial counts, a stopped one does not."""
+    while True:
+        optuna.storages.fail_stale_trials(study)
+        if counted(study) >= req.trials:
+            return
+        number = len(study.get_trials(deepcopy=False))  # the next trial's number, but for a race
+        study.sampler = optuna.samplers.TPESampler(seed=req.seed + number)
+        study.optimize(
+            lambda trial: _trial(trial, req, cfg, out),
+            n_trials=1,
+            catch=(NonFiniteLoss,),
+            callbacks=[lambda _, trial: _print_trial(trial)],
+        )
+
+
+def _trial(trial: optuna.Trial, req: TuneRequest, cfg: Config, out: Path) -> float:
+    params = req.space.suggest(trial)
+    run_dir = out / f"trial-{trial.number}"
+    trial.set_user_attr("overrides", params)
+    trial.set_user_attr("run_dir", run_dir.name)
+    print(f"trial {trial.number}: {' '.join(params)} -> {run_dir}", file=sys.stderr)
+    trainer = Trainer(load_config(req.config, [*req.overrides, *params, HELD_OUT]), run_dir, progress=req.progress)
+
+    def report(step: int, val: dict[str, Any]) -> None:
+        trial.report(objective_value(cfg.task, req.objective, val), step)
+        if trial.should_prune():
+            raise optuna.TrialPruned(f"pruned at step {step}")
+
+    trainer.evaluation_hooks.append(report)
+    try:
+        trainer.fit()
+    except optuna.TrialPruned:
+        trainer.directory.close()
+        value = objective_value(cfg.task, req.objective, trainer.record.history[-1]["val"])
+        note = "pruned: its validation objective here was below the median of earlier trials' (last.pt holds it)"
+        mark = {"pruned_at_step": trainer.step, "value": value, "note": note}
+        atomic_write_text(run_dir / "pruned.json", json.dumps(mark, indent=2))
+        raise
+    except NonFiniteLoss as e:
+        trial.set_user_attr(DIVERGED, str(e))
+        raise
+    if trainer.stop_signal is not None:
+        raise Stopped(trainer.stop_signal)
+    assert trainer.record.best is not None  # a validation split is checked before the study
+    return objective_value(cfg.task, req.objective, trainer.record.best["val"])
+
+
+def _print_trial(trial: FrozenTrial) -> None:
+    if trial.state.is_finished():
+        value = "" if trial.value is None else f": {trial.value:.4f}"
+        print(f"trial {trial.number} {trial.state.name.lower()}{value}", file=sys.stderr)
