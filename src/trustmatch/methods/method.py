@@ -133,11 +133,13 @@ class SSLMethod(Method):
         assert selector is not None
         return unimatch_step(model, batch, selector, self.cfg.lambda_u, step, total_steps)
 
-    def unlabeled_loss(self, selector: Selector, weak_logits: Tensor, strong_logits: Tensor, indices: Tensor) -> Tensor:
-        """The weighted unlabeled term of another forward (CalibrateMix's faithful second pass); the
-        selector is read, not updated."""
+    def unlabeled_loss(
+        self, selector: Selector, weak_logits: Tensor, strong_logits: Tensor, indices: Tensor, update: bool
+    ) -> Tensor:
+        """The weighted unlabeled term of another forward (CalibrateMix's faithful second pass); ``update``:
+        the selector's statistics move again (the release's hooks), else they are only read."""
         with torch.no_grad():
-            selection = selector.select(weak_logits.detach().softmax(dim=1), indices, update=False)
+            selection = selector.select(weak_logits.detach().softmax(dim=1), indices, update=update)
         return self.cfg.lambda_u * consistency_loss(strong_logits, selection)
 
 
