@@ -54,11 +54,14 @@ def test_method_registry_gives_selectors_keys_and_tasks() -> None:
     for name in METHODS:
         fields = {f.name for f in dataclasses.fields(METHODS.get(name).Config)} - {"name"}
         assert set(method_config(name).keys()) == fields, name
+    labeled = {"labeled_loss", "ohem_thresh", "ohem_min_kept"}  # every method's, in segmentation
     assert set(method_config("csl").keys("segmentation")) - set(method_config("csl").keys("classification")) == {
         "tmp",
         "tmp_cover",
         "tmp_cell",
+        *labeled,
     }
+    assert set(method_config("supervised").keys("segmentation")) == labeled
 
 
 def test_shipped_names_are_the_199_families() -> None:
@@ -108,6 +111,17 @@ def test_tmp_keys_are_segmentation_only() -> None:
     cfg = load_config("digits-csl", ["method.csl_alpha=2"])
     assert "tmp" not in cfg.to_dict()["method"] and from_dict(cfg.to_dict()).method.csl_alpha == 2.0
     assert load_config("digitscenes-csl", ["method.tmp_cell=16"]).to_dict()["method"]["tmp_cell"] == 16
+
+
+def test_labeled_loss_keys_are_segmentation_only_and_checked() -> None:
+    with pytest.raises(
+        UserError, match=re.escape("'method.labeled_loss' does not apply to method 'supervised' in classification")
+    ):
+        load_config("digits-supervised", ["method.labeled_loss=ohem"])
+    for override in ("method.labeled_loss=focal", "method.ohem_thresh=0", "method.ohem_min_kept=-1"):
+        with pytest.raises(UserError, match=re.escape(f"config key '{override.split('=')[0]}' must be")):
+            load_config("digitscenes-supervised", [override])
+    assert load_config("digitscenes-unimatch", ["method.tau=0"]).method.tau == 0.0  # UniMatch's Cityscapes
 
 
 def test_methods_are_checked_against_the_task() -> None:
@@ -231,7 +245,7 @@ def test_overrides_are_typed() -> None:
         ("train.step=10", "unknown config key 'train.step'; did you mean 'train.steps'"),
         ("train.steps=ten", "'train.steps' expects int, got 'ten'"),
         ("method.name=mixmatch", "'method.name' must be one of"),
-        ("method.tau=1.5", "'method.tau' must be in (0, 1]"),
+        ("method.tau=1.5", "'method.tau' must be in [0, 1]"),
         ("train.steps", "is not key=value"),
         ("train.schedule=step", "'train.schedule' must be one of cosine, poly, got 'step'"),
         ("train.poly_power=0", "'train.poly_power' must be positive, got 0.0"),
