@@ -32,7 +32,7 @@ SEG_SPLITS = {  # UniMatch's published splits
 }
 SEGMENTATION = (
     {f"digitscenes-{m}" for m in SEG_METHODS}
-    | {"digitscenes-csl-notmp"}
+    | {"digitscenes-csl-notmp", "digitscenes-supervised-steps", "digitscenes-supervised-epochs"}
     | {f"{d}-{m}-{split}" for d, splits in SEG_SPLITS.items() for m in SEG_METHODS for split in splits}
 )
 SHIPPED = (
@@ -64,8 +64,8 @@ def test_method_registry_gives_selectors_keys_and_tasks() -> None:
     assert set(method_config("supervised").keys("segmentation")) == labeled
 
 
-def test_shipped_names_are_the_199_families() -> None:
-    assert len(SHIPPED) == 108 + 91 and set(shipped_configs()) == SHIPPED
+def test_shipped_names_are_the_201_families() -> None:
+    assert len(SHIPPED) == 108 + 93 and set(shipped_configs()) == SHIPPED
 
 
 def test_published_segmentation_settings() -> None:
@@ -87,8 +87,11 @@ def test_published_segmentation_settings() -> None:
         0.005,
         1.0,
     )
-    assert (city.model.name, city.model.output_stride) == ("deeplabv3plus_r50", 8)
+    assert (city.model.name, city.model.output_stride) == ("deeplabv3plus_r101", 16)  # UniMatch's current release
     assert city.train.steps == 240 * -(-(2975 - 186) // 8)
+    ohem = ("ohem", 0.7, 100_000)  # released: min_kept 200,000 per GPU batch of 2 crops
+    assert (city.method.tau, city.method.labeled_loss, city.method.ohem_thresh, city.method.ohem_min_kept) == (0, *ohem)
+    assert load_config("pascal-unimatch-92").method.labeled_loss == "ce"
     assert load_config("coco-softmatch-1_512").data.crop_size == 513
     csl = load_config("pascal-csl-732")  # CSL's published backbone: R101 at stride 8, UniMatch's schedule
     assert (csl.model.output_stride, csl.method.csl_alpha, csl.method.tmp, csl.method.tmp_cell) == (8, 8.0, True, 32)
@@ -100,6 +103,18 @@ def test_published_segmentation_settings() -> None:
         8,
         801,
     )
+    m = city_csl.method
+    assert city_csl.data.sliding_window and (m.labeled_loss, m.ohem_thresh, m.ohem_min_kept) == ohem
+
+
+def test_digitscenes_supervised_at_equal_steps_and_at_equal_epochs() -> None:
+    """-steps (= digitscenes-supervised): the SSL presets' 2,000 steps; -epochs: their 2,000 x 8 / 920 = 17.4
+    epochs of unlabeled scenes as epochs of the 80 labeled ones, the releases' protocol."""
+    ssl, steps = load_config("digitscenes-unimatch"), load_config("digitscenes-supervised-steps")
+    assert steps == load_config("digitscenes-supervised") and steps.train.steps == ssl.train.steps == 2000
+    epochs = load_config("digitscenes-supervised-epochs")
+    assert epochs.train.steps == round(2000 / -(-920 // 8) * (80 // 8)) == 174
+    assert epochs.data == steps.data and epochs.model == steps.model and epochs.train.batch_size == 8
 
 
 def test_tmp_keys_are_segmentation_only() -> None:
