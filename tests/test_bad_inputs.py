@@ -540,7 +540,7 @@ def test_unreadable_config_files(tmp_path: Path, capsys: pytest.CaptureFixture[s
 @pytest.mark.parametrize(
     "override, expected",
     [
-        ("method.tau=1.5", "config key 'method.tau' must be in (0, 1], got 1.5"),
+        ("method.tau=1.5", "config key 'method.tau' must be in [0, 1], got 1.5"),
         ("train.steps=0", "config key 'train.steps' must be at least 1, got 0"),
         ("train.batch_size=0", "config key 'train.batch_size' must be at least 1, got 0"),
         ("data.labels_per_class=-1", "config key 'data.labels_per_class' must be at least 1, got -1"),

@@ -18,7 +18,7 @@ from trustmatch.config import load_config
 from trustmatch.core.errors import UserError
 from trustmatch.evaluation.temperature import fit_temperature
 from trustmatch.methods import Selection, UDASelector, sharpen
-from trustmatch.methods.calibratemix import NAME, least_similar_partners, mix_loss, split_halves
+from trustmatch.methods.calibratemix import NAME, least_similar_partners, mix_loss, pool_size, split_halves
 from trustmatch.methods.training_dynamics import APMTracker, AUMTracker, aum_margins, pseudo_margins
 from trustmatch.methods.weak_to_strong import consistency_loss
 from trustmatch.run.checkpoint import load_checkpoint
@@ -96,6 +96,50 @@ def test_split_pairing_and_mix_loss() -> None:
     torch.testing.assert_close(mix_loss(logits, targets, groups, "bce"), bce.sum())
     ce = -(targets * logits.log_softmax(dim=1)).sum(dim=1)
     torch.testing.assert_close(mix_loss(logits, targets, groups, "ce"), ce[:3].mean() + ce[3:].mean())
+
+
+@pytest.mark.parametrize("k", [3, 3.0, 0.3, 0.25])
+def test_k_is_a_count_or_a_fraction_of_the_candidates(k: float) -> None:
+    """Candidates at angles 0, 20, ..., 180 degrees from the anchor: similarity falls with the index, so
+    the pool is the last ones; 3 of 10 as a count, as 0.3 and as 0.25 (2.5 rounds to 2 candidates)."""
+    angles = torch.deg2rad(torch.arange(10) * 20.0)
+    candidates = torch.stack([angles.cos(), angles.sin()], dim=1)
+    anchor = torch.tensor([[1.0, 0.0]])
+    size = 2 if k == 0.25 else 3
+    assert pool_size(k, 10) == size
+    drawn = {int(least_similar_partners(anchor, candidates, k)) for _ in range(200)}
+    assert drawn == set(range(10 - size, 10))
+
+
+def test_k_fraction_keeps_the_release_share_at_other_batch_sizes() -> None:
+    assert pool_size(15, 224) == pool_size(0.067, 224) == 15  # the release: 15 of 224
+    assert pool_size(0.067, 112) == 8 and pool_size(15, 112) == 15  # this project's 112: the share, or the count
+    assert pool_size(15, 4) == 4 and pool_size(0.01, 4) == 1  # never more than the candidates, never none
+
+
+@pytest.mark.parametrize("second_pass_stats,updates", [(True, 2), (False, 1)])
+def test_faithful_second_pass_moves_softmatch_statistics_as_configured(
+    tmp_path: Path, second_pass_stats: bool, updates: int
+) -> None:
+    """After one mixing step, SoftMatch's mu and var are the EMA of the pass-1 weak confidences, then
+    (release) of the pass-2 ones: m_{t+1} = m_t + (1 - m) (batch stat - m_t), computed here by hand."""
+    overrides = [*TINY, *MIXING, "calibratemix.mode=faithful", "train.amp=false", "method.dist_align=false"]
+    cfg = load_config("digits-softmatch", [*overrides, f"calibratemix.second_pass_stats={second_pass_stats}"])
+    trainer = Trainer(cfg, tmp_path / "run", progress=False)
+    counting = CountingModel(trainer.train_model)
+    trainer.train_model = counting
+    trainer.train_step()  # warm-up: no second pass
+    selector, m = trainer.task.selector, cfg.method.ema_m
+    mu, var = float(selector.mu), float(selector.var)
+    outputs: list[torch.Tensor] = []
+    counting.register_forward_hook(lambda module, args, out: outputs.append(out.logits.detach()))
+    trainer.train_step()
+    assert [len(o) for o in outputs] == [40, 48]  # pass 1: lb 8, weak 16, strong 16; pass 2: + 8 mixes
+    for weak in (outputs[0][8:24], outputs[1][16:32])[:updates]:
+        conf = weak.softmax(dim=1).amax(dim=1)
+        mu, var = mu + (1 - m) * (float(conf.mean()) - mu), var + (1 - m) * (float(conf.var()) - var)
+    assert float(selector.mu) == pytest.approx(mu, rel=1e-5)
+    assert float(selector.var) == pytest.approx(var, rel=1e-5)
 
 
 def test_mixes_pair_labeled_easy_with_unlabeled_hard_and_the_reverse() -> None:
@@ -225,6 +269,7 @@ def test_bad_calibratemix_input_is_one_line(capsys: pytest.CaptureFixture[str]) 
         (["calibratemix.kk=3"], "did you mean 'calibratemix.k'"),
         (["calibratemix.alpha=0"], "calibratemix.alpha"),
         (["calibratemix.similarity=latent"], "calibratemix.similarity"),
+        *((["calibratemix.k=" + k], "calibratemix.k' must be a whole count") for k in ("0", "-0.1", "-3", "1.5")),
     ]:
         assert main(["train", "digits-fixmatch", "calibratemix.mode=faithful", *overrides]) == 2
         err = capsys.readouterr().err.strip()

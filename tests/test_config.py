@@ -32,7 +32,7 @@ SEG_SPLITS = {  # UniMatch's published splits
 }
 SEGMENTATION = (
     {f"digitscenes-{m}" for m in SEG_METHODS}
-    | {"digitscenes-csl-notmp"}
+    | {"digitscenes-csl-notmp", "digitscenes-supervised-steps", "digitscenes-supervised-epochs"}
     | {f"{d}-{m}-{split}" for d, splits in SEG_SPLITS.items() for m in SEG_METHODS for split in splits}
 )
 SHIPPED = (
@@ -54,15 +54,18 @@ def test_method_registry_gives_selectors_keys_and_tasks() -> None:
     for name in METHODS:
         fields = {f.name for f in dataclasses.fields(METHODS.get(name).Config)} - {"name"}
         assert set(method_config(name).keys()) == fields, name
+    labeled = {"labeled_loss", "ohem_thresh", "ohem_min_kept"}  # every method's, in segmentation
     assert set(method_config("csl").keys("segmentation")) - set(method_config("csl").keys("classification")) == {
         "tmp",
         "tmp_cover",
         "tmp_cell",
+        *labeled,
     }
+    assert set(method_config("supervised").keys("segmentation")) == labeled
 
 
-def test_shipped_names_are_the_199_families() -> None:
-    assert len(SHIPPED) == 108 + 91 and set(shipped_configs()) == SHIPPED
+def test_shipped_names_are_the_201_families() -> None:
+    assert len(SHIPPED) == 108 + 93 and set(shipped_configs()) == SHIPPED
 
 
 def test_published_segmentation_settings() -> None:
@@ -84,8 +87,11 @@ def test_published_segmentation_settings() -> None:
         0.005,
         1.0,
     )
-    assert (city.model.name, city.model.output_stride) == ("deeplabv3plus_r50", 8)
+    assert (city.model.name, city.model.output_stride) == ("deeplabv3plus_r101", 16)  # UniMatch's current release
     assert city.train.steps == 240 * -(-(2975 - 186) // 8)
+    ohem = ("ohem", 0.7, 100_000)  # released: min_kept 200,000 per GPU batch of 2 crops
+    assert (city.method.tau, city.method.labeled_loss, city.method.ohem_thresh, city.method.ohem_min_kept) == (0, *ohem)
+    assert load_config("pascal-unimatch-92").method.labeled_loss == "ce"
     assert load_config("coco-softmatch-1_512").data.crop_size == 513
     csl = load_config("pascal-csl-732")  # CSL's published backbone: R101 at stride 8, UniMatch's schedule
     assert (csl.model.output_stride, csl.method.csl_alpha, csl.method.tmp, csl.method.tmp_cell) == (8, 8.0, True, 32)
@@ -97,6 +103,18 @@ def test_published_segmentation_settings() -> None:
         8,
         801,
     )
+    m = city_csl.method
+    assert city_csl.data.sliding_window and (m.labeled_loss, m.ohem_thresh, m.ohem_min_kept) == ohem
+
+
+def test_digitscenes_supervised_at_equal_steps_and_at_equal_epochs() -> None:
+    """-steps (= digitscenes-supervised): the SSL presets' 2,000 steps; -epochs: their 2,000 x 8 / 920 = 17.4
+    epochs of unlabeled scenes as epochs of the 80 labeled ones, the releases' protocol."""
+    ssl, steps = load_config("digitscenes-unimatch"), load_config("digitscenes-supervised-steps")
+    assert steps == load_config("digitscenes-supervised") and steps.train.steps == ssl.train.steps == 2000
+    epochs = load_config("digitscenes-supervised-epochs")
+    assert epochs.train.steps == round(2000 / -(-920 // 8) * (80 // 8)) == 174
+    assert epochs.data == steps.data and epochs.model == steps.model and epochs.train.batch_size == 8
 
 
 def test_tmp_keys_are_segmentation_only() -> None:
@@ -108,6 +126,17 @@ def test_tmp_keys_are_segmentation_only() -> None:
     cfg = load_config("digits-csl", ["method.csl_alpha=2"])
     assert "tmp" not in cfg.to_dict()["method"] and from_dict(cfg.to_dict()).method.csl_alpha == 2.0
     assert load_config("digitscenes-csl", ["method.tmp_cell=16"]).to_dict()["method"]["tmp_cell"] == 16
+
+
+def test_labeled_loss_keys_are_segmentation_only_and_checked() -> None:
+    with pytest.raises(
+        UserError, match=re.escape("'method.labeled_loss' does not apply to method 'supervised' in classification")
+    ):
+        load_config("digits-supervised", ["method.labeled_loss=ohem"])
+    for override in ("method.labeled_loss=focal", "method.ohem_thresh=0", "method.ohem_min_kept=-1"):
+        with pytest.raises(UserError, match=re.escape(f"config key '{override.split('=')[0]}' must be")):
+            load_config("digitscenes-supervised", [override])
+    assert load_config("digitscenes-unimatch", ["method.tau=0"]).method.tau == 0.0  # UniMatch's Cityscapes
 
 
 def test_methods_are_checked_against_the_task() -> None:
@@ -231,7 +260,7 @@ def test_overrides_are_typed() -> None:
         ("train.step=10", "unknown config key 'train.step'; did you mean 'train.steps'"),
         ("train.steps=ten", "'train.steps' expects int, got 'ten'"),
         ("method.name=mixmatch", "'method.name' must be one of"),
-        ("method.tau=1.5", "'method.tau' must be in (0, 1]"),
+        ("method.tau=1.5", "'method.tau' must be in [0, 1]"),
         ("train.steps", "is not key=value"),
         ("train.schedule=step", "'train.schedule' must be one of cosine, poly, got 'step'"),
         ("train.poly_power=0", "'train.poly_power' must be positive, got 0.0"),

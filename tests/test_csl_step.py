@@ -10,7 +10,9 @@ from csl_reference import reference_csl
 from test_segmentation_train import SMALL, PixelNet, _batch, norm_by_hand, reference_forwards, start_running_statistics
 from trustmatch.config import load_config
 from trustmatch.data.segviews import SegViews
+from trustmatch.methods import FixMatchSelector
 from trustmatch.methods.csl import CSLSelector, csl_step, hide_trusted
+from trustmatch.methods.unimatch_step import labeled_loss, supervised_pixel_step, unimatch_step
 from trustmatch.run.trainer import Trainer
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
@@ -87,6 +89,22 @@ def test_csl_step_batchnorm_as_released() -> None:
     assert bn.num_batches_tracked == 8 and bn.track_running_stats
     out.loss.backward()  # the strong/TMP forward's graph is a training-mode one
     assert model.head.weight.grad is not None and model.head.weight.grad.isfinite().all()
+
+
+def test_every_segmentation_step_takes_the_ohem_labeled_loss() -> None:
+    ohem = (0.3, 5)  # an untrained net: every true-class probability near 1/3, so 0.3 mines
+    csl = CSLSelector(8.0, "csl", False, "confidence")
+    steps = {  # name: (step, its batch)
+        "supervised": (lambda model, batch: supervised_pixel_step(model, batch, 0, 10, ohem), _batch),
+        "unimatch": (lambda m, b: unimatch_step(m, b, FixMatchSelector(0.4), 1.0, 0, 10, ohem), _batch),
+        "csl": (lambda model, batch: csl_step(model, batch, csl, 1.0, 0, 10, ohem), _tmp_batch),
+    }
+    for name, (step, make_batch) in steps.items():
+        torch.manual_seed(0)
+        out = step(PixelNet(), make_batch())
+        logits, target = out.logits["lb"].detach(), make_batch().y_lb
+        assert labeled_loss(logits, target, ohem) != labeled_loss(logits, target), name  # OHEM changes it
+        torch.testing.assert_close(out.logs["loss_sup"], labeled_loss(logits, target, ohem), msg=name)
 
 
 def test_hide_trusted_zeroes_only_covered_trusted_pixels() -> None:

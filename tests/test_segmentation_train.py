@@ -16,7 +16,7 @@ from test_train import assert_same_state, check_torchrun_resume
 from trustmatch.cli import main
 from trustmatch.config import load_config
 from trustmatch.methods import FixMatchSelector, Selection
-from trustmatch.methods.unimatch_step import SegBatch, paste, pixel_loss, unimatch_step
+from trustmatch.methods.unimatch_step import SegBatch, labeled_loss, ohem_keep, paste, pixel_loss, unimatch_step
 from trustmatch.models.output import Output
 from trustmatch.run.checkpoint import load_checkpoint
 from trustmatch.run.trainer import Trainer
@@ -173,6 +173,41 @@ def test_paste_and_pixel_loss() -> None:
     torch.testing.assert_close(
         pixel_loss(logits, pasted, valid), torch.tensor(2.5 * np.log(3) / 3, dtype=torch.float32)
     )
+
+
+def ohem_example() -> tuple[torch.Tensor, torch.Tensor]:
+    """One 2 x 3 image, 2 classes, logits log p: true-class probabilities 0.9, 0.2, 0.6 (class 1), 0.8, an
+    ignored pixel at 0.5 (it would be kept were it valid) and 0.95."""
+    p0 = torch.tensor([0.9, 0.2, 0.4, 0.8, 0.5, 0.95]).view(1, 1, 2, 3)
+    target = torch.tensor([0, 0, 1, 0, 255, 0]).view(1, 2, 3)
+    return torch.cat([p0, 1 - p0], dim=1).log(), target
+
+
+@pytest.mark.parametrize(
+    "min_kept,kept",
+    [
+        (0, [1, 2]),  # probability <= 0.7
+        (2, [1, 2]),  # the 2nd smallest (0.6) is below 0.7: the threshold stays 0.7
+        (3, [1, 2, 3]),  # the 3rd smallest (0.8) is above: it becomes the threshold
+        (5, [0, 1, 2, 3, 5]),  # every valid pixel
+        (6, [0, 1, 2, 3, 5]),  # more than the 5 valid pixels: no mining, every valid pixel
+    ],
+)
+def test_ohem_keeps_the_hard_pixels_by_hand(min_kept: int, kept: list[int]) -> None:
+    logits, target = ohem_example()
+    assert ohem_keep(logits, target, 0.7, min_kept).flatten().nonzero().flatten().tolist() == kept
+    true_prob = torch.tensor([0.9, 0.2, 0.6, 0.8, 0.5, 0.95])
+    expected = -true_prob[kept].log().mean()  # the mean CE over the kept pixels
+    torch.testing.assert_close(labeled_loss(logits, target, (0.7, min_kept)), expected)
+
+
+def test_ohem_min_kept_counts_per_image_and_ce_is_the_default() -> None:
+    logits, target = ohem_example()
+    two = labeled_loss(logits.repeat(2, 1, 1, 1), target.repeat(2, 1, 1), (0.7, 3))  # 6 kept of 10: the same
+    torch.testing.assert_close(two, -torch.tensor([0.2, 0.6, 0.8]).log().mean())
+    torch.testing.assert_close(labeled_loss(logits, target), F.cross_entropy(logits, target, ignore_index=255))
+    assert load_config("digitscenes-unimatch", ["method.labeled_loss=ohem"]).method.ohem() == (0.7, 100_000)
+    assert load_config("digitscenes-unimatch").method.ohem() is None
 
 
 @pytest.mark.parametrize("method", ["supervised", "unimatch", "softmatch"])

@@ -5,9 +5,10 @@ from one with ``base: <name>``. A new dataset is one entry in FAMILIES; a new me
 registered in ``trustmatch.methods.METHODS``) joins every family that trains all methods of its task
 (or all SSL ones).
 Every family also gets ``<dataset>-calibratemix-<labels>``: CalibrateMix on SoftMatch, as released.
-Segmentation: ``digitscenes-<method>`` (CPU-sized; ``digitscenes-csl-notmp`` is CSL without TMP) and
-UniMatch's published Pascal, Cityscapes and COCO settings for every segmentation method (CSL at output
-stride 8, as published).
+Segmentation: ``digitscenes-<method>`` (CPU-sized; ``digitscenes-csl-notmp`` is CSL without TMP; the
+supervised baseline at equal steps, ``digitscenes-supervised`` = ``-steps``, and at equal epochs,
+``-epochs``, the releases' protocol) and UniMatch's published Pascal, Cityscapes (its current release)
+and COCO settings for every segmentation method (CSL at output stride 8, as published).
 """
 
 from __future__ import annotations
@@ -137,17 +138,24 @@ class SegFamily:
 
 
 def _unimatch(
-    dataset: str, crop: int, lr: float, head_lr_scale: float, model: str, output_stride: int = 16, **data: Any
+    dataset: str,
+    crop: int,
+    lr: float,
+    head_lr_scale: float,
+    model: str,
+    method: dict[str, Any] | None = None,
+    **data: Any,
 ) -> dict[str, Any]:
     """UniMatch's published setting: batch 8 labeled + 8 unlabeled (UniMatch's global batch, as
     train.batch_size is: one GPU or any number of torchrun processes dividing 8 runs it unchanged), SGD
-    (momentum 0.9, wd 1e-4), poly decay (power 0.9), DeepLabV3+ with an ImageNet encoder, threshold
-    0.95, the trained model itself evaluated (no EMA: train.ema 0), images decoded in 8 threads."""
+    (momentum 0.9, wd 1e-4), poly decay (power 0.9), DeepLabV3+ with an ImageNet encoder at stride 16,
+    threshold 0.95 unless ``method`` says otherwise, the trained model itself evaluated (no EMA: train.ema
+    0), images decoded in 8 threads."""
     return {
         "task": "segmentation",
         "data": {"name": dataset, "crop_size": crop, "workers": 8, **data},
-        "model": {"name": model, "pretrained": True, "output_stride": output_stride, "bn_momentum": 0.1},
-        "method": {"tau": 0.95},
+        "model": {"name": model, "pretrained": True, "output_stride": 16, "bn_momentum": 0.1},
+        "method": {"tau": 0.95} if method is None else method,
         "train": {
             "batch_size": 8,
             "uratio": 1,
@@ -176,6 +184,11 @@ def _fraction_splits(total: int, denominators: tuple[int, ...]) -> dict[str, tup
     return {f"1_{d}": (round(total / d), total - round(total / d)) for d in denominators}
 
 
+#: UniMatch's current Cityscapes release (configs/cityscapes.yaml): every pseudo-label kept (threshold 0, where
+#: its first version used 0.95) and the labeled loss OHEM (threshold 0.7, min_kept 200,000 per GPU batch of 2
+#: crops, so 100,000 per labeled image here, whatever the processes); CSL trains its Cityscapes with OHEM too
+CITYSCAPES_METHOD = {"tau": 0.0, "labeled_loss": "ohem", "ohem_thresh": 0.7, "ohem_min_kept": 100_000}
+
 SEG_FAMILIES = (
     SegFamily(
         "pascal-{method}-{split}", "Pascal VOC 2012 (+SBD)", _pascal_splits(), 80,
@@ -183,9 +196,9 @@ SEG_FAMILIES = (
     ),
     SegFamily(
         "cityscapes-{method}-{split}", "Cityscapes", _fraction_splits(2975, (16, 8, 4, 2)), 240,
-        _unimatch("cityscapes", 801, 0.005, 1.0, "deeplabv3plus_r50", output_stride=8, sliding_window=True),
-        "DeepLabV3+ R50 at stride 8, crop 801, sliding-window evaluation (UniMatch setting; its public "
-        "config crops 769, uses multi-grid and an OHEM labeled loss)",
+        _unimatch("cityscapes", 801, 0.005, 1.0, "deeplabv3plus_r101", CITYSCAPES_METHOD, sliding_window=True),
+        "DeepLabV3+ R101 at stride 16, crop 801, threshold 0, OHEM labeled loss, sliding-window evaluation "
+        "(UniMatch's current release)",
     ),
     SegFamily(
         "coco-{method}-{split}", "COCO (81 classes)", _fraction_splits(118287, (512, 256, 128, 64, 32)), 30,
@@ -238,6 +251,32 @@ def _digitscenes(method: str, tmp: bool = True) -> dict[str, Any]:
     }
 
 
+def _digitscenes_supervised_steps() -> dict[str, Any]:
+    """The supervised baseline at the semi-supervised presets' step count (``digitscenes-supervised``
+    under a name that says so): the same number of labeled batches, so many more passes over them."""
+    config = _digitscenes("supervised")
+    return {**config, "description": config["description"] + "; equal steps: as many as the SSL presets"}
+
+
+def _digitscenes_supervised_epochs() -> dict[str, Any]:
+    """The supervised baseline as the releases train theirs (UniMatch, CSL): as many epochs over the labeled
+    scenes as the semi-supervised presets run over the unlabeled ones (2,000 steps of 8 over 920 unlabeled
+    scenes: 17.4 epochs, so 174 steps of 8 over the 80 labeled). The model EMA keeps its horizon's share
+    of the run (0.99 is 100 steps, 5 % of 2,000; 0.9 is 10 of 174): at 0.99 the initial weights would still
+    weigh 0.99^174 = 17 % in the evaluated model. Evaluations keep their count (every 25 steps)."""
+    config = _digitscenes("supervised")
+    data, train = config["data"], config["train"]
+    batch, labeled = train["batch_size"], data["labeled_images"]
+    epochs = train["steps"] / -(-(data["scenes"] - labeled) // batch)
+    steps = round(epochs * -(-labeled // batch))
+    return {
+        **config,
+        "description": config["description"].replace("2,000 steps", f"{steps} steps")
+        + f"; {epochs:.1f} epochs over the labeled scenes, as many as the SSL presets run over the unlabeled",
+        "train": {**train, "steps": steps, "ema": 0.9, "eval_every": 25},
+    }
+
+
 def _segmentation(family: SegFamily, method: str, split: str) -> dict[str, Any]:
     """Steps as UniMatch counts them: epochs over the unlabeled set (over the labeled set when supervised)."""
     labeled, unlabeled = family.splits[split]
@@ -274,6 +313,9 @@ PRESETS.update(
 )
 PRESETS.update({f"digitscenes-{method}": _digitscenes(method) for method in SEGMENTATION})
 PRESETS["digitscenes-csl-notmp"] = _digitscenes("csl", tmp=False)
+PRESETS["digitscenes-supervised"] = _digitscenes_supervised_steps()
+PRESETS["digitscenes-supervised-steps"] = _digitscenes_supervised_steps()
+PRESETS["digitscenes-supervised-epochs"] = _digitscenes_supervised_epochs()
 PRESETS.update(
     {
         family.name.format(method=method, split=split): _segmentation(family, method, split)

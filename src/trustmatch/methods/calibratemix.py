@@ -9,7 +9,8 @@ cosine-similar candidates, with one lambda ~ Beta(alpha, alpha) per group:
     L_mix = BCE-with-logits(mix logits, target), mean over samples x classes (release), or soft CE
 
 ``faithful`` is the release: a second forward over cat(x_lb, mixes, u_weak, u_strong) adding
-L_mix1 + L_mix2 + L_sup2 + L_unsup2 (the pass-2 selection reads the selector without updating it).
+L_mix1 + L_mix2 + L_sup2 + L_unsup2. Its pass-2 selection updates the base method's statistics again,
+as the release's SoftMatch hooks do on every call (``second_pass_stats``; false: read them only).
 ``efficient`` keeps one forward and one backward per step: the mixes built from step t's outputs
 join step t+1's forward (``prepare``) and are trained there, one step late: B more images on a
 forward of B (1 + 2 uratio), 1/15 more for uratio 7, instead of a whole second pass. The pending mixes are part of the
@@ -50,11 +51,20 @@ class CalibrateMixConfig:
         "pixel", "pairing by cosine similarity of weak-view 'pixel's (release) or penultimate 'feature's"
     )
     loss: str = opt("bce", "mix loss: 'bce' sigmoid cross-entropy over classes (release) or softmax 'ce'")
-    k: int = opt(15, "each anchor's partner is drawn from its k least similar candidates (release: 15 of 224)")
+    k: float = opt(
+        15,
+        "each anchor's partner is drawn from its k least similar candidates: a count (release: 15 of its 224), "
+        "or a fraction in (0, 1) of the candidates (15/224 = 0.067 keeps the release's share at any batch size)",
+    )
     warmup: float = opt(150_000 / 2**20, "fraction of train.steps before mixing starts (release: 150,000 of 2^20)")
     alpha: float = opt(0.4, "mixing weight lambda ~ Beta(alpha, alpha), one per group")
     apm_delta: float = opt(0.997, "APM update a = delta / (1 + visits)")
     apm_dtype: str = opt("float32", "storage of the per-class APM: float32, or float16 (half the memory)")
+    second_pass_stats: bool = opt(
+        True,
+        "faithful: the second pass updates the base method's statistics too (release: SoftMatch's hooks update "
+        "on every call, so its EMAs move twice a step); false: once a step, from the first pass",
+    )
 
     def checks(self, task: str, method: type[Method], batch_size: int) -> list[Check]:
         """The range of each key, and what CalibrateMix needs of the task, the method and the batch."""
@@ -77,7 +87,11 @@ class CalibrateMixConfig:
             ),
             (self.similarity in ("pixel", "feature"), "calibratemix.similarity", "'pixel' or 'feature'"),
             (self.loss in ("bce", "ce"), "calibratemix.loss", "'bce' or 'ce'"),
-            (self.k >= 1, "calibratemix.k", "at least 1"),
+            (
+                0 < self.k < 1 or (self.k >= 1 and float(self.k).is_integer()),
+                "calibratemix.k",
+                "a whole count of at least 1 or a fraction in (0, 1)",
+            ),
             (0.0 <= self.warmup < 1.0, "calibratemix.warmup", "a fraction in [0, 1)"),
             (self.alpha > 0, "calibratemix.alpha", "positive"),
             (0.0 < self.apm_delta <= 1.0, "calibratemix.apm_delta", "in (0, 1]"),
@@ -85,9 +99,9 @@ class CalibrateMixConfig:
         ]
 
 
-#: (pass-2 weak logits, pass-2 strong logits, unlabeled indices, step, total steps) -> the base method's
-#: weighted unlabeled loss (its lambda_u at that step)
-UnlabeledLoss = Callable[[Tensor, Tensor, Tensor, int, int], Tensor]
+#: (pass-2 weak logits, pass-2 strong logits, unlabeled indices, step, total steps, update the
+#: selector's statistics) -> the base method's weighted unlabeled loss (its lambda_u at that step)
+UnlabeledLoss = Callable[[Tensor, Tensor, Tensor, int, int, bool], Tensor]
 
 
 def split_halves(scores: Tensor) -> tuple[Tensor, Tensor]:
@@ -96,10 +110,16 @@ def split_halves(scores: Tensor) -> tuple[Tensor, Tensor]:
     return order[: len(order) // 2], order[len(order) // 2 :]
 
 
-def least_similar_partners(anchors: Tensor, candidates: Tensor, k: int) -> Tensor:
-    """For each anchor row, a candidate row drawn uniformly among its k least cosine-similar ones."""
+def pool_size(k: float, candidates: int) -> int:
+    """How many least-similar candidates an anchor draws from: k itself (at most all), or the fraction k
+    of them (at least 1), so a batch of another size than the release's keeps its share (15 of 224)."""
+    return min(int(k), candidates) if k >= 1 else max(1, round(k * candidates))
+
+
+def least_similar_partners(anchors: Tensor, candidates: Tensor, k: float) -> Tensor:
+    """For each anchor row, a candidate row drawn uniformly among its ``pool_size(k)`` least cosine-similar ones."""
     similarity = F.normalize(anchors.flatten(1).float(), dim=1) @ F.normalize(candidates.flatten(1).float(), dim=1).T
-    k = min(k, len(candidates))
+    k = pool_size(k, len(candidates))
     pool = similarity.topk(k, dim=1, largest=False).indices
     pick = torch.randint(k, (len(anchors), 1), device=pool.device)
     return pool.gather(1, pick).squeeze(1)
@@ -168,7 +188,9 @@ class CalibrateMix(Regularizer):
         logits, _ = joint_forward(model, views)
         loss_mix = mix_loss(logits[NAME], targets, groups, self.cfg.loss)
         loss_sup = F.cross_entropy(logits["lb"], batch.y_lb)
-        loss_unsup = self.unlabeled_loss(logits["weak"], logits["strong"], batch.idx_ulb, out.step, out.total_steps)
+        loss_unsup = self.unlabeled_loss(
+            logits["weak"], logits["strong"], batch.idx_ulb, out.step, out.total_steps, self.cfg.second_pass_stats
+        )
         logs = {"loss_mix": loss_mix.detach(), "loss_sup2": loss_sup.detach(), "loss_unsup2": loss_unsup.detach()}
         return loss_mix + loss_sup + loss_unsup, logs
 

@@ -22,10 +22,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from trustmatch.core.labels import IGNORE
 from trustmatch.core.options import opt
 from trustmatch.methods.csl_selection import (
     DISPERSIONS,
@@ -39,7 +37,9 @@ from trustmatch.methods.method import METHODS, Check, SSLConfig, SSLMethod
 from trustmatch.methods.selector import Selector
 from trustmatch.methods.step_output import StepOutput
 from trustmatch.methods.unimatch_step import (
+    Ohem,
     SegBatch,
+    labeled_loss,
     partner_selection,
     paste,
     pixel_loss,
@@ -64,7 +64,7 @@ class CSLConfig(SSLConfig):
     tmp: bool = opt(True, "CSL segmentation: Trusted Mask Perturbation replaces the second strong view")
     tmp_cover: float = opt(0.7, "TMP: probability that a grid cell hides its reliable pixels")
     tmp_cell: int = opt(32, "TMP: grid cell size in pixels (round(crop / cell)^2 cells)")
-    task_only = {"tmp": "segmentation", "tmp_cover": "segmentation", "tmp_cell": "segmentation"}
+    task_only = {**SSLConfig.task_only, "tmp": "segmentation", "tmp_cover": "segmentation", "tmp_cell": "segmentation"}
     renamed = {"csl_dispersion": RENAMED_DISPERSIONS}
 
     def checks(self) -> list[Check]:
@@ -102,7 +102,13 @@ def hide_trusted(image: Tensor, cover: Tensor, reliable: Tensor) -> Tensor:
 
 
 def csl_step(
-    model: nn.Module, batch: SegBatch, selector: Selector, lambda_u: float, step: int, total_steps: int
+    model: nn.Module,
+    batch: SegBatch,
+    selector: Selector,
+    lambda_u: float,
+    step: int,
+    total_steps: int,
+    ohem: Ohem | None = None,
 ) -> StepOutput:
     assert batch.u_strong is not None and batch.boxes is not None and batch.u_tmp is not None
     assert batch.valid_u is not None and batch.valid_mix is not None and batch.cover is not None
@@ -116,7 +122,7 @@ def csl_step(
     with running_statistics_kept(model):
         logits_s, logits_m = model(torch.cat([u_strong, masked])).logits.chunk(2)
 
-    loss_sup = F.cross_entropy(logits_lb, batch.y_lb, ignore_index=IGNORE)
+    loss_sup = labeled_loss(logits_lb, batch.y_lb, ohem)
     loss_s = pixel_loss(logits_s, paste(mix, weak, box), torch.where(box, batch.valid_mix, batch.valid_u))
     loss_m = pixel_loss(logits_m, weak, batch.valid_u)
     loss_fp = pixel_loss(logits_fp, weak, batch.valid_u)
@@ -160,4 +166,6 @@ class CSL(SSLMethod):
         if not self.cfg.tmp:
             return super().segmentation_step(model, batch, selector, step, total_steps)
         assert selector is not None
-        return csl_step(model, batch, selector, self.cfg.lambda_u_at(step, total_steps), step, total_steps)
+        return csl_step(
+            model, batch, selector, self.cfg.lambda_u_at(step, total_steps), step, total_steps, self.cfg.ohem()
+        )

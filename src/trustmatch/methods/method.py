@@ -22,11 +22,13 @@ from trustmatch.core.options import opt
 from trustmatch.core.registry import Registry
 from trustmatch.methods.selector import Selector
 from trustmatch.methods.step_output import StepOutput
-from trustmatch.methods.unimatch_step import SegBatch, supervised_pixel_step, unimatch_step
+from trustmatch.methods.unimatch_step import Ohem, SegBatch, supervised_pixel_step, unimatch_step
 from trustmatch.methods.weak_to_strong import Batch, consistency_loss, supervised_step, weak_to_strong_step
 
 Check = tuple[bool, str, str]  # (holds, key, what the key must be)
 RAMPUP_SHAPES = ("sigmoid", "linear")
+LABELED_LOSSES = ("ce", "ohem")
+LABELED_LOSS_KEYS = ("labeled_loss", "ohem_thresh", "ohem_min_kept")  # every method's, read in segmentation
 
 
 @dataclass
@@ -34,8 +36,16 @@ class MethodConfig:
     """The ``method`` section: ``name``, and in each method's subclass the keys that method reads."""
 
     name: str = field(metadata={"help": "the method (METHODS)"})  # no default: a section names its method
+    labeled_loss: str = opt(
+        "ce", "segmentation: the labeled pixel loss, 'ce' or 'ohem' (UniMatch's and CSL's Cityscapes releases)"
+    )
+    ohem_thresh: float = opt(0.7, "OHEM: labeled pixels whose true-class probability is at most this are kept")
+    ohem_min_kept: int = opt(
+        100_000,
+        "OHEM: at least this many pixels kept per labeled image (the releases: 200,000 per GPU batch of 2 crops)",
+    )
     #: keys only one task reads (CSL's TMP keys: segmentation), refused in the other tasks methods train
-    task_only: ClassVar[dict[str, str]] = {}
+    task_only: ClassVar[dict[str, str]] = dict.fromkeys(LABELED_LOSS_KEYS, "segmentation")
     #: values renamed since runs saved them, {key: {old: new}}: a saved config reads them under the new
     #: name (``config.from_saved``); a user's config is refused with the new name
     renamed: ClassVar[dict[str, dict[str, str]]] = {}
@@ -51,7 +61,15 @@ class MethodConfig:
 
     def checks(self) -> list[Check]:
         """The range of each key, checked once the config is merged."""
-        return []
+        return [
+            (self.labeled_loss in LABELED_LOSSES, "method.labeled_loss", " or ".join(map(repr, LABELED_LOSSES))),
+            (0.0 < self.ohem_thresh <= 1.0, "method.ohem_thresh", "in (0, 1]"),
+            (self.ohem_min_kept >= 0, "method.ohem_min_kept", "0 or more"),
+        ]
+
+    def ohem(self) -> Ohem | None:
+        """(threshold, pixels kept per labeled image) of the OHEM labeled loss; None: plain cross-entropy."""
+        return (self.ohem_thresh, self.ohem_min_kept) if self.labeled_loss == "ohem" else None
 
 
 def rampup(t: float, shape: str) -> float:
@@ -90,10 +108,10 @@ class SSLConfig(MethodConfig):
 class ThresholdConfig(SSLConfig):
     """The keys of a confidence threshold (FixMatch, FlexMatch, UniMatch, UDA)."""
 
-    tau: float = opt(0.95, "confidence threshold of a pseudo-label")
+    tau: float = opt(0.95, "confidence threshold of a pseudo-label (0: every one, UniMatch's Cityscapes release)")
 
     def checks(self) -> list[Check]:
-        return [*super().checks(), (0.0 < self.tau <= 1.0, "method.tau", "in (0, 1]")]
+        return [*super().checks(), (0.0 <= self.tau <= 1.0, "method.tau", "in [0, 1]")]
 
 
 @dataclass
@@ -140,7 +158,7 @@ class Method:
     def segmentation_step(
         self, model: nn.Module, batch: SegBatch, selector: Selector | None, step: int, total_steps: int
     ) -> StepOutput:
-        return supervised_pixel_step(model, batch, step, total_steps)
+        return supervised_pixel_step(model, batch, step, total_steps, self.cfg.ohem())
 
 
 class SSLMethod(Method):
@@ -164,15 +182,25 @@ class SSLMethod(Method):
         self, model: nn.Module, batch: SegBatch, selector: Selector | None, step: int, total_steps: int
     ) -> StepOutput:
         assert selector is not None
-        return unimatch_step(model, batch, selector, self.cfg.lambda_u_at(step, total_steps), step, total_steps)
+        return unimatch_step(
+            model, batch, selector, self.cfg.lambda_u_at(step, total_steps), step, total_steps, self.cfg.ohem()
+        )
 
     def unlabeled_loss(
-        self, selector: Selector, weak_logits: Tensor, strong_logits: Tensor, indices: Tensor, step: int, total: int
+        self,
+        selector: Selector,
+        weak_logits: Tensor,
+        strong_logits: Tensor,
+        indices: Tensor,
+        step: int,
+        total: int,
+        update: bool,
     ) -> Tensor:
         """The weighted unlabeled term of another forward at ``step`` of ``total`` (CalibrateMix's faithful
-        second pass, weighted as the step's own); the selector is read, not updated."""
+        second pass, weighted as the step's own); ``update``: the selector's statistics move again (the
+        release's hooks), else they are only read."""
         with torch.no_grad():
-            selection = selector.select(weak_logits.detach().softmax(dim=1), indices, update=False)
+            selection = selector.select(weak_logits.detach().softmax(dim=1), indices, update=update)
         return self.cfg.lambda_u_at(step, total) * consistency_loss(strong_logits, selection)
 
 

@@ -10,6 +10,9 @@ normaliser. Loss (UniMatch, per pixel, over valid pixels):
 
     L = (L_x + lambda_u * (0.25 L_s1 + 0.25 L_s2 + 0.5 L_fp)) / 2
 
+L_x is cross-entropy over the valid labeled pixels, or OHEM's share of them (``labeled_loss``: the
+Cityscapes releases).
+
 The method's selector (``unimatch``: fixed threshold 0.95; SoftMatch, FreeMatch, UDA ...) decides
 pseudo-labels and weights; the step is the same for all of them.
 """
@@ -46,9 +49,38 @@ class SegBatch:
     truth_u: Tensor | None = None  # int64 true masks of u where known (255 = unknown): diagnostics only
 
 
-def supervised_pixel_step(model: nn.Module, batch: SegBatch, step: int, total_steps: int) -> StepOutput:
+#: OHEM of the labeled loss: (probability threshold, pixels kept at least per labeled image)
+Ohem = tuple[float, int]
+
+
+def ohem_keep(logits: Tensor, target: Tensor, thresh: float, min_kept: int) -> Tensor:
+    """The labeled pixels OHEM trains on, as UniMatch's and CSL's Cityscapes releases pick them: those whose
+    true-class probability is at most max(thresh, the min_kept-th smallest such probability), so at least
+    min_kept of them (every valid pixel when there are fewer). No host sync: the count enters a mask."""
+    valid = target != IGNORE
+    prob = logits.detach().float().softmax(dim=1).gather(1, torch.where(valid, target, 0).unsqueeze(1)).squeeze(1)
+    prob = torch.where(valid, prob, 1.0)  # ignored pixels sort last, as the releases fill them with 1
+    threshold = torch.tensor(thresh, device=prob.device)
+    if min_kept > 0:
+        kth = prob.flatten().sort().values[min(min_kept, prob.numel()) - 1]  # sort: on every device (kthvalue: not MPS)
+        threshold = torch.maximum(threshold, kth)
+    return valid & ((prob <= threshold) | (valid.sum() < min_kept))
+
+
+def labeled_loss(logits: Tensor, target: Tensor, ohem: Ohem | None = None) -> Tensor:
+    """Cross-entropy over the valid labeled pixels, or over those OHEM keeps (``ohem``: its threshold and the
+    pixels kept per image, so the share kept does not depend on how many images a process holds)."""
+    if ohem is not None:
+        thresh, per_image = ohem
+        target = torch.where(ohem_keep(logits, target, thresh, per_image * len(target)), target, IGNORE)
+    return F.cross_entropy(logits, target, ignore_index=IGNORE)
+
+
+def supervised_pixel_step(
+    model: nn.Module, batch: SegBatch, step: int, total_steps: int, ohem: Ohem | None = None
+) -> StepOutput:
     out = model(batch.x_lb)
-    loss = F.cross_entropy(out.logits, batch.y_lb, ignore_index=IGNORE)
+    loss = labeled_loss(out.logits, batch.y_lb, ohem)
     return StepOutput(
         loss, {"loss_sup": loss.detach()}, {"lb": out.logits}, {"lb": out.features}, None, step, total_steps
     )
@@ -128,7 +160,13 @@ def selection_logs(selection: Selection, valid: Tensor, truth: Tensor | None) ->
 
 
 def unimatch_step(
-    model: nn.Module, batch: SegBatch, selector: Selector, lambda_u: float, step: int, total_steps: int
+    model: nn.Module,
+    batch: SegBatch,
+    selector: Selector,
+    lambda_u: float,
+    step: int,
+    total_steps: int,
+    ohem: Ohem | None = None,
 ) -> StepOutput:
     assert batch.u_strong is not None and batch.boxes is not None
     assert batch.valid_u is not None and batch.valid_mix is not None
@@ -144,7 +182,7 @@ def unimatch_step(
     valid1 = torch.where(box1, batch.valid_mix, batch.valid_u)
     valid2 = torch.where(box2, batch.valid_mix, batch.valid_u)
 
-    loss_sup = F.cross_entropy(logits_lb, batch.y_lb, ignore_index=IGNORE)
+    loss_sup = labeled_loss(logits_lb, batch.y_lb, ohem)
     loss_s1, loss_s2 = pixel_loss(logits_s1, sel1, valid1), pixel_loss(logits_s2, sel2, valid2)
     loss_fp = pixel_loss(logits_fp, weak, batch.valid_u)
     loss_unsup = 0.25 * loss_s1 + 0.25 * loss_s2 + 0.5 * loss_fp
