@@ -12,8 +12,8 @@ from trustmatch.tasks import Evaluation, Task
 
 NO_BEST = "no validation split: no checkpoint is chosen, `final` is the result"
 NO_TEMPERATURE = (
-    "no validation split (data.val_per_class=0; segmentation: data.val_images=0 or no validation folder): "
-    "temperature scaling cannot be fitted (never on test)"
+    "no validation split (data.val_per_class=0; segmentation: data.val_images=0, no data.val_dir, or Pascal, "
+    "Cityscapes and COCO, whose val.txt is the test split): temperature scaling cannot be fitted (never on test)"
 )
 SEPARABLE = (
     "the validation split is classified without error, so its NLL falls as T -> 0 and identifies no "
