@@ -352,3 +352,13 @@ def test_errors_keep_their_order_and_a_users_task_reads_every_method_key() -> No
         load_config("digits-fixmatch", ["calibratemix.mode=faithful", "calibratemix.k=0", "train.batch_size=1"])
     cfg = from_dict({"task": "mytask", "method": {"name": "csl", "tmp": False}})
     assert cfg.method.tmp is False and cfg.to_dict()["method"]["tmp"] is False
+
+
+def test_off_and_no_stay_words_where_a_key_takes_text(tmp_path: Path) -> None:
+    """YAML 1.1 reads off / no / on as booleans; a text key keeps the word, a boolean key accepts it."""
+    cfg = load_config("digits-fixmatch", ["calibratemix.mode=off", "train.amp=off", "train.nesterov=on"])
+    assert cfg.calibratemix.mode == "off" and cfg.train.amp is False and cfg.train.nesterov is True
+    path = tmp_path / "seg.yaml"
+    path.write_text("base: digitscenes-unimatch\neval:\n  pixel_temperature: off\ntrain:\n  amp: no\n")
+    cfg = load_config(str(path))
+    assert cfg.eval.pixel_temperature == "off" and cfg.train.amp is False

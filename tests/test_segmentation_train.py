@@ -220,6 +220,7 @@ def test_digitscenes_run_directory(tmp_path: Path, method: str) -> None:
         "last.pt",
         "best.pt",
         "reliability_final.png",
+        "reliability_final_calibrated.png",
         "curves.png",
         "overlays.png",
     ]:
@@ -228,7 +229,8 @@ def test_digitscenes_run_directory(tmp_path: Path, method: str) -> None:
     final = saved["final"]
     assert 0.0 <= final["miou"] <= 1.0 and 0.0 <= final["pixel_ece_15"] <= 1.0
     assert set(final["per_class_iou"]) == {"background", *map(str, range(10))}
-    assert saved["best"]["val"]["miou"] >= 0 and saved["temperature"] is None and "temperature_note" not in saved
+    assert saved["best"]["val"]["miou"] >= 0 and "temperature_note" not in saved
+    assert 0.01 <= saved["temperature"] <= 100 and set(saved["final_calibrated"]) == set(final)
     assert metrics["final"] == final and [h["step"] for h in saved["history"]] == [3, 6]
 
 

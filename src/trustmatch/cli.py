@@ -68,7 +68,10 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--confidence-maps", action="store_true", help="segmentation: also <stem>_confidence.png per image")
     pr.add_argument("--checkpoint", default="auto", choices=["auto", "best", "last"], help="auto: best, else last")
     pr.add_argument(
-        "--raw", action="store_true", help="uncalibrated confidences (default: the run's temperature, where fitted)"
+        "--raw",
+        action="store_true",
+        help="uncalibrated confidences (default: the run's temperature, where fitted; segmentation: per-class "
+        "temperatures can change a pixel's class, so --raw gives the unscaled masks too)",
     )
 
     rp = sub.add_parser("report", help="compare the calibration of finished classification runs")
@@ -124,6 +127,7 @@ def _train(args: argparse.Namespace) -> int:
         trainer = Trainer(cfg, out, progress=not args.quiet)
     metrics = trainer.fit()
     from trustmatch.core import distributed
+    from trustmatch.evaluation.temperature import describe_temperature
 
     main_process = distributed.is_main()
     distributed.shutdown()
@@ -145,7 +149,7 @@ def _train(args: argparse.Namespace) -> int:
     else:
         line += f"best (step {best['step']}, chosen on validation) {split} {describe(best)}"
     if metrics["final_calibrated"] is not None:
-        scaled = f"T {metrics['temperature']:.2f}, fitted on validation"
+        scaled = f"T {describe_temperature(metrics['temperature'], 2)}, fitted on validation"
         line += f"; final after temperature scaling ({scaled}) {describe(metrics['final_calibrated'])}"
     print(line)
     print(f"run directory: {trainer.run_dir}")
@@ -180,6 +184,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 def _predict(args: argparse.Namespace) -> int:
     from trustmatch.config import read_yaml
+    from trustmatch.evaluation.temperature import describe_temperature
     from trustmatch.run.loaded_run import checkpoint_path, load_run_model
     from trustmatch.tasks import TASKS
 
@@ -207,7 +212,7 @@ def _predict(args: argparse.Namespace) -> int:
     how = (
         "raw confidences"
         if temperature is None
-        else f"confidences at temperature {temperature:.3f} (fitted on validation)"
+        else f"confidences at temperature {describe_temperature(temperature)} (fitted on validation)"
     )
     print(f"wrote {n} predictions to {args.out} ({how})")
     return 0

@@ -12,12 +12,21 @@ from trustmatch.config.loading import (
     read_yaml,
     shipped_configs,
 )
-from trustmatch.config.schema import CalibrateMixConfig, Config, DataConfig, MethodConfig, ModelConfig, TrainConfig
+from trustmatch.config.schema import (
+    CalibrateMixConfig,
+    Config,
+    DataConfig,
+    EvalConfig,
+    MethodConfig,
+    ModelConfig,
+    TrainConfig,
+)
 
 __all__ = [
     "CalibrateMixConfig",
     "Config",
     "DataConfig",
+    "EvalConfig",
     "MethodConfig",
     "ModelConfig",
     "TrainConfig",

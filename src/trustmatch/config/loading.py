@@ -11,6 +11,7 @@ import copy
 import dataclasses
 import difflib
 import math
+import re
 import types
 import typing
 from pathlib import Path
@@ -19,7 +20,7 @@ from typing import Any
 import yaml
 
 from trustmatch.config.presets import PRESETS
-from trustmatch.config.schema import DEFAULT_METHOD, NONFINITE_POLICIES, Config
+from trustmatch.config.schema import DEFAULT_METHOD, NONFINITE_POLICIES, PIXEL_TEMPERATURES, Config
 from trustmatch.core.errors import UserError
 from trustmatch.core.lr_schedules import SCHEDULES
 from trustmatch.methods import METHODS, MethodConfig, method_config
@@ -63,7 +64,21 @@ def _unknown_key(key: str) -> UserError:
     return UserError(f"unknown config key {key!r}{hint} (see `trustmatch list --keys`)")
 
 
-_BOOL_WORDS = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
+_BOOL_WORDS = {"true": True, "yes": True, "on": True, "1": True, "false": False, "no": False, "off": False, "0": False}
+_BOOL_TAG = "tag:yaml.org,2002:bool"
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.2's booleans (true / false) only: YAML 1.1 also reads ``off``, ``no`` and ``on`` as
+    booleans, which turned ``calibratemix.mode=off`` into False; such words stay text, and a boolean
+    key accepts them (``_BOOL_WORDS``)."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != _BOOL_TAG]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver(_BOOL_TAG, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
 
 
 def _coerce(key: str, value: Any, hint: Any) -> Any:
@@ -173,6 +188,16 @@ def _validate(cfg: Config, given: set[str]) -> None:
         ),
         (cfg.model.output_stride in (8, 16), "model.output_stride", "8 or 16"),
         *cfg.calibratemix.checks(cfg.task, method, cfg.train.batch_size),
+        (
+            cfg.eval.pixel_temperature in PIXEL_TEMPERATURES,
+            "eval.pixel_temperature",
+            " | ".join(PIXEL_TEMPERATURES),
+        ),
+        (
+            cfg.eval.pixel_temperature == "scalar" or cfg.task != "classification",
+            "eval.pixel_temperature",
+            "scalar for classification (one T is fitted on validation; the key chooses segmentation's)",
+        ),
     ]
     for ok, key, expected in checks:
         if not ok:
@@ -211,7 +236,7 @@ def _override_value(text: str) -> Any:
     if not text.strip():
         return ""
     try:
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=_Loader)
     except yaml.YAMLError:
         return text
 
@@ -273,8 +298,8 @@ def _read_yaml_lines(path: Path) -> tuple[dict[str, Any], dict[str, int]]:
     except UnicodeDecodeError:
         raise UserError(f"config file {path} is not UTF-8 text: a config is a YAML text file") from None
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
+        node = yaml.compose(text, Loader=_Loader)
+        data = yaml.load(text, Loader=_Loader)
     except yaml.YAMLError as e:
         raise UserError(f"config file {path} is not valid YAML{_yaml_error(e)}") from None
     if data is None:

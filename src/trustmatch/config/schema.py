@@ -16,6 +16,7 @@ from trustmatch.methods.calibratemix import CalibrateMixConfig
 
 DEFAULT_METHOD = "fixmatch"
 NONFINITE_POLICIES = ("stop", "skip")
+PIXEL_TEMPERATURES = ("scalar", "per_class", "off")
 
 
 @dataclass
@@ -121,6 +122,15 @@ class TrainConfig:
 
 
 @dataclass
+class EvalConfig:
+    pixel_temperature: str = opt(
+        "scalar",
+        "segmentation: post-hoc temperature fitted on (a sample of 2^20) validation pixels: scalar (one T), "
+        "per_class (class c's logits divided by T_c; may change a pixel's class) or off",
+    )
+
+
+@dataclass
 class Config:
     description: str = opt("", "one line shown by `trustmatch list`")
     seed: int = opt(0, "fixes the labeled/validation split, the initialisation and the data order")
@@ -129,6 +139,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     method: MethodConfig = field(default_factory=lambda: method_config(DEFAULT_METHOD))  # the named method's class
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     calibratemix: CalibrateMixConfig = field(default_factory=CalibrateMixConfig)
 
     def to_dict(self) -> dict[str, Any]:

@@ -36,7 +36,7 @@ class NonFiniteLogits(ValueError):
     """A model's outputs hold NaN or infinity: it diverged (the trainer names the step)."""
 
 
-def _float64_device(device: torch.device) -> torch.device:
+def float64_device(device: torch.device) -> torch.device:
     """MPS cannot hold float64, so its tensors are evaluated on the CPU instead."""
     return torch.device("cpu") if device.type == "mps" else device
 
@@ -81,7 +81,7 @@ def _bin_sums(confidences: Tensor, correct: Tensor, n_bins: int, weight: Tensor 
 
 def _checked_bin_sums(confidences: Tensor, correct: Tensor, n_bins: int) -> Tensor:
     _check_binning_inputs(confidences, correct, n_bins)
-    device = _float64_device(confidences.device)
+    device = float64_device(confidences.device)
     conf, hits = (t.detach().to(device=device, dtype=torch.float64) for t in (confidences, correct))
     return _bin_sums(conf, hits, n_bins)
 
@@ -153,7 +153,7 @@ class ClassificationMeter:
         for n_bins in bins:
             _check_n_bins(n_bins)
         self.num_classes = num_classes
-        self.device = _float64_device(torch.device(device))
+        self.device = float64_device(torch.device(device))
         self.bin_counts = tuple(sorted(set(bins), reverse=True))  # ece_15 before ece_10, as always
         size = 5 + 3 * sum(self.bin_counts) + num_classes**2
         self.state = torch.zeros(size, dtype=torch.float64, device=self.device)
@@ -282,7 +282,7 @@ class SegmentationMeter:
             raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
         _check_n_bins(n_bins)
         self.num_classes, self.ignore_index, self.n_bins = num_classes, ignore_index, n_bins
-        self.device = _float64_device(torch.device(device))
+        self.device = float64_device(torch.device(device))
         self.state = torch.zeros(num_classes**2 + 3 * n_bins + 2, dtype=torch.float64, device=self.device)
         self._confusion, self._bins, self._totals = self._unpack(self.state)
 

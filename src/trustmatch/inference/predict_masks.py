@@ -18,6 +18,7 @@ from trustmatch.data.seg_sets import FileSegSet
 from trustmatch.data.segfiles import checked_size
 from trustmatch.data.segviews import SegViews
 from trustmatch.evaluation.forward import segment
+from trustmatch.evaluation.temperature import Temperature, scale_logits
 from trustmatch.inference.predict_classes import collect_images
 
 LARGE = 4  # an image whose longer side exceeds this many crops is predicted in sliding windows
@@ -33,12 +34,14 @@ def write_masks(
     inputs: list[Path],
     out: Path,
     precision: Precision,
-    temperature: float | None = None,
+    temperature: Temperature | None = None,
     confidence_maps: bool = False,
 ) -> int:
     """``out/<stem>.png`` per image: class ids in a palette PNG (viewers show the class colours,
     ``np.array(Image.open(p))`` gives the ids). ``confidence_maps``: ``out/<stem>_confidence.png``,
-    the top-class probability per pixel as 8-bit grey (0-255 for 0-1). Returns the number of images."""
+    the top-class probability per pixel as 8-bit grey (0-255 for 0-1). With a ``temperature`` the
+    probabilities are softmax(logits / T) (per class T_c: a pixel's class may change with them, so the
+    mask and its confidence come from the same probabilities). Returns the number of images."""
     files = collect_images(inputs)
     stems: dict[str, Path] = {}
     for path in files:
@@ -62,7 +65,8 @@ def write_masks(
         x = views.plain(image[None].to(precision.device))
         # crop-sized windows where the run evaluates so, or where a whole photo would not fit in memory
         crop = window if meta["sliding_window"] or max(image.shape[1:]) > LARGE * window else None
-        probs = (segment(model, x, precision, crop)[0] / (temperature or 1.0)).softmax(dim=0)
+        logits = segment(model, x, precision, crop)
+        probs = (logits if temperature is None else scale_logits(logits, temperature))[0].float().softmax(dim=0)
         confidence, classes = probs.max(dim=0)
         mask = Image.fromarray(classes.to(torch.uint8).cpu().numpy(), mode="P")
         mask.putpalette(palette)

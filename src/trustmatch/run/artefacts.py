@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from trustmatch.evaluation.temperature import Temperature, describe_temperature
 from trustmatch.reporting.plots import reliability_diagram, training_curves
 from trustmatch.tasks import Evaluation, Task
 
@@ -22,13 +23,18 @@ def write_curves(task: Task, history: list[dict[str, Any]], run_dir: Path) -> Pa
 
 
 def write_final_plots(
-    task: Task, test: Evaluation, temperature: float | None, history: list[dict[str, Any]], run_dir: Path, step: int
+    task: Task,
+    test: Evaluation,
+    temperature: Temperature | None,
+    history: list[dict[str, Any]],
+    run_dir: Path,
+    step: int,
 ) -> None:
     """The final model's diagrams (raw, and temperature-scaled where a temperature was fitted) and curves."""
     title = f"final EMA model (step {step})"
     write_diagram(task, test, run_dir / "reliability_final", title)
-    if test.calibrated is not None:
+    if test.calibrated is not None and temperature is not None:
         calibrated = Evaluation(test.calibrated, test.calibrated_detail)
-        scaled = f"{title}\ntemperature {temperature:.3f}, fitted on validation"
+        scaled = f"{title}\ntemperature {describe_temperature(temperature)}, fitted on validation"
         write_diagram(task, calibrated, run_dir / "reliability_final_calibrated", scaled)
     write_curves(task, history, run_dir)

@@ -7,17 +7,22 @@ from __future__ import annotations
 
 from typing import Any
 
+from trustmatch.evaluation.temperature import Temperature
 from trustmatch.tasks import Evaluation, Task
 
 NO_BEST = "no validation split: no checkpoint is chosen, `final` is the result"
-NO_TEMPERATURE = "no validation split (data.val_per_class=0): temperature scaling cannot be fitted (never on test)"
+NO_TEMPERATURE = (
+    "no validation split (data.val_per_class=0; segmentation: data.val_images=0, no data.val_dir, or Pascal, "
+    "Cityscapes and COCO, whose val.txt is the test split): temperature scaling cannot be fitted (never on test)"
+)
 SEPARABLE = (
     "the validation split is classified without error, so its NLL falls as T -> 0 and identifies no "
     "temperature: the model is reported raw"
 )
 NO_TEST = (
-    "no test split (a segmentation folder without data.test_dir): `final` and every history entry's `test` "
-    "are the validation split, which also chose `best`; give a test folder for an unbiased figure"
+    "no test split (a segmentation folder without data.test_dir): `final`, `final_calibrated` and every history "
+    "entry's `test` are the validation split, which also chose `best` and fitted the temperature; give a test "
+    "folder for an unbiased figure"
 )
 HELD_OUT = (
     "train.evaluate_test=false: the test split is held out and never read; `final` and every history "
@@ -35,7 +40,7 @@ class RunRecord:
         self.best: dict[str, Any] | None = None
         self.elapsed = 0.0
         self.skipped = 0  # steps skipped for a non-finite loss or update (train.nonfinite=skip)
-        self.temperature: float | None = None  # fitted on validation at the last evaluation ...
+        self.temperature: Temperature | None = None  # fitted on validation at the last evaluation ...
         self.temperature_step = -1  # ... of the model at this step
         self.last_test: Evaluation | None = None  # of this process's last evaluation (not saved)
 
@@ -65,7 +70,7 @@ class RunRecord:
             self.best = entry
         return improved
 
-    def temperature_at(self, step: int) -> float | None:
+    def temperature_at(self, step: int) -> Temperature | None:
         """The temperature, where it was fitted on the model at ``step``."""
         return self.temperature if self.temperature_step == step else None
 
@@ -78,8 +83,10 @@ class RunRecord:
             if "temperature" in self.best:
                 best.update(temperature=self.best["temperature"], calibrated=self.best["test_calibrated"])
         last, test = (self.history[-1] if self.history else {}), self.last_test
+        pixels = last.get("val", {}).get("temperature_pixels")  # segmentation: the fit's sample of pixels
         calibration = {
             "temperature": last.get("temperature"),
+            **({"temperature_pixels": pixels} if pixels is not None else {}),
             **({"temperature_note": self._temperature_note()} if self._temperature_missing(last) else {}),
             "final_calibrated": last.get("test_calibrated") if final is not None else None,
             "final_bins": {"15": test.detail} if final is not None and test is not None else None,

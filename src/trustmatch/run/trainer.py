@@ -29,6 +29,7 @@ from trustmatch.core import distributed as dist
 from trustmatch.core.errors import UserError
 from trustmatch.core.precision import Precision, resolve_device
 from trustmatch.evaluation.metrics import NonFiniteLogits
+from trustmatch.evaluation.temperature import Temperature
 from trustmatch.run.artefacts import write_diagram, write_final_plots
 from trustmatch.run.checkpoint import CHECKPOINT_VERSION, load_checkpoint, save_checkpoint
 from trustmatch.run.ema import ModelEMA
@@ -284,11 +285,11 @@ class Trainer:
         ``train.evaluate_test`` is false (the test split is then never read)."""
         return "test" if self.cfg.train.evaluate_test and self.task.has_split("test") else "val"
 
-    def evaluate(self, split: str, temperature: float | None = None) -> Evaluation:
+    def evaluate(self, split: str, temperature: Temperature | None = None) -> Evaluation:
         """The EMA model on ``split``, streamed and sharded over processes (and temperature-scaled)."""
         return self.task.evaluate(self.ema.module, split, temperature)
 
-    def _validate(self) -> tuple[dict[str, float], float | None]:
+    def _validate(self) -> tuple[dict[str, float], Temperature | None]:
         """The EMA model's validation metrics and temperature ({} and None without a validation split)."""
         return self.task.validate(self.ema.module) if self.task.has_split("val") else ({}, None)
 

@@ -17,7 +17,7 @@ from trustmatch.data import load_ssl_data
 from trustmatch.data.views import Views
 from trustmatch.evaluation.forward import iter_logits
 from trustmatch.evaluation.metrics import ClassificationMeter
-from trustmatch.evaluation.temperature import fit_temperature
+from trustmatch.evaluation.temperature import Temperature, fit_temperature, scale_logits
 from trustmatch.methods.weak_to_strong import Batch
 from trustmatch.models import MODELS, SEGMENTATION_MODELS
 from trustmatch.tasks.task import Evaluation, SSLTask, StepOutput
@@ -83,12 +83,12 @@ class ClassificationTask(SSLTask):
         for index, logits in batches:
             yield logits, images.labels[index].to(self.device)
 
-    def evaluate(self, model: nn.Module, split: str, temperature: float | None = None) -> Evaluation:
+    def evaluate(self, model: nn.Module, split: str, temperature: Temperature | None = None) -> Evaluation:
         meters = [ClassificationMeter(self.data.num_classes, self.device) for _ in range(1 + (temperature is not None))]
         for logits, labels in self._logits(model, split):
             meters[0].update(logits, labels)
             if temperature is not None:
-                meters[1].update(logits.float() / temperature, labels)
+                meters[1].update(scale_logits(logits, temperature), labels)
         for meter in meters:
             meter.all_reduce()
         evaluation = Evaluation(meters[0].compute(), meters[0].bins(15))

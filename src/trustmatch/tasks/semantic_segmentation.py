@@ -1,5 +1,6 @@
 """Semantic segmentation: image/mask crops with joint transforms, the method's step (UniMatch's with its
-per-pixel selector; CSL's with TMP), streaming mIoU and pixel calibration, prediction overlays.
+per-pixel selector; CSL's with TMP), streaming mIoU and pixel calibration with a temperature fitted on a
+bounded sample of validation pixels, prediction overlays.
 
 Crops are cut on the CPU (in ``data.workers`` threads for files: decoding dominates there) with
 parameters drawn from the run's generator in the main thread, so a batch is a pure function of the
@@ -24,6 +25,8 @@ from trustmatch.data.seg_sets import SegmentationSet, load_segmentation_data
 from trustmatch.data.segviews import SegViews
 from trustmatch.evaluation.forward import segment
 from trustmatch.evaluation.metrics import SegmentationMeter
+from trustmatch.evaluation.pixel_pool import PixelPool
+from trustmatch.evaluation.temperature import Temperature, fit_class_temperatures, fit_temperature, scale_logits
 from trustmatch.methods.unimatch_step import SegBatch
 from trustmatch.models import SEGMENTATION_MODELS
 from trustmatch.reporting.plots import segmentation_overlays
@@ -38,10 +41,10 @@ class SegmentationTask(SSLTask):
     calibration_metric = "pixel_ece_15"
     diagram_unit = ", per pixel"  # every labeled pixel of the split is one sample
     curves = (("miou", "mIoU"), ("pixel_ece_15", "pixel ECE (15 bins)"))
-    fits_temperature = False  # post-hoc temperature scaling is fitted for classification only (so far)
 
     def __init__(self, cfg: Config, precision: Precision) -> None:
         super().__init__(cfg, precision)
+        self.fits_temperature = cfg.eval.pixel_temperature != "off"
         if cfg.model.name not in SEGMENTATION_MODELS:
             raise UserError(
                 f"model.name={cfg.model.name!r} is a classifier: segmentation needs one of "
@@ -136,15 +139,49 @@ class SegmentationTask(SSLTask):
         x = self.views.plain(images.to(self.device, non_blocking=True))  # segment puts it in the model's layout
         return segment(model, x, self.precision, self.cfg.data.crop_size if self.cfg.data.sliding_window else None)
 
-    def evaluate(self, model: nn.Module, split: str, temperature: float | None = None) -> Evaluation:
-        dataset = getattr(self.data, split)
-        meter = SegmentationMeter(len(self.data.classes), self.device)
-        for images, masks in self._batches(dataset, list(range(dist.rank(), len(dataset), dist.world_size()))):
-            meter.update(self._logits(model, images), masks.to(self.device))
-        meter.all_reduce()
-        metrics: dict[str, Any] = meter.compute()
-        metrics["per_class_iou"] = dict(zip(self.data.classes, meter.per_class_iou()))
-        return Evaluation(metrics, meter.bins())
+    def evaluate(self, model: nn.Module, split: str, temperature: Temperature | None = None) -> Evaluation:
+        return self._evaluate(model, split, temperature)
+
+    def _evaluate(
+        self, model: nn.Module, split: str, temperature: Temperature | None = None, pool: PixelPool | None = None
+    ) -> Evaluation:
+        """One pass over this process's share of ``split``: raw metrics, scaled ones with a ``temperature``,
+        and the sampled pixels in ``pool``."""
+        dataset, classes = getattr(self.data, split), len(self.data.classes)
+        meters = [SegmentationMeter(classes, self.device) for _ in range(1 + (temperature is not None))]
+        indices, done = list(range(dist.rank(), len(dataset), dist.world_size())), 0
+        for images, masks in self._batches(dataset, indices):
+            logits, masks = self._logits(model, images), masks.to(self.device)
+            meters[0].update(logits, masks)
+            if temperature is not None:
+                meters[1].update(scale_logits(logits, temperature), masks)
+            if pool is not None:
+                pool.add(logits, masks, indices[done : done + len(images)])
+            done += len(images)
+        results = []
+        for meter in meters:
+            meter.all_reduce()
+            metrics: dict[str, Any] = meter.compute()
+            metrics["per_class_iou"] = dict(zip(self.data.classes, meter.per_class_iou()))
+            results.append((metrics, meter.bins()))
+        evaluation = Evaluation(*results[0])
+        if temperature is not None:
+            evaluation.calibrated, evaluation.calibrated_detail = results[1]
+        return evaluation
+
+    def validate(self, model: nn.Module) -> tuple[dict[str, float], Temperature | None]:
+        """One pass: validation metrics and the temperature (``eval.pixel_temperature``) fitted on a uniform
+        sample of at most 2^20 of its labeled pixels (``PixelPool``), the same on every process;
+        ``temperature_pixels`` is the sample's size."""
+        mode = self.cfg.eval.pixel_temperature
+        pool = PixelPool(len(self.data.classes), self.device) if mode != "off" else None
+        metrics = self._evaluate(model, "val", pool=pool).metrics
+        if pool is None:
+            return metrics, None
+        logits, labels = pool.pixels()
+        metrics["temperature_pixels"] = len(labels)
+        fit = fit_class_temperatures if mode == "per_class" else fit_temperature
+        return metrics, fit(logits, labels)
 
     def describe(self, metrics: dict[str, float]) -> str:
         return f"miou {metrics['miou']:.4f} pixel_ece15 {metrics['pixel_ece_15']:.4f}"

@@ -27,6 +27,7 @@ from trustmatch.config import Config
 from trustmatch.core import distributed as dist
 from trustmatch.core.precision import Precision
 from trustmatch.data.sampler import IndexStream
+from trustmatch.evaluation.temperature import Temperature
 from trustmatch.methods import Selector, build_method
 from trustmatch.methods.calibratemix import NAME as CALIBRATEMIX
 from trustmatch.methods.calibratemix import CalibrateMix
@@ -64,8 +65,9 @@ class Task(ABC):
     diagram_unit: ClassVar[str] = ""
     #: (metric, label) panels of the run's curves over its evaluations
     curves: ClassVar[tuple[tuple[str, str], ...]]
-    #: whether ``validate`` fits a post-hoc temperature (metrics.json explains a missing one only then)
-    fits_temperature: ClassVar[bool] = True
+    #: whether ``validate`` fits a post-hoc temperature (metrics.json explains a missing one only then);
+    #: a task may decide per run (segmentation: ``eval.pixel_temperature=off``)
+    fits_temperature: bool = True
 
     def __init__(self, cfg: Config, precision: Precision) -> None:
         self.cfg, self.precision, self.device = cfg, precision, precision.device
@@ -102,11 +104,11 @@ class Task(ABC):
         """Forward and losses of one step (under the trainer's autocast; no backward here)."""
 
     @abstractmethod
-    def evaluate(self, model: nn.Module, split: str, temperature: float | None = None) -> Evaluation:
+    def evaluate(self, model: nn.Module, split: str, temperature: Temperature | None = None) -> Evaluation:
         """Streaming, sharded evaluation of ``split`` ("val" or "test"), reduced over processes;
-        with a ``temperature``, the temperature-scaled metrics too, from the same pass."""
+        with a ``temperature`` (one T, or T_c per class), the temperature-scaled metrics too, from the same pass."""
 
-    def validate(self, model: nn.Module) -> tuple[dict[str, float], float | None]:
+    def validate(self, model: nn.Module) -> tuple[dict[str, float], Temperature | None]:
         """Validation metrics and, from the same pass, the post-hoc temperature fitted on them (never
         on test; None where the task fits none)."""
         return self.evaluate(model, "val").metrics, None
