@@ -64,9 +64,10 @@ def _bin_sums(confidences: Tensor, correct: Tensor, n_bins: int, weight: Tensor 
 
     Takes float64 inputs on one device. Sums, unlike bin means, add up over batches and processes.
     ``weight`` (0 or 1 per element) leaves elements out without boolean indexing, whose output size
-    would make the device wait on the host (ignored pixels in segmentation). One masked sum per bin,
-    not ``index_add_``: CUDA's atomic adds sum confidences in a varying order, and a resumed run's
-    ECE then differs from the uninterrupted run's in the last bit.
+    would make the device wait on the host (ignored pixels in segmentation). ``index_put_`` with
+    ``accumulate``, not ``index_add_``: on CUDA it sorts by bin and adds in index order, where
+    ``index_add_``'s atomic adds sum confidences in a varying order (a resumed run's ECE then differed
+    from the uninterrupted run's in the last bit).
     """
     # Inner edges b/n, b = 1..n-1; right=True puts a value equal to an edge in the
     # upper bin, and 1.0 (above every inner edge) in the last bin.
@@ -76,7 +77,7 @@ def _bin_sums(confidences: Tensor, correct: Tensor, n_bins: int, weight: Tensor 
         values = torch.stack([torch.ones_like(confidences), confidences, correct])
     else:
         values = torch.stack([weight, confidences * weight, correct * weight])
-    return torch.stack([torch.where(index == b, values, 0.0).sum(dim=1) for b in range(n_bins)], dim=1)
+    return values.new_zeros(n_bins, 3).index_put_((index,), values.T, accumulate=True).T
 
 
 def _checked_bin_sums(confidences: Tensor, correct: Tensor, n_bins: int) -> Tensor:
