@@ -116,7 +116,7 @@ def test_list_spaces(capsys: pytest.CaptureFixture[str]) -> None:
     [
         (["data.val_per_class=0", "--space", "ssl"], "no validation split to choose on (data.val_per_class=0"),
         (["--space", "method.lamda_u=0.25:4"], "did you mean 'method.lambda_u'?"),
-        (["--space", "method.tau=0.5:1.5"], "'method.tau' must be in (0, 1]"),
+        (["--space", "method.tau=0.5:1.5"], "'method.tau' must be in [0, 1]"),
         (["--space", "train.lr=0.3:0.1"], "empty range (low 0.3 >= high 0.1)"),
         (["--space", "train.lr=log:0:0.3"], "a log range needs LOW > 0"),
         (["--space", "ssl", "--storage", "sqlite:////nonexistent-dir/x/study.db"], "cannot reach --storage"),
