@@ -172,6 +172,9 @@ def test_old_dispersion_names_are_refused_with_the_new_one(old: str, new: str) -
     saved = load_config("digits-csl").to_dict()
     saved["method"]["csl_dispersion"] = old
     assert from_saved(saved).method.csl_dispersion == new
+    assert from_saved(saved).calibratemix.second_pass_stats  # present in the saved config: kept
+    del saved["calibratemix"]["second_pass_stats"]  # saved before the key existed: once a step, as it ran
+    assert not from_saved(saved).calibratemix.second_pass_stats
     with pytest.raises(UserError, match=f"did you mean '{new}'"):
         from_dict(saved)
 

@@ -82,6 +82,32 @@ def test_task_refuses_an_unshareable_batch_before_loading_data() -> None:
         TASKS.get(cfg.task)(cfg, precision)
 
 
+@pytest.mark.parametrize(
+    "config, processes, refused",
+    [("digitscenes-csl", 8, True), ("digitscenes-csl", 4, False), ("digitscenes-unimatch", 8, False)],
+)
+def test_csl_refuses_a_one_image_partner_per_process(config: str, processes: int, refused: bool) -> None:
+    """CSL predicts its CutMix partner in training mode: 8 + 8 over 8 processes leaves each one image, which a
+    BatchNorm on a 1x1 map (ASPP's pooling) cannot normalise; refused in one line. UniMatch's eval-mode
+    partner and CSL at 2 per process run."""
+    from trustmatch.config import load_config
+    from trustmatch.core.precision import Precision
+    from trustmatch.tasks import TASKS
+
+    cfg = load_config(config)
+    precision = Precision.resolve(torch.device("cpu"), False, False)
+    loaded = AssertionError("data loaded")
+    with (
+        mock.patch.object(dist, "world_size", return_value=processes),
+        mock.patch("trustmatch.tasks.semantic_segmentation.load_segmentation_data", side_effect=loaded),
+        pytest.raises(UserError if refused else AssertionError) as raised,
+    ):
+        TASKS.get(cfg.task)(cfg, precision)
+    if refused:
+        assert "gives each 1 labeled image(s), fewer than the 2 CSL needs" in str(raised.value)
+        assert "train.batch_size=16 or more" in str(raised.value)
+
+
 # ----------------------------------------------------------------------------- slow: 1 vs 2 processes
 
 SCRIPT = """

@@ -65,14 +65,16 @@ def test_schedules_and_scheduler_keep_head_scale() -> None:
 
 @pytest.mark.parametrize("name", ["auto", "cuda"])
 def test_more_torchrun_processes_than_gpus_is_one_line(monkeypatch: pytest.MonkeyPatch, name: str) -> None:
-    """Rank 1 of 2 on a node with one GPU: a refusal naming the count and the fix, not a CUDA ordinal error."""
+    """2 processes on a node with one GPU: every rank (rank 0 too, which would otherwise wait for the
+    other in the process group) refuses naming the count and the fix, not a CUDA ordinal error."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     monkeypatch.setenv("LOCAL_RANK", "0")
     assert resolve_device(name) == torch.device("cuda", 0)
-    monkeypatch.setenv("LOCAL_RANK", "1")
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
-    with pytest.raises(
-        UserError, match=r"started 2 processes on this node but only 1 CUDA device\(s\).*--nproc_per_node=1"
-    ):
-        resolve_device(name)
+    for rank in ("0", "1"):
+        monkeypatch.setenv("LOCAL_RANK", rank)
+        with pytest.raises(
+            UserError, match=r"started 2 processes on this node but only 1 CUDA device\(s\).*--nproc_per_node=1"
+        ):
+            resolve_device(name)

@@ -55,6 +55,7 @@ def test_spec_syntax() -> None:
     assert parse_spec("calibratemix.k", "int:log:1:64").log
     assert parse_spec("calibratemix.loss", "choice:bce,ce").choices == ("bce", "ce")
     assert parse_spec("method.tmp", ["true", "false"]).choices == (True, False)
+    assert parse_spec("calibratemix.mode", "choice:off,faithful").choices == ("off", "faithful")  # YAML 1.2
 
 
 @pytest.mark.parametrize(
@@ -224,7 +225,8 @@ def test_two_processes_share_one_study(tmp_path: Path) -> None:
     names = optuna.study.get_all_study_names(storage)
     assert len(names) == 1
     trials = optuna.load_study(study_name=names[0], storage=storage).get_trials()
-    assert sorted(t.number for t in trials) == [0, 1, 2, 3]
+    numbers = sorted(t.number for t in trials)  # two workers claiming the last place at once may add one
+    assert numbers in ([0, 1, 2, 3], [0, 1, 2, 3, 4])
     assert all(t.state == optuna.trial.TrialState.COMPLETE for t in trials)
-    ran = {p.name for w in ("a", "b") for p in (tmp_path / w).glob("trial-*")}
-    assert ran == {"trial-0", "trial-1", "trial-2", "trial-3"}
+    ran = [p.name for w in ("a", "b") for p in (tmp_path / w).glob("trial-*")]
+    assert sorted(ran) == [f"trial-{n}" for n in numbers]  # each trial run once, by one worker

@@ -226,11 +226,11 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise UserError(f"override {item!r} sets a key inside a value")
-        node[parts[-1]] = _override_value(value)
+        node[parts[-1]] = override_value(value)
     return nested
 
 
-def _override_value(text: str) -> Any:
+def override_value(text: str) -> Any:
     """A command-line value read as YAML (``0.9``, ``true``, ``null``, ``[1, 2]``); text that is not valid
     YAML (``@home``, ``[0.9``) stays a string, which the key's type then accepts or names in one line."""
     if not text.strip():
@@ -401,12 +401,16 @@ def from_dict(values: dict[str, Any]) -> Config:
 
 def from_saved(values: dict[str, Any]) -> Config:
     """A run's saved config (config.yaml, a checkpoint's), method values renamed since it was written
-    (``MethodConfig.renamed``) read under their new names, so that older runs still resume and evaluate."""
+    (``MethodConfig.renamed``) read under their new names, and keys added since then at the value that
+    reproduces the run (``calibratemix.second_pass_stats``: false), so that older runs resume as they ran."""
     section = values.get("method")
     if isinstance(section, dict) and section.get("name") in METHODS:
         renamed = METHODS.get(section["name"]).Config.renamed
         section = {k: renamed[k].get(v, v) if k in renamed and isinstance(v, str) else v for k, v in section.items()}
         values = {**values, "method": section}
+    mix = values.get("calibratemix")
+    if isinstance(mix, dict) and "second_pass_stats" not in mix:  # saved before the key: updated once a step
+        values = {**values, "calibratemix": {**mix, "second_pass_stats": False}}
     return from_dict(values)
 
 

@@ -106,7 +106,7 @@ class TrainConfig:
     evaluate_test: bool = opt(
         True,
         "evaluate the test split at each evaluation and at the end; false: validation only, the test split "
-        "is never read (`trustmatch tune`'s trials)",
+        "is never evaluated (`trustmatch tune`'s trials; a dataset held in memory may still load it)",
     )
     eval_batch_size: int = opt(512, "images per evaluation forward, per process (a memory knob, not a training knob)")
     log_every: int = opt(50, "steps between logged training averages")

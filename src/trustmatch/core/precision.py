@@ -48,14 +48,15 @@ def resolve_device(name: str) -> torch.device:
 
 
 def _local_gpu(name: str) -> torch.device:
-    """This process's GPU (LOCAL_RANK); more processes on a node than GPUs is refused, not a CUDA error."""
-    rank, count = dist.local_rank(), torch.cuda.device_count()
-    if rank >= count:
+    """This process's GPU (LOCAL_RANK). More processes on a node than GPUs is refused on every rank (one
+    line, before any process group waits for a rank that would die with a CUDA ordinal error)."""
+    processes, count = int(os.environ.get("LOCAL_WORLD_SIZE", dist.local_rank() + 1)), torch.cuda.device_count()
+    if max(processes, dist.local_rank() + 1) > count:
         raise UserError(
-            f"train.device={name}: torchrun started {os.environ.get('LOCAL_WORLD_SIZE', rank + 1)} processes on this "
-            f"node but only {count} CUDA device(s) are visible: use --nproc_per_node={count}, or train.device=cpu"
+            f"train.device={name}: torchrun started {processes} processes on this node but only {count} CUDA "
+            f"device(s) are visible: use --nproc_per_node={count}, or train.device=cpu"
         )
-    return torch.device("cuda", rank)
+    return torch.device("cuda", dist.local_rank())
 
 
 def native_bf16(device: torch.device) -> bool:

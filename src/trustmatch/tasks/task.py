@@ -176,13 +176,17 @@ class SSLTask(Task):
 
     def share_batch(self) -> None:
         """Before the data load: refuse a global batch the processes cannot share equally, or that would
-        leave a regularizer fewer images per process than it needs (CalibrateMix halves each share)."""
+        leave a regularizer fewer images per process than it needs (CalibrateMix halves each share), or CSL's
+        CutMix partner fewer than 2 unlabeled images (predicted in training mode, as CSL's release does; a
+        BatchNorm on a 1x1 map, as in ASPP's pooling branch, cannot normalise one image)."""
+        t = self.cfg.train
         if self.cfg.calibratemix.mode != "off":
-            dist.batch_share(
-                self.cfg.train.batch_size, CalibrateMix.min_share, "CalibrateMix needs (it halves each batch)"
-            )
+            dist.batch_share(t.batch_size, CalibrateMix.min_share, "CalibrateMix needs (it halves each batch)")
+        elif self.method.trusted_mask_view() is not None:  # CSL's partner: BatchNorm in training mode
+            need = -(-2 // t.uratio)
+            dist.batch_share(t.batch_size, need, f"CSL needs (x uratio {t.uratio}: its CutMix partner's BatchNorm)")
         else:
-            dist.batch_share(self.cfg.train.batch_size)
+            dist.batch_share(t.batch_size)
 
     def start(self, num_labeled: int, num_unlabeled: int, num_classes: int, unlabeled_streams: int = 1) -> None:
         """The streams (global batches: each process takes batch_size / world_size of them, and uratio

@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 from trustmatch.config import load_config
+from trustmatch.config.loading import override_value
 from trustmatch.core.errors import UserError
 
 SPACES_DIR = Path(__file__).parent / "spaces"
@@ -81,7 +82,7 @@ def parse_spec(key: str, spec: Any) -> Param:
         items = [item.strip() for item in rest[len("choice:") :].split(",") if item.strip()]
         if len(items) < 2:
             raise UserError(f"{where}: a choice needs two values or more (one value: set it as key=value instead)")
-        values = tuple(yaml.safe_load(item) for item in items)
+        values = tuple(override_value(item) for item in items)  # as key=value reads it: 'off' stays a word
         if any(isinstance(v, (dict, list)) for v in values):
             raise UserError(f"{where}: choices are plain values (numbers, words, true/false)")
         return Param(key, "choice", choices=values)

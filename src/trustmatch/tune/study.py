@@ -3,8 +3,9 @@
 Each trial is ``<tune dir>/trial-<n>/``, a ``trustmatch train`` run with the trial's overrides and
 ``train.evaluate_test=false``, so no trial reads the test split; its value is the validation objective
 of its validation-chosen best checkpoint, and every evaluation reports to the median pruner (a pruned
-trial's directory is kept, with ``pruned.json``). TPE is seeded with ``--seed`` plus the trial's
-number, so a resumed study samples as an uninterrupted one and concurrent workers differ. A study
+trial's directory is kept, with ``pruned.json``). TPE is seeded from (``--seed``, the trial's
+number), so concurrent workers differ and a resumed study samples as an uninterrupted one (unless a trial
+was stopped: its number stays taken). A study
 holds N trials once N are complete, pruned or diverged (trials killed with their process are failed
 after a heartbeat grace period and run again).
 """
@@ -19,10 +20,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from trustmatch.config import Config, load_config
+from trustmatch.core import distributed as dist
 from trustmatch.core.errors import UserError
 from trustmatch.core.fileio import atomic_write_text
 from trustmatch.run.nonfinite import NonFiniteLoss
@@ -94,6 +97,11 @@ def prepare(req: TuneRequest) -> tuple[Config, str, Path]:
         raise UserError(f"--objective {req.objective!r} is not one of {', '.join(OBJECTIVES)}")
     if req.trials < 1:
         raise UserError(f"--trials must be at least 1, got {req.trials}")
+    if dist.world_size() > 1:  # every rank would sample its own trial into one process group
+        raise UserError(
+            "trustmatch tune runs one trial per process: start it without torchrun (several "
+            "machines or processes share a study through --storage)"
+        )
     cfg = load_config(req.config, req.overrides)
     if "train.evaluate_test" in {o.split("=", 1)[0].strip() for o in req.overrides} | set(req.space.params):
         raise UserError("tune sets train.evaluate_test=false in every trial (never the test split): drop the key")
@@ -150,7 +158,9 @@ def run_trials(study: optuna.Study, req: TuneRequest, cfg: Config, out: Path) ->
         if counted(study) >= req.trials:
             return
         number = len(study.get_trials(deepcopy=False))  # the next trial's number, but for a race
-        study.sampler = optuna.samplers.TPESampler(seed=req.seed + number)
+        # (seed, number) through a SeedSequence: --seed 1 is not --seed 0 shifted by one trial
+        trial_seed = int(np.random.SeedSequence([req.seed, number]).generate_state(1)[0])
+        study.sampler = optuna.samplers.TPESampler(seed=trial_seed)
         study.optimize(
             lambda trial: _trial(trial, req, cfg, out),
             n_trials=1,
@@ -169,7 +179,7 @@ def _trial(trial: optuna.Trial, req: TuneRequest, cfg: Config, out: Path) -> flo
 
     def report(step: int, val: dict[str, Any]) -> None:
         trial.report(objective_value(cfg.task, req.objective, val), step)
-        if trial.should_prune():
+        if step < trainer.cfg.train.steps and trial.should_prune():  # a finished trial is never thrown away
             raise optuna.TrialPruned(f"pruned at step {step}")
 
     trainer.evaluation_hooks.append(report)
