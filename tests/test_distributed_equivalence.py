@@ -17,6 +17,7 @@ from unittest import mock
 import pytest
 import torch
 
+from test_train import TORCHRUN, TORCHRUN_TRAIN
 from trustmatch.core import distributed as dist
 from trustmatch.core.errors import UserError
 from trustmatch.data.sampler import IndexStream
@@ -220,7 +221,7 @@ def launch(tmp: Path, processes: int, task: str, overrides: list[str], modes: st
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     runner = [sys.executable]
     if processes > 1:
-        runner += ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
+        runner = TORCHRUN[:-1] + [str(processes)]
     config, base = CONFIGS[task]
     cmd = [*runner, str(script), str(tmp), modes, config, *base, *overrides]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
@@ -388,17 +389,7 @@ def test_torchrun_refuses_an_unshareable_batch_before_any_file(tmp_path: Path) -
     """train.batch_size=7 over 2 processes: one line naming the value, the count and the fix; no run directory."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     run = tmp_path / "run"
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-        "-m",
-        "trustmatch",
-        "train",
-    ]
+    cmd = TORCHRUN_TRAIN
     done = subprocess.run(
         [*cmd, "digits-fixmatch", "--out", str(run), "--quiet", "train.batch_size=7"],
         env=env,

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from test_train import TINY, assert_same_state
+from test_train import TINY, TORCHRUN_TRAIN, assert_same_state
 from trustmatch.cli import main
 from trustmatch.config import load_config
 from trustmatch.core.errors import UserError
@@ -66,17 +66,7 @@ def test_sigterm_to_torchrun_saves_and_resumes_bit_exactly(tmp_path: Path) -> No
     """torchrun forwards SIGTERM to its 2 gloo workers; they agree on the step, save it, and a resume
     under torchrun equals the uninterrupted 2-process run."""
     steps = ["train.steps=200", *LONG[1:]]
-    torchrun = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-        "-m",
-        "trustmatch",
-        "train",
-    ]
+    torchrun = TORCHRUN_TRAIN
     run, straight = tmp_path / "signalled", tmp_path / "straight"
     proc = subprocess.Popen(
         [*torchrun, "digits-softmatch", "--out", str(run), *steps],
@@ -383,17 +373,7 @@ def test_a_main_process_error_under_torchrun_is_one_line_from_every_process(tmp_
     """The run-directory check runs on rank 0 and is shared: both processes exit 2, one line printed."""
     run = tmp_path / "run"
     Trainer(load_config("digits-fixmatch", TINY), run, progress=False).fit(stop_at=3)
-    torchrun = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-        "-m",
-        "trustmatch",
-        "train",
-    ]
+    torchrun = TORCHRUN_TRAIN
     done = subprocess.run(
         [*torchrun, "digits-fixmatch", "--out", str(run), "--quiet", *TINY],
         env=ENV,

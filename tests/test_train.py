@@ -1,6 +1,7 @@
 """Training runs end to end on the embedded digits: run directory, resume, evaluate, predict, bad input."""
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +37,9 @@ def assert_same_state(a: object, b: object, path: str = "") -> None:
         assert a == b, f"{path}: {a!r} != {b!r}"
 
 
+#: two torchrun processes on this machine (--standalone: a free port, so parallel tests never collide)
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+TORCHRUN_TRAIN = [*TORCHRUN, "-m", "trustmatch", "train"]
 TINY = ["train.steps=6", "train.eval_every=3", "train.log_every=2", "train.batch_size=8", "train.uratio=2"]
 METRIC_KEYS = {"accuracy", "ece_15", "ece_10", "mce_15", "nll", "brier"}
 
@@ -235,19 +239,10 @@ def test_torchrun_two_cpu_processes(tmp_path: Path) -> None:
     the global batch train.batch_size shared between them."""
     import os
     import subprocess
-    import sys
 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-        "-m",
-        "trustmatch",
-        "train",
+        *TORCHRUN_TRAIN,
         "digits-flexmatch",
         "--out",
         str(tmp_path / "run"),
@@ -319,18 +314,12 @@ def check_torchrun_resume(tmp_path: Path, config: str, overrides: list[str]) -> 
     """2 gloo processes: both agree, and stop-at-4-then-resume equals the uninterrupted run exactly."""
     import os
     import subprocess
-    import sys
 
     script = tmp_path / "ddp_resume.py"
     script.write_text(DDP_RESUME_SCRIPT)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
+        *TORCHRUN,
         str(script),
         str(tmp_path),
         config,
