@@ -1,8 +1,13 @@
-"""A straightforward CSL reference: one image at a time, the valid pixels gathered by boolean
-indexing, the boundary from a full SVD of the N x 2 feature matrix, the clusters' statistics from
-``Tensor.mean`` / ``Tensor.var``. Written from the spec (``csl.md``) independently of
-``trustmatch.methods.csl_selection.csl_select``, which the tests compare with it and ``benchmarks/csl_time.py``
-times against it (the release loops over images the same way)."""
+"""A straightforward CSL reference: one image at a time, as the release's loop runs it. The valid
+pixels are gathered by boolean indexing; the boundary is the SVD of the 2 x N matrix X^T in the input's
+dtype, and each pixel goes to the larger |right singular vector| entry (argmax, ties to the first),
+with no tolerance: a single pixel has one singular vector and so lands in cluster 0, and every other
+image is split, however small s2 is. The clusters' statistics come from ``Tensor.mean`` /
+``Tensor.var``, with the release's special cases (empty: mean 0, variance 0; one member: variance 0;
+no valid pixel: mean (1, 0), variance (1, 1)); the reliable cluster is the argmax of the score (ties
+to the first). Written from the spec (``csl.md``) and the release's arithmetic, independently of
+``trustmatch.methods.csl_selection.csl_select``, which the tests compare with it and
+``benchmarks/csl_time.py`` times against it."""
 
 from __future__ import annotations
 
@@ -30,7 +35,6 @@ def reference_csl(
     scaled: bool = False,
     reliable_rule: str = "confidence",
     eps: float = 1e-8,
-    rank_tol: float = 1e-12,
 ) -> ReferenceCSL:
     k = probs.shape[1]
     labels = probs.argmax(dim=1)
@@ -60,11 +64,8 @@ def reference_csl(
             pick = 0
         else:
             feats = torch.stack([c, v], dim=1)
-            u, s, _ = torch.linalg.svd(feats, full_matrices=False)  # |x . v_j| / s_j = |u_j|
-            if len(s) < 2 or s[1] <= rank_tol**0.5 * s[0]:  # one line (one pixel, or equal pixels)
-                assign = torch.zeros(len(x), dtype=torch.long, device=probs.device)
-            else:
-                assign = (u[:, 0].abs() < u[:, 1].abs()).long()
+            _, _, vt = torch.linalg.svd(feats.T, full_matrices=False)  # rows of vt: x . u_j / s_j
+            assign = vt.T.abs().argmax(dim=1)  # one pixel: one column, cluster 0
             mean = torch.zeros(2, 2, dtype=probs.dtype, device=probs.device)
             var = torch.zeros(2, 2, dtype=probs.dtype, device=probs.device)
             for j in range(2):
@@ -74,7 +75,7 @@ def reference_csl(
                 if len(members) > 1:
                     var[j] = members.var(dim=0)
             score = mean[:, 0] if reliable_rule == "confidence" else mean[:, 0] - 0.25 * mean[:, 1]
-            pick = int(score[1] > score[0])
+            pick = int(score.argmax())
             conf_z = (c - mean[pick, 0]) / torch.sqrt(var[pick, 0] + eps)
             res_z = (mean[pick, 1] - v) / torch.sqrt(var[pick, 1] + eps)
             w = torch.exp(-(conf_z**2) / alpha) * torch.exp(-(res_z**2) / alpha)

@@ -13,7 +13,7 @@ from PIL import Image
 
 from trustmatch.methods import csl_select, fixed_threshold
 from trustmatch.methods.csl_recorder import SelectionRecorder, snapshot_steps
-from trustmatch.methods.csl_selection import RANK_TOL, CSLSelection
+from trustmatch.methods.csl_selection import CSLSelection
 from trustmatch.reporting.plots import (
     SelectionSnapshot,
     _clip_line,
@@ -164,7 +164,6 @@ def _snapshot(n: int = 4, **changes) -> SelectionSnapshot:
         mean=np.array([[0.9, 0.001], [0.6, 0.01]]),
         reliable_cluster=0,
         label="test",
-        rank_tol=RANK_TOL,
     )
     return SelectionSnapshot(**{**fields, **changes})
 

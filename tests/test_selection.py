@@ -103,8 +103,21 @@ def test_freematch_fairness_gradient_flows_only_through_strong_view() -> None:
 def test_align_to_uniform() -> None:
     probs = torch.tensor([[0.5, 0.5]])
     aligned = align_to_uniform(probs, torch.tensor([0.8, 0.2]))
-    # p * (1/K) / p~ = [0.5/0.8, 0.5/0.2] / 2 -> normalised [0.2, 0.8]
-    assert aligned.tolist()[0] == pytest.approx([0.2, 0.8])
+    # p (1/K + 1e-6) / (p~ + 1e-6) normalised: [0.5/0.800001, 0.5/0.200001] / sum -> [0.2000006, 0.7999994]
+    first = (1 / 0.800001) / (1 / 0.800001 + 1 / 0.200001)
+    assert aligned.tolist()[0] == pytest.approx([first, 1 - first], rel=1e-6)
+
+
+def test_align_to_uniform_adds_usbs_epsilon_where_a_class_mean_is_small() -> None:
+    """USB: p (1/K + 1e-6) / (p~ + 1e-6). By hand, p = (0.5, 0.5), p~ = (1 - 2e-6, 2e-6): the aligned
+    ratio is (1 - 1e-6) / 3e-6, so the first class gets 3e-6 / (1 + 2e-6) where without the epsilon it
+    would get 2e-6; the same per pixel ([B, K, H, W])."""
+    probs = torch.tensor([[0.5, 0.5]], dtype=torch.float64)
+    mean = torch.tensor([1 - 2e-6, 2e-6], dtype=torch.float64)
+    first = 3e-6 / (1 + 2e-6)
+    assert align_to_uniform(probs, mean)[0].tolist() == pytest.approx([first, 1 - first], rel=1e-12)
+    pixels = probs.view(1, 2, 1, 1).expand(2, 2, 3, 3)
+    torch.testing.assert_close(align_to_uniform(pixels, mean)[:, 0], torch.full((2, 3, 3), first, dtype=torch.float64))
 
 
 def test_softmatch_weights_truncated_gaussian() -> None:
@@ -118,12 +131,12 @@ def test_softmatch_selector_ema_and_label_source() -> None:
     probs = torch.tensor([[0.6, 0.4], [0.45, 0.55]])
     raw = SoftMatchSelector(2, momentum=0.0, n_sigma=2.0, dist_align=True, label_from="raw")
     out = raw.select(probs)
-    # momentum 0: p~ = batch mean = [0.525, 0.475]; aligned = normalise(p / p~)
-    aligned = probs / torch.tensor([0.525, 0.475])
+    # momentum 0: p~ = batch mean = [0.525, 0.475]; aligned = normalise(p / (p~ + 1e-6)), in float64
+    aligned = probs.double() / (torch.tensor([0.525, 0.475], dtype=torch.float64) + 1e-6)
     aligned = aligned / aligned.sum(1, keepdim=True)
     conf = aligned.max(1).values
     assert raw.mu.item() == pytest.approx(conf.mean().item())
-    assert raw.var.item() == pytest.approx(conf.var(unbiased=True).item(), rel=1e-5)
+    assert raw.var.item() == pytest.approx(conf.var(unbiased=True).item(), rel=1e-4)  # 6.4e-7: float32 rounding
     assert out.labels.tolist() == probs.argmax(1).tolist()
     aligned_labels = SoftMatchSelector(2, 0.0, 2.0, True, "aligned").select(probs).labels
     assert aligned_labels.tolist() == aligned.argmax(1).tolist()

@@ -135,7 +135,7 @@ def csl_step(
         "loss_fp": loss_fp.detach(),
         "reliable": (weak.reliable.sum() / batch.valid_u.sum().clamp_min(1)),
         "hidden": hidden,
-        **selection_logs(weak, batch.valid_u, batch.truth_u),
+        **selection_logs(weak, batch.valid_u, batch.truth_u, logits_fp),
     }
     logits = {"lb": logits_lb, "weak": logits_w, "strong": logits_s, "tmp": logits_m, "fp": logits_fp}
     return StepOutput(loss, logs, logits, {}, weak, step, total_steps)

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from trustmatch.core.labels import IGNORE  # a true label that is unknown (as are negative ones)
-from trustmatch.methods.csl_selection import RANK_TOL, CSLSelection
+from trustmatch.methods.csl_selection import CSLSelection
 from trustmatch.methods.selector import Selection
 from trustmatch.reporting.plots import SelectionSnapshot, csl_selection_scatter
 
@@ -102,7 +102,6 @@ class SelectionRecorder:
                 mean=b.mean[0].detach().double().cpu().numpy(),
                 reliable_cluster=int(b.reliable[0]),
                 label=f"step {step + 1} of {total_steps}, " + ("image 0" if segmentation else "batch"),
-                rank_tol=RANK_TOL,
             )
         )
         self.snapshots.sort(key=lambda s: s.step)
@@ -134,7 +133,6 @@ class SelectionRecorder:
                 step=int(entry["step"]),
                 reliable_cluster=int(entry["reliable_cluster"]),
                 label=str(entry["label"]),
-                rank_tol=RANK_TOL,
             )
             for entry in state["snapshots"]
         ]

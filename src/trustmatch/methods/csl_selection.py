@@ -19,7 +19,6 @@ from trustmatch.methods.selector import Selection
 DISPERSIONS = ("csl", "simple_covar")
 RENAMED_DISPERSIONS = {"release": "csl", "nonmax": "simple_covar"}  # names before: a saved run's migrated
 RELIABLE_RULES = ("confidence", "covar")  # method.csl_reliable
-RANK_TOL = 1e-12  # l2 / l1 below this: a group's points lie on one line (a single pixel, equal pixels)
 CACHE_BLOCK = 2**21  # bytes of probabilities per block on the CPU: a few temporaries of it stay in L2
 
 
@@ -29,7 +28,8 @@ class CSLBoundary:
 
     ``directions[g]`` holds u1, u2 (rows), the eigenvectors of ``X^T X`` (the right singular vectors
     of the group's uncentred X, whose rows are the valid pixels' (c, v)) and ``singular[g]`` s1 >= s2:
-    a pixel x is in cluster 0 iff ``|x.u1| / s1 >= |x.u2| / s2`` — two lines through the origin.
+    a pixel x is in cluster 0 iff ``|x.u1| / s1 >= |x.u2| / s2`` — two lines through the origin. A group
+    that is not split (``s2 == 0``: one valid pixel, identical pixels, or none) has all of them in cluster 0.
     ``mean`` / ``var`` are [G, cluster, (c, v)]; ``reliable`` is the index of the trusted cluster.
     Everything but the indices and counts is float64 (float32 on MPS): a few numbers per group.
     """
@@ -126,16 +126,20 @@ def _eigen_2x2(a: Tensor, b: Tensor, d: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def csl_boundary(
-    conf: Tensor, disp: Tensor, valid: Tensor, reliable_rule: str = "confidence", rank_tol: float = RANK_TOL
+    conf: Tensor, disp: Tensor, valid: Tensor, reliable_rule: str = "confidence"
 ) -> tuple[Tensor, CSLBoundary]:
     """Split each group's valid (c, v) points [G, P] into two clusters and describe them.
 
-    Returns the cluster of every point ([G, P] int64, 0 or 1) and the boundary. Conventions where
-    the release is undefined: a group whose points span one line (l2 <= rank_tol * l1, e.g. a single
-    valid pixel) puts all of them in cluster 0; a cluster with one member has variance 0 and an
-    empty one mean 0 and variance 0 (as released); a group with no valid point gets mean (1, 0) and
-    variance (1, 1) for both clusters. The points are taken in float64 (float32 on MPS, which has
-    none), with two-pass variances; every reduction over pixels is one batched matmul.
+    Returns the cluster of every point ([G, P] int64, 0 or 1) and the boundary. As the release (an SVD of
+    X^T, each pixel to the larger of |x.u_j| / s_j, ties to cluster 0), every group with s2 > 0 is split,
+    however small s2 / s1: an image whose every pixel is confident has v tiny beside c, so l2 / l1 reaches
+    1e-19 there, and the release still splits it. Only where its arithmetic offers no second direction
+    (a single valid pixel, identical pixels, l2 = 0) are all points in cluster 0, s2 set to 0; any split
+    of identical points gives the release's weights (both clusters' mean is the point, variance 0). A
+    cluster with one member has variance 0 and an empty one mean 0 and variance 0 (as released); a group
+    with no valid point gets mean (1, 0) and variance (1, 1) for both clusters. The points are taken in
+    float64 (float32 on MPS, which has none), with two-pass variances; every reduction over pixels is one
+    batched matmul, and no value reaches the host.
     """
     if reliable_rule not in RELIABLE_RULES:
         raise ValueError(f"reliable_rule must be one of {RELIABLE_RULES}, got {reliable_rule!r}")
@@ -143,10 +147,14 @@ def csl_boundary(
     x = torch.where(valid.unsqueeze(-1), torch.stack([conf, disp], dim=-1).to(dtype), 0.0)  # [G, P, 2]; NaN out
     gram = x.transpose(1, 2) @ x
     directions, eig = _eigen_2x2(gram[:, 0, 0], gram[:, 0, 1], gram[:, 1, 1])
-    singular = eig.sqrt()
+    split = eig[:, 1] > 0
+    if x.shape[1]:  # and two distinct points at least (a shape, not a value: no branch on the data)
+        lowest = torch.where(valid.unsqueeze(-1), x, torch.inf).amin(dim=1)
+        highest = torch.where(valid.unsqueeze(-1), x, -torch.inf).amax(dim=1)
+        split &= (lowest < highest).any(dim=-1)
+    singular = torch.stack([eig[:, 0].sqrt(), torch.where(split, eig[:, 1].sqrt(), 0.0)], dim=-1)
     proj = (x @ directions.transpose(1, 2)).abs_()  # |x.u1|, |x.u2|
-    flat = (eig[:, 1] <= rank_tol * eig[:, 0]).unsqueeze(1)
-    second = ~flat & (proj[..., 0] * singular[:, 1:] < proj[..., 1] * singular[:, :1]) & valid
+    second = split.unsqueeze(1) & (proj[..., 0] * singular[:, 1:] < proj[..., 1] * singular[:, :1]) & valid
     member = torch.stack([valid & ~second, second], dim=1).to(dtype)  # [G, 2, P]
     counts = member.sum(dim=-1)
     mean = (member @ x) / counts.clamp_min(1.0).unsqueeze(-1)  # [G, 2 clusters, (c, v)]

@@ -29,10 +29,16 @@ class SoftMatchConfig(StatisticsConfig):
         ]
 
 
+ALIGN_EPS = 1e-6  # USB's distribution-alignment hook adds it to target and class mean alike
+
+
 def align_to_uniform(probs: Tensor, mean_probs: Tensor) -> Tensor:
-    """SoftMatch's uniform alignment: p <- normalise(p * (1/K) / p~), class dim 1."""
+    """SoftMatch's uniform alignment as USB computes it: p <- normalise(p (1/K + eps) / (p~ + eps)), class
+    dim 1. The eps matters where a class mean p~ is small and the confidences vary little: without it
+    the loss moved by 1e-5 and the gradients by 5e-5 against USB's step."""
     shape = [1, -1] + [1] * (probs.ndim - 2)
-    aligned = probs / mean_probs.view(shape)
+    target = 1.0 / probs.shape[1] + ALIGN_EPS
+    aligned = probs * target / (mean_probs.view(shape) + ALIGN_EPS)
     return aligned / aligned.sum(dim=1, keepdim=True)
 
 

@@ -146,16 +146,36 @@ def weak_forward(model: nn.Module, batch: SegBatch) -> tuple[Tensor, Tensor, Ten
     return logits_lb, logits_w, perturbed[n_lb:]
 
 
-def selection_logs(selection: Selection, valid: Tensor, truth: Tensor | None) -> dict[str, Tensor]:
-    """The share of valid pixels' weight used, and, where true masks are known, pseudo-label accuracy
-    over all valid pixels and weighted by the selection (masks, not indexing: no host sync)."""
+def selection_logs(
+    selection: Selection, valid: Tensor, truth: Tensor | None, logits: Tensor | None = None
+) -> dict[str, Tensor]:
+    """The share of valid pixels' weight used, and, where true masks are known, what the selection is
+    worth: pseudo-label accuracy over all valid pixels and weighted by the selection; the same and the
+    mean weight (``weight_*``) and share of weight exactly 1 (``trusted_*``) on the true background
+    (class 0) and on the true foreground apart; the share of predicted foreground against the true one;
+    and with ``logits`` (a branch trained on this selection), the share of its weighted loss that wrong
+    pseudo-labels carry. Masks, not indexing: no host sync."""
     logs = {"mask": selection.weights.sum() / valid.sum().clamp_min(1)}
-    if truth is not None:
-        known = (valid & (truth != IGNORE)).float()
-        correct = (selection.labels == truth).float() * known
-        logs["pl_acc"] = correct.sum() / known.sum().clamp_min(1.0)
-        used = selection.weights * known
-        logs["pl_acc_selected"] = (correct * used).sum() / used.sum().clamp_min(1e-12)
+    if truth is None:
+        return logs
+    known = valid & (truth != IGNORE)
+    correct = (selection.labels == truth).float() * known
+    logs["pl_acc"] = correct.sum() / known.sum().clamp_min(1.0)
+    used = selection.weights * known
+    logs["pl_acc_selected"] = (correct * used).sum() / used.sum().clamp_min(1e-12)
+    trusted = (selection.weights == 1).float()
+    for part, members in (("bg", known & (truth == 0)), ("fg", known & (truth > 0))):
+        share = members.float()
+        count = share.sum().clamp_min(1.0)
+        logs[f"pl_acc_{part}"] = (correct * share).sum() / count
+        logs[f"weight_{part}"] = (selection.weights * share).sum() / count
+        logs[f"trusted_{part}"] = (trusted * share).sum() / count
+    logs["fg_pseudo"] = ((selection.labels > 0) & known).sum() / known.sum().clamp_min(1)
+    logs["fg_true"] = (known & (truth > 0)).sum() / known.sum().clamp_min(1)
+    if logits is not None:
+        with torch.no_grad():
+            ce = F.cross_entropy(logits.detach().float(), selection.labels, reduction="none") * used
+            logs["wrong_loss_share"] = (ce * (1 - correct)).sum() / ce.sum().clamp_min(1e-12)
     return logs
 
 
@@ -191,7 +211,7 @@ def unimatch_step(
         "loss_sup": loss_sup.detach(),
         "loss_unsup": ((loss_s1 + loss_s2) / 2).detach(),
         "loss_fp": loss_fp.detach(),
-        **selection_logs(weak, batch.valid_u, batch.truth_u),
+        **selection_logs(weak, batch.valid_u, batch.truth_u, logits_fp),
     }
     aux = selector.auxiliary_loss(logits_s1, sel1)
     if aux is not None:

@@ -317,7 +317,6 @@ class SelectionSnapshot:
     mean: np.ndarray  # [2, 2]
     reliable_cluster: int
     label: str
-    rank_tol: float  # the selection's: a group with s2^2 <= rank_tol s1^2 is one cluster (no split lines)
 
 
 def _check_snapshot(snapshot: SelectionSnapshot) -> None:
@@ -388,11 +387,11 @@ def _clip_line(direction: np.ndarray, xlim: tuple[float, float], ylim: tuple[flo
 
 
 def _split_lines(snapshot: SelectionSnapshot) -> list[np.ndarray]:
-    """Directions of the two lines |x.u1| / s1 = |x.u2| / s2 (normals u1/s1 -+ u2/s2); none when the group's
-    points span one line (s2 ~ 0: CSL then puts every point in cluster 0) or the boundary is not finite."""
+    """Directions of the two lines |x.u1| / s1 = |x.u2| / s2 (normals u1/s1 -+ u2/s2); none when the group
+    was not split (s2 = 0: one pixel or identical pixels, all in cluster 0) or the boundary is not finite."""
     u = np.asarray(snapshot.directions, dtype=np.float64)
     s1, s2 = (float(s) for s in snapshot.singular)
-    if not (np.isfinite(u).all() and np.isfinite([s1, s2]).all()) or s1 <= 0 or s2**2 <= snapshot.rank_tol * s1**2:
+    if not (np.isfinite(u).all() and np.isfinite([s1, s2]).all()) or s1 <= 0 or s2 <= 0:
         return []
     normals = (u[0] / s1 - u[1] / s2, u[0] / s1 + u[1] / s2)
     return [np.array([-n[1], n[0]]) for n in normals if np.hypot(*n) > 0]

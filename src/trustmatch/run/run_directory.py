@@ -19,7 +19,10 @@ from trustmatch.core.errors import UserError
 from trustmatch.core.fileio import atomic_write_text
 
 # what a run writes into its directory: a failed start removes these, never anything else
-RUN_FILES = ("config.yaml", "metrics.json", "last.pt", "best.pt", "tensorboard", "*.png", "*.csv", ".*.tmp")
+RUN_FILES = (
+    "config.yaml", "metrics.json", "train_log.jsonl", "last.pt", "best.pt", "tensorboard", "*.png", "*.csv", ".*.tmp"
+)  # fmt: skip
+TRAIN_LOG = "train_log.jsonl"  # one line per train.log_every: the averages TensorBoard gets, without it
 
 # what --resume may change: none of them changes the steps already taken
 RESUME_KEYS = ("train.steps", "train.eval_every", "train.log_every", "train.save_every", "train.nonfinite")
@@ -111,6 +114,19 @@ class RunDirectory:
         except ImportError:  # tensorboard is optional
             return
         self.writer = SummaryWriter(str(self.path / "tensorboard"))
+
+    def log_train(self, values: dict[str, float], step: int) -> None:
+        """Append the step's training averages to ``train_log.jsonl``: pseudo-label quantity and quality over
+        training stay readable where TensorBoard is not installed."""
+        with open(self.path / TRAIN_LOG, "a") as f:
+            f.write(json.dumps({"step": step, **values}) + "\n")
+
+    def trim_train_log(self, step: int) -> None:
+        """A resumed run drops the lines it logged after its ``last.pt``: it logs those steps again."""
+        path = self.path / TRAIN_LOG
+        if path.is_file():
+            lines = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+            atomic_write_text(path, "".join(line + "\n" for line in lines))
 
     def scalars(self, group: str, values: dict[str, Any], step: int) -> None:
         """``group/name`` TensorBoard scalars at ``step``, where a writer is open."""

@@ -148,6 +148,7 @@ class Trainer:
             self.record.load(state, self.step)
         if dist.is_main():
             self.directory.remove_stale_temp_files()
+            self.directory.trim_train_log(self.step)
 
     @classmethod
     def resume(cls, run_dir: Path, overrides: list[str] | None = None, progress: bool = True) -> Trainer:
@@ -275,6 +276,8 @@ class Trainer:
         logs["lr"] = self.optimizer.param_groups[0]["lr"]
         logs.update(self.task.train_stats())
         progress.log({k: v for k, v in logs.items() if k in SHOWN})
+        if dist.is_main():
+            self.directory.log_train(logs, self.step)
         self.directory.scalars("train", logs, self.step)
 
     # ------------------------------------------------------------------ evaluation
