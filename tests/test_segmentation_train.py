@@ -16,7 +16,15 @@ from test_train import assert_same_state, check_torchrun_resume
 from trustmatch.cli import main
 from trustmatch.config import load_config
 from trustmatch.methods import FixMatchSelector, Selection
-from trustmatch.methods.unimatch_step import SegBatch, labeled_loss, ohem_keep, paste, pixel_loss, unimatch_step
+from trustmatch.methods.unimatch_step import (
+    SegBatch,
+    labeled_loss,
+    ohem_keep,
+    paste,
+    pixel_loss,
+    selection_logs,
+    unimatch_step,
+)
 from trustmatch.models.output import Output
 from trustmatch.run.checkpoint import load_checkpoint
 from trustmatch.run.trainer import Trainer
@@ -232,6 +240,11 @@ def test_digitscenes_run_directory(tmp_path: Path, method: str) -> None:
     assert saved["best"]["val"]["miou"] >= 0 and "temperature_note" not in saved
     assert 0.01 <= saved["temperature"] <= 100 and set(saved["final_calibrated"]) == set(final)
     assert metrics["final"] == final and [h["step"] for h in saved["history"]] == [3, 6]
+    log = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
+    assert [entry["step"] for entry in log] == [2, 4, 6] and all(0 <= e["loss_sup"] for e in log)
+    if method != "supervised":  # digitscenes knows the unlabeled truth: the selection's worth, by part
+        diagnostics = {"pl_acc_bg", "pl_acc_fg", "weight_fg", "trusted_fg", "fg_pseudo", "wrong_loss_share"}
+        assert diagnostics <= set(log[0]) and all(0 <= log[-1][k] <= 1 for k in diagnostics)
 
 
 @pytest.mark.parametrize("config", ["digitscenes-unimatch", "digitscenes-csl"])
@@ -244,7 +257,11 @@ def test_digitscenes_resume_is_bit_exact(tmp_path: Path, config: str) -> None:
     straight = Trainer(load_config(config, overrides), tmp_path / "a", progress=False)
     straight.fit()
     Trainer(load_config(config, overrides), tmp_path / "b", progress=False).fit(stop_at=4)
+    with open(tmp_path / "b" / "train_log.jsonl", "a") as f:  # logged after last.pt by a run that then died
+        f.write(json.dumps({"step": 5, "loss_sup": -1.0}) + "\n")
     Trainer.resume(tmp_path / "b", progress=False).fit()
+    logs = [(tmp_path / r / "train_log.jsonl").read_text() for r in "ab"]
+    assert logs[0] == logs[1] and '"step": 5' not in logs[1]
     a, b = load_checkpoint(tmp_path / "a" / "last.pt"), load_checkpoint(tmp_path / "b" / "last.pt")
     assert {"selector", "lb_stream", "ulb_stream", "mix_stream"} <= set(a["parts"])
     assert ("csl_snapshots" in a["parts"]) == (config == "digitscenes-csl")
@@ -363,3 +380,30 @@ def test_split_file_naming_a_missing_file_exits_2(tmp_path: Path, capsys: pytest
     )
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.count("\n") == 0 and "labeled.txt" in err and "a.jpg" in err
+
+
+def test_selection_logs_by_hand() -> None:
+    """One 2 x 2 image, K = 3: pseudo-labels [[0, 1], [0, 2]], truth [[0, 1], [1, 255]], weights
+    [[1, 0.5], [0.2, 1]]. Known pixels: three; right: the first two. Uniform logits give every pixel the
+    same cross-entropy, so the wrong pixels' loss share is their weight share: 0.2 / 1.7."""
+    selection = Selection(torch.tensor([[[0, 1], [0, 2]]]), torch.tensor([[[1.0, 0.5], [0.2, 1.0]]]))
+    truth = torch.tensor([[[0, 1], [1, 255]]])
+    logs = selection_logs(selection, torch.ones(1, 2, 2, dtype=torch.bool), truth, torch.zeros(1, 3, 2, 2))
+    expected = {
+        "mask": 2.7 / 4,
+        "pl_acc": 2 / 3,
+        "pl_acc_selected": 1.5 / 1.7,
+        "pl_acc_bg": 1.0,
+        "weight_bg": 1.0,
+        "trusted_bg": 1.0,
+        "pl_acc_fg": 0.5,
+        "weight_fg": 0.35,
+        "trusted_fg": 0.0,
+        "fg_pseudo": 1 / 3,
+        "fg_true": 2 / 3,
+        "wrong_loss_share": 0.2 / 1.7,
+    }
+    assert set(logs) == set(expected)
+    for key, value in expected.items():
+        assert float(logs[key]) == pytest.approx(value, rel=1e-6), key
+    assert set(selection_logs(selection, torch.ones(1, 2, 2, dtype=torch.bool), None)) == {"mask"}
