@@ -16,7 +16,7 @@ from trustmatch.config import load_config
 from trustmatch.core.errors import UserError
 from trustmatch.tasks.image_classification import ClassificationTask
 from trustmatch.tasks.semantic_segmentation import SegmentationTask
-from trustmatch.tune import TuneRequest, load_space, parse_spec, shipped_spaces, tune
+from trustmatch.tune import TuneRequest, load_space, parse_spec, shipped_spaces, storage, tune
 from trustmatch.tune.space import Param, check_space
 
 TINY = ["train.steps=4", "train.eval_every=2", "train.log_every=2", "train.batch_size=8", "train.uratio=2"]
@@ -136,6 +136,94 @@ def test_bad_input_is_one_line_and_makes_nothing(
     assert code == 2 and err.count("\n") == 1 and err.startswith("trustmatch: error: "), err
     assert message in err
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("postgresql://tuner:hunter2@db.example/tune", "postgresql://tuner:***@db.example/tune"),
+        (
+            "mysql+pymysql://tuner:hunter2@db:3306/tune?charset=utf8",
+            "mysql+pymysql://tuner:***@db:3306/tune?charset=utf8",
+        ),
+        ("postgresql://tuner:hunter2@db:port/tune", "postgresql://tuner:***@db:port/tune"),  # unparsable port
+        ("postgresql://tuner:hun@ter2@db/tune", "postgresql://tuner:***@db/tune"),  # an unescaped '@'
+        ("postgresql://tuner@db/tune", "postgresql://tuner@db/tune"),
+        ("sqlite:////tmp/study.db", "sqlite:////tmp/study.db"),
+    ],
+)
+def test_storage_url_is_shown_without_its_password(url: str, shown: str) -> None:
+    assert storage.shown(url) == shown
+
+
+@pytest.mark.parametrize("via_env", [False, True])
+def test_unreachable_storage_hides_the_password(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], via_env: bool
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    url = "postgresql+nosuchdriver://tuner:hunter2@127.0.0.1:1/tune"
+    args = ["tune", "digits-fixmatch", "--space", "ssl", "--trials", "2", "--out", str(tmp_path / "t")]
+    if via_env:
+        monkeypatch.setenv(storage.ENV, url)
+    else:
+        args += ["--storage", url]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    source = "TRUSTMATCH_STORAGE" if via_env else "--storage"
+    assert err.count("\n") == 1 and f"cannot reach {source} '{url.replace('hunter2', '***')}'" in err
+    assert "hunter2" not in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_storage_password_is_hidden_in_everything_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A reachable server with a password, stood in for by SQLite: stdout, stderr and the files hide it."""
+    sqlite = f"sqlite:///{tmp_path / 'server.db'}"
+    opened: list[str] = []
+
+    def server(url: str, source: str = "--storage") -> optuna.storages.RDBStorage:
+        opened.append(url)
+        return storage.open_storage(sqlite, source)
+
+    monkeypatch.setattr("trustmatch.tune.study.open_storage", server)
+    monkeypatch.setattr("trustmatch.tune.command.run_trials", lambda *args: None)  # the study, not its trials
+    monkeypatch.setenv(storage.ENV, "postgresql://tuner:hunter2@db.example/tune")
+    out = tmp_path / "t"
+    assert main(["tune", "digits-supervised", "--space", "supervised", "--trials", "1", "--out", str(out)]) == 0
+    assert opened == ["postgresql://tuner:hunter2@db.example/tune"]  # the password reaches the driver only
+    printed = capsys.readouterr()
+    written = [(out / name).read_text() for name in ("report.md", "tune.json")]
+    for text in (printed.out, printed.err, *written):
+        assert "hunter2" not in text
+    assert "storage: postgresql://tuner:***@db.example/tune (from TRUSTMATCH_STORAGE)" in written[0]
+    assert "postgresql://tuner:***@db.example/tune" in printed.err
+
+
+def test_storage_from_the_environment_and_the_flag_wins(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    env_url, flag_url = (f"sqlite:///{tmp_path / name}" for name in ("env.db", "flag.db"))
+    monkeypatch.setenv(storage.ENV, env_url)
+    args = ["tune", "digits-supervised", *TINY, "--space", "supervised", "--trials", "1", "--quiet"]
+    assert main([*args, "--out", str(tmp_path / "a")]) == 0  # one trial, run: it lands in the variable's study
+    (name,) = optuna.study.get_all_study_names(env_url)
+    (trial,) = optuna.load_study(study_name=name, storage=env_url).get_trials()
+    assert trial.state == optuna.trial.TrialState.COMPLETE and not (tmp_path / "a" / "study.db").exists()
+
+    monkeypatch.setattr("trustmatch.tune.command.run_trials", lambda *args: None)
+    assert main([*args, "--out", str(tmp_path / "b"), "--storage", flag_url]) == 0
+    assert optuna.study.get_all_study_names(flag_url) == [name]  # --storage wins over the variable
+    assert len(optuna.load_study(study_name=name, storage=env_url).get_trials()) == 1  # untouched
+    assert "(from --storage)" in (tmp_path / "b" / "report.md").read_text()
+    assert "--storage wins" in " ".join(_help(capsys).split())
+
+
+def _help(capsys: pytest.CaptureFixture[str]) -> str:
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main(["tune", "--help"])
+    return capsys.readouterr().out
 
 
 def test_trainer_without_validation_cannot_hold_test_out(tmp_path: Path) -> None:

@@ -17,7 +17,7 @@ from trustmatch.core.errors import UserError
 from trustmatch.core.fileio import atomic_write_text
 from trustmatch.reporting.plots import optimisation_history
 from trustmatch.run.checkpoint_evaluation import evaluate_run
-from trustmatch.tune.study import DIVERGED, OBJECTIVES, TuneRequest
+from trustmatch.tune.study import DIVERGED, OBJECTIVES, TuneRequest, storage_text
 
 
 def _state(trial: FrozenTrial) -> str:
@@ -92,7 +92,8 @@ def write_report(study: optuna.Study, req: TuneRequest, out: Path) -> str:
     ]
     optimisation_history(complete, pruned, out / "history.png", req.objective)
 
-    lines = [f"# tune: {study.study_name}", "", f"objective (maximised): {req.objective}, {OBJECTIVES[req.objective]}"]
+    lines = [f"# tune: {study.study_name}", "", f"storage: {storage_text(req, out)}", ""]
+    lines.append(f"objective (maximised): {req.objective}, {OBJECTIVES[req.objective]}")
     lines += ["", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     scores, why = importance(study, req.seed)
