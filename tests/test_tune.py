@@ -17,7 +17,9 @@ from trustmatch.core.errors import UserError
 from trustmatch.tasks.image_classification import ClassificationTask
 from trustmatch.tasks.semantic_segmentation import SegmentationTask
 from trustmatch.tune import TuneRequest, load_space, parse_spec, shipped_spaces, storage, tune
+from trustmatch.tune.report import best_trial, write_report
 from trustmatch.tune.space import Param, check_space
+from trustmatch.tune.study import nll_value
 
 TINY = ["train.steps=4", "train.eval_every=2", "train.log_every=2", "train.batch_size=8", "train.uratio=2"]
 SMALL = [
@@ -210,6 +212,8 @@ def test_storage_from_the_environment_and_the_flag_wins(
     (name,) = optuna.study.get_all_study_names(env_url)
     (trial,) = optuna.load_study(study_name=name, storage=env_url).get_trials()
     assert trial.state == optuna.trial.TrialState.COMPLETE and not (tmp_path / "a" / "study.db").exists()
+    metrics = json.loads((tmp_path / "a" / "trial-0" / "metrics.json").read_text())
+    assert trial.user_attrs["val_nll"] == pytest.approx(metrics["best"]["val"]["nll"])
 
     monkeypatch.setattr("trustmatch.tune.command.run_trials", lambda *args: None)
     assert main([*args, "--out", str(tmp_path / "b"), "--storage", flag_url]) == 0
@@ -258,6 +262,10 @@ def test_classification_study_reads_test_once_after_and_resumes(
     assert float(best["value"]) == pytest.approx(best_val, abs=1e-4)
     assert "trustmatch train digits-fixmatch train.steps=4" in markdown and "method.tau=" in markdown
     assert "test (read once, after the study)" in markdown and '"split": "test"' in markdown
+    assert "ties broken by validation NLL" in markdown
+    for row in rows:  # the NLL that breaks ties: the best checkpoint's validation NLL, from the study
+        metrics = json.loads((out / row["run_dir"] / "metrics.json").read_text())
+        assert float(row["val_nll"]) == pytest.approx(metrics["best"]["val"]["nll"], abs=1e-4)
 
     splits.clear()
     tune(TuneRequest("digits-fixmatch", TINY, load_space(["fixmatch"]), 3, out=out))  # resumes: one more
@@ -279,8 +287,12 @@ def test_segmentation_study_end_to_end(
     assert code == 0
     assert splits.count("test") == 1 and splits[-1] == "test", splits
     printed = capsys.readouterr().out
-    assert "| number | state | value | train.lr | method.lambda_u_rampup |" in printed
+    assert "| number | state | value | val_nll | train.lr | method.lambda_u_rampup |" in printed
     assert "trustmatch train digitscenes-unimatch data.scenes=24" in printed and '"miou"' in printed
+    rows = list(csv.DictReader((out / "trials.csv").open()))
+    for row in rows:  # segmentation breaks ties by the pixel NLL
+        metrics = json.loads((out / row["run_dir"] / "metrics.json").read_text())
+        assert float(row["val_nll"]) == pytest.approx(metrics["best"]["val"]["pixel_nll"], abs=1e-4)
     assert (out / "history.png").is_file()
 
 
@@ -292,6 +304,51 @@ def test_pruned_trial_is_kept_and_marked(tmp_path: Path) -> None:
     mark = json.loads((out / "trial-0" / "pruned.json").read_text())
     assert mark["pruned_at_step"] == 2 and (out / "trial-0" / "last.pt").is_file()
     assert "| 0 | pruned | (" in markdown and "no complete trial yet" in markdown
+
+
+# ---------------------------------------------------------------------------------------------- report
+
+
+def _complete(lr: float, value: float, attrs: dict[str, object]) -> optuna.trial.FrozenTrial:
+    """A finished trial as the study stores it, without training a run."""
+    return optuna.trial.create_trial(
+        params={"train.lr": lr},
+        distributions={"train.lr": optuna.distributions.FloatDistribution(0.003, 0.3, log=True)},
+        value=value,
+        user_attrs={"overrides": [f"train.lr={lr}"], **attrs},
+    )
+
+
+def test_tie_goes_to_the_lower_validation_nll(tmp_path: Path) -> None:
+    """The issue's study: two trials tie at 0.98; the one at the edge of the lr range has the worse NLL."""
+    study = optuna.create_study(direction="maximize")
+    study.add_trial(_complete(0.29, 0.98, {"run_dir": "trial-0", "val_nll": 0.41}))
+    study.add_trial(_complete(0.01, 0.96, {"run_dir": "trial-1", "val_nll": 0.12}))
+    study.add_trial(_complete(0.03, 0.98, {"run_dir": "trial-2"}))  # older study: its NLL in metrics.json only
+    (tmp_path / "trial-2").mkdir()
+    (tmp_path / "trial-2" / "metrics.json").write_text(json.dumps({"best": {"val": {"accuracy": 0.98, "nll": 0.2}}}))
+    study.add_trial(_complete(0.05, 0.98, {"run_dir": "trial-3"}))  # another machine's run: its NLL unknown
+    request = TuneRequest("digits-fixmatch", [], load_space(["train.lr=log:0.003:0.3"]), 4, out=tmp_path)
+    markdown = write_report(study, request, tmp_path, "classification")
+    assert "ties broken by validation NLL" in markdown
+    best = markdown.split("## best trial", 1)[1]
+    assert best.startswith("\n\ntrial 2, validation objective 0.9800: 3 trials tied at it (trial 0 NLL 0.4100, ")
+    assert "trial 2 NLL 0.2000, trial 3 NLL unknown)" in best
+    assert "trustmatch train digits-fixmatch train.lr=0.03" in best
+    assert "| 0 | complete | 0.9800 (tie) | 0.4100 |" in markdown and "| 1 | complete | 0.9600 | 0.1200 |" in markdown
+    assert "| 2 | complete | 0.9800 (tie) | 0.2000 |" in markdown and "| 3 | complete | 0.9800 (tie) |  |" in markdown
+    rows = list(csv.DictReader((tmp_path / "trials.csv").open()))
+    assert [r["value"] for r in rows] == ["0.9800", "0.9600", "0.9800", "0.9800"]  # numbers, no marks
+    assert [r["val_nll"] for r in rows] == ["0.4100", "0.1200", "0.2000", ""]
+
+
+def test_best_trial_without_a_tie_and_segmentation_nll() -> None:
+    trials = [_complete(0.01, 0.5, {}), _complete(0.02, 0.7, {})]
+    trials[0].number, trials[1].number = 0, 1
+    best, tied = best_trial(trials, {0: 0.1, 1: 0.9})  # the objective decides; NLL only breaks ties
+    assert best is trials[1] and tied == []
+    assert nll_value("segmentation", {"miou": 0.3, "pixel_nll": 0.7, "nll": 9.0}) == 0.7
+    assert nll_value("classification", {"accuracy": 0.3, "nll": 0.4}) == 0.4
 
 
 @pytest.mark.slow

@@ -41,6 +41,7 @@ OBJECTIVES = {
 }
 HELD_OUT = "train.evaluate_test=false"  # every trial's: the test split is never read during the study
 DIVERGED = "diverged"  # user attribute of a trial stopped by a non-finite loss: it counts as run
+VAL_NLL = "val_nll"  # user attribute: the validation NLL of a complete trial's best checkpoint (breaks ties)
 
 
 class Stopped(Exception):
@@ -67,6 +68,12 @@ class TuneRequest:
     seed: int = 0
     progress: bool = False
     pruner: optuna.pruners.BasePruner = field(default_factory=optuna.pruners.MedianPruner)
+
+
+def nll_value(task: str, val: dict[str, Any]) -> float | None:
+    """The validation NLL that breaks ties of the objective (pixel NLL for segmentation; None: none)."""
+    key = TASKS.get(task).nll_metric
+    return None if key is None or key not in val else float(val[key])
 
 
 def objective_value(task: str, objective: str, val: dict[str, Any]) -> float:
@@ -205,6 +212,9 @@ def _trial(trial: optuna.Trial, req: TuneRequest, cfg: Config, out: Path) -> flo
     if trainer.stop_signal is not None:
         raise Stopped(trainer.stop_signal)
     assert trainer.record.best is not None  # a validation split is checked before the study
+    nll = nll_value(cfg.task, trainer.record.best["val"])
+    if nll is not None:  # in the study, so a worker reporting on another's trial has it too
+        trial.set_user_attr(VAL_NLL, nll)
     return objective_value(cfg.task, req.objective, trainer.record.best["val"])
 
 
