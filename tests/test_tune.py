@@ -14,6 +14,7 @@ import pytest
 from trustmatch.cli import main
 from trustmatch.config import load_config
 from trustmatch.core.errors import UserError
+from trustmatch.reporting.plots import draw_history
 from trustmatch.tasks.image_classification import ClassificationTask
 from trustmatch.tasks.semantic_segmentation import SegmentationTask
 from trustmatch.tune import TuneRequest, load_space, parse_spec, shipped_spaces, storage, tune
@@ -349,6 +350,17 @@ def test_best_trial_without_a_tie_and_segmentation_nll() -> None:
     assert best is trials[1] and tied == []
     assert nll_value("segmentation", {"miou": 0.3, "pixel_nll": 0.7, "nll": 9.0}) == 0.7
     assert nll_value("classification", {"accuracy": 0.3, "nll": 0.4}) == 0.4
+
+
+def test_history_axis_counts_whole_trials() -> None:
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    ax = Figure().subplots()
+    draw_history(ax, [(0, 0.5), (1, 0.7), (2, 0.6)], [(3, 0.2)], "metric")
+    assert isinstance(ax.xaxis.get_major_locator(), MaxNLocator)
+    ticks = ax.get_xticks()
+    assert len(ticks) >= 2 and all(float(t).is_integer() for t in ticks), ticks
 
 
 @pytest.mark.slow
