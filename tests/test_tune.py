@@ -18,7 +18,7 @@ from trustmatch.reporting.plots import draw_history
 from trustmatch.tasks.image_classification import ClassificationTask
 from trustmatch.tasks.semantic_segmentation import SegmentationTask
 from trustmatch.tune import TuneRequest, load_space, parse_spec, shipped_spaces, storage, tune
-from trustmatch.tune.report import best_trial, write_report
+from trustmatch.tune.report import best_trial, metrics_table, write_report
 from trustmatch.tune.space import Param, check_space
 from trustmatch.tune.study import nll_value
 
@@ -262,7 +262,8 @@ def test_classification_study_reads_test_once_after_and_resumes(
     best_val = json.loads((out / best["run_dir"] / "metrics.json").read_text())["best"]["val"]["accuracy"]
     assert float(best["value"]) == pytest.approx(best_val, abs=1e-4)
     assert "trustmatch train digits-fixmatch train.steps=4" in markdown and "method.tau=" in markdown
-    assert "test (read once, after the study)" in markdown and '"split": "test"' in markdown
+    assert "test (read once, after the study), trial " in markdown and "best.pt, step " in markdown
+    assert "\n    accuracy " in markdown and "\n    nll " in markdown  # the metric | value table
     assert "ties broken by validation NLL" in markdown
     for row in rows:  # the NLL that breaks ties: the best checkpoint's validation NLL, from the study
         metrics = json.loads((out / row["run_dir"] / "metrics.json").read_text())
@@ -289,7 +290,7 @@ def test_segmentation_study_end_to_end(
     assert splits.count("test") == 1 and splits[-1] == "test", splits
     printed = capsys.readouterr().out
     assert "| number | state | value | val_nll | train.lr | method.lambda_u_rampup |" in printed
-    assert "trustmatch train digitscenes-unimatch data.scenes=24" in printed and '"miou"' in printed
+    assert "trustmatch train digitscenes-unimatch data.scenes=24" in printed and "\n    miou " in printed
     rows = list(csv.DictReader((out / "trials.csv").open()))
     for row in rows:  # segmentation breaks ties by the pixel NLL
         metrics = json.loads((out / row["run_dir"] / "metrics.json").read_text())
@@ -361,6 +362,18 @@ def test_history_axis_counts_whole_trials() -> None:
     assert isinstance(ax.xaxis.get_major_locator(), MaxNLocator)
     ticks = ax.get_xticks()
     assert len(ticks) >= 2 and all(float(t).is_integer() for t in ticks), ticks
+
+
+def test_test_metrics_print_as_an_aligned_table() -> None:
+    result = {"accuracy": 0.951234, "ece_15": 0.0321, "nll": 0.2, "n": 359, "calibrated": {"accuracy": 0.95}}
+    assert metrics_table(result) == [
+        "    metric   |  value",
+        "    ---------+-------",
+        "    accuracy | 0.9512",
+        "    ece_15   | 0.0321",
+        "    nll      | 0.2000",
+        "    n        |    359",
+    ]
 
 
 @pytest.mark.slow

@@ -91,6 +91,16 @@ def best_trial(
     return best, tied if len(tied) > 1 else []
 
 
+def metrics_table(result: dict[str, Any]) -> list[str]:
+    """The scalar test metrics as aligned ``metric | value`` rows, indented (a code block in markdown)."""
+    rows = [(k, f"{v:.4f}" if isinstance(v, float) else str(v)) for k, v in _headline(result).items()]
+    rows = [("metric", "value"), *rows]
+    key_width, value_width = (max(len(row[i]) for row in rows) for i in (0, 1))
+    lines = [f"{k:<{key_width}} | {v:>{value_width}}" for k, v in rows]
+    lines.insert(1, "-" * key_width + "-+-" + "-" * value_width)
+    return ["    " + line for line in lines]
+
+
 def importance(study: optuna.Study, seed: int) -> tuple[dict[str, float], str]:
     """Optuna's fANOVA importance over the complete trials ({} and why where it cannot be computed)."""
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
@@ -155,7 +165,12 @@ def write_report(study: optuna.Study, req: TuneRequest, out: Path, task: str) ->
             lines[-1] += f": {len(tied)} trials tied at it ({listing}), {TIES}"
         lines += ["", f"    {command}", ""]
         test, note = test_once(out, best)
-        lines.append(f"test (read once, after the study): {json.dumps(_headline(test)) if test else note}")
+        if test is None:
+            lines.append(f"test (read once, after the study): {note}")
+        else:
+            step = f", step {test['step']}" if "step" in test else ""
+            lines += [f"test (read once, after the study), trial {best.number}'s best.pt{step}:", ""]
+            lines += metrics_table({k: v for k, v in test.items() if k not in ("checkpoint", "step", "split")})
     markdown = "\n".join(lines) + "\n"
     atomic_write_text(out / "report.md", markdown)
     return markdown
