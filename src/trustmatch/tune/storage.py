@@ -75,10 +75,13 @@ def open_storage(url: str, source: str = "--storage") -> optuna.storages.RDBStor
             return optuna.storages.RDBStorage(
                 url, engine_kwargs=engine, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S
             )
-        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.OperationalError) as e:
+        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.OperationalError, sqlalchemy.exc.ProgrammingError) as e:
             # workers starting together on a new database race to create its tables: the loser retries
             attempt += 1
-            racing = isinstance(e, sqlalchemy.exc.IntegrityError) or "locked" in str(e)
+            # ("database is locked", or a table "already exists" that the other made between check and create)
+            racing = isinstance(e, sqlalchemy.exc.IntegrityError) or any(
+                sign in str(e) for sign in ("locked", "already exists")
+            )
             if not racing or attempt == CREATE_ATTEMPTS:
                 raise UserError(_unreachable(url, source, e)) from None
             time.sleep(attempt)
