@@ -8,3 +8,9 @@ import torch
 @pytest.fixture(autouse=True)
 def _deterministic_threads() -> None:
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _no_shared_storage(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A developer's TRUSTMATCH_STORAGE never sends a test's study to their shared server."""
+    monkeypatch.delenv("TRUSTMATCH_STORAGE", raising=False)

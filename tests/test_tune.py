@@ -14,10 +14,13 @@ import pytest
 from trustmatch.cli import main
 from trustmatch.config import load_config
 from trustmatch.core.errors import UserError
+from trustmatch.reporting.plots import draw_history
 from trustmatch.tasks.image_classification import ClassificationTask
 from trustmatch.tasks.semantic_segmentation import SegmentationTask
-from trustmatch.tune import TuneRequest, load_space, parse_spec, shipped_spaces, tune
+from trustmatch.tune import TuneRequest, load_space, parse_spec, shipped_spaces, storage, tune
+from trustmatch.tune.report import best_trial, metrics_table, write_report
 from trustmatch.tune.space import Param, check_space
+from trustmatch.tune.study import nll_value
 
 TINY = ["train.steps=4", "train.eval_every=2", "train.log_every=2", "train.batch_size=8", "train.uratio=2"]
 SMALL = [
@@ -138,6 +141,96 @@ def test_bad_input_is_one_line_and_makes_nothing(
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("postgresql://tuner:hunter2@db.example/tune", "postgresql://tuner:***@db.example/tune"),
+        (
+            "mysql+pymysql://tuner:hunter2@db:3306/tune?charset=utf8",
+            "mysql+pymysql://tuner:***@db:3306/tune?charset=utf8",
+        ),
+        ("postgresql://tuner:hunter2@db:port/tune", "postgresql://tuner:***@db:port/tune"),  # unparsable port
+        ("postgresql://tuner:hun@ter2@db/tune", "postgresql://tuner:***@db/tune"),  # an unescaped '@'
+        ("postgresql://tuner@db/tune", "postgresql://tuner@db/tune"),
+        ("sqlite:////tmp/study.db", "sqlite:////tmp/study.db"),
+    ],
+)
+def test_storage_url_is_shown_without_its_password(url: str, shown: str) -> None:
+    assert storage.shown(url) == shown
+
+
+@pytest.mark.parametrize("via_env", [False, True])
+def test_unreachable_storage_hides_the_password(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], via_env: bool
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    url = "postgresql+nosuchdriver://tuner:hunter2@127.0.0.1:1/tune"
+    args = ["tune", "digits-fixmatch", "--space", "ssl", "--trials", "2", "--out", str(tmp_path / "t")]
+    if via_env:
+        monkeypatch.setenv(storage.ENV, url)
+    else:
+        args += ["--storage", url]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    source = "TRUSTMATCH_STORAGE" if via_env else "--storage"
+    assert err.count("\n") == 1 and f"cannot reach {source} '{url.replace('hunter2', '***')}'" in err
+    assert "hunter2" not in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_storage_password_is_hidden_in_everything_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A reachable server with a password, stood in for by SQLite: stdout, stderr and the files hide it."""
+    sqlite = f"sqlite:///{tmp_path / 'server.db'}"
+    opened: list[str] = []
+
+    def server(url: str, source: str = "--storage") -> optuna.storages.RDBStorage:
+        opened.append(url)
+        return storage.open_storage(sqlite, source)
+
+    monkeypatch.setattr("trustmatch.tune.study.open_storage", server)
+    monkeypatch.setattr("trustmatch.tune.command.run_trials", lambda *args: None)  # the study, not its trials
+    monkeypatch.setenv(storage.ENV, "postgresql://tuner:hunter2@db.example/tune")
+    out = tmp_path / "t"
+    assert main(["tune", "digits-supervised", "--space", "supervised", "--trials", "1", "--out", str(out)]) == 0
+    assert opened == ["postgresql://tuner:hunter2@db.example/tune"]  # the password reaches the driver only
+    printed = capsys.readouterr()
+    written = [(out / name).read_text() for name in ("report.md", "tune.json")]
+    for text in (printed.out, printed.err, *written):
+        assert "hunter2" not in text
+    assert "storage: postgresql://tuner:***@db.example/tune (from TRUSTMATCH_STORAGE)" in written[0]
+    assert "postgresql://tuner:***@db.example/tune" in printed.err
+
+
+def test_storage_from_the_environment_and_the_flag_wins(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    env_url, flag_url = (f"sqlite:///{tmp_path / name}" for name in ("env.db", "flag.db"))
+    monkeypatch.setenv(storage.ENV, env_url)
+    args = ["tune", "digits-supervised", *TINY, "--space", "supervised", "--trials", "1", "--quiet"]
+    assert main([*args, "--out", str(tmp_path / "a")]) == 0  # one trial, run: it lands in the variable's study
+    (name,) = optuna.study.get_all_study_names(env_url)
+    (trial,) = optuna.load_study(study_name=name, storage=env_url).get_trials()
+    assert trial.state == optuna.trial.TrialState.COMPLETE and not (tmp_path / "a" / "study.db").exists()
+    metrics = json.loads((tmp_path / "a" / "trial-0" / "metrics.json").read_text())
+    assert trial.user_attrs["val_nll"] == pytest.approx(metrics["best"]["val"]["nll"])
+
+    monkeypatch.setattr("trustmatch.tune.command.run_trials", lambda *args: None)
+    assert main([*args, "--out", str(tmp_path / "b"), "--storage", flag_url]) == 0
+    assert optuna.study.get_all_study_names(flag_url) == [name]  # --storage wins over the variable
+    assert len(optuna.load_study(study_name=name, storage=env_url).get_trials()) == 1  # untouched
+    assert "(from --storage)" in (tmp_path / "b" / "report.md").read_text()
+    assert "--storage wins" in " ".join(_help(capsys).split())
+
+
+def _help(capsys: pytest.CaptureFixture[str]) -> str:
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main(["tune", "--help"])
+    return capsys.readouterr().out
+
+
 def test_trainer_without_validation_cannot_hold_test_out(tmp_path: Path) -> None:
     from trustmatch.run.trainer import Trainer
 
@@ -169,7 +262,12 @@ def test_classification_study_reads_test_once_after_and_resumes(
     best_val = json.loads((out / best["run_dir"] / "metrics.json").read_text())["best"]["val"]["accuracy"]
     assert float(best["value"]) == pytest.approx(best_val, abs=1e-4)
     assert "trustmatch train digits-fixmatch train.steps=4" in markdown and "method.tau=" in markdown
-    assert "test (read once, after the study)" in markdown and '"split": "test"' in markdown
+    assert "test (read once, after the study), trial " in markdown and "best.pt, step " in markdown
+    assert "\n    accuracy " in markdown and "\n    nll " in markdown  # the metric | value table
+    assert "ties broken by validation NLL" in markdown
+    for row in rows:  # the NLL that breaks ties: the best checkpoint's validation NLL, from the study
+        metrics = json.loads((out / row["run_dir"] / "metrics.json").read_text())
+        assert float(row["val_nll"]) == pytest.approx(metrics["best"]["val"]["nll"], abs=1e-4)
 
     splits.clear()
     tune(TuneRequest("digits-fixmatch", TINY, load_space(["fixmatch"]), 3, out=out))  # resumes: one more
@@ -191,8 +289,12 @@ def test_segmentation_study_end_to_end(
     assert code == 0
     assert splits.count("test") == 1 and splits[-1] == "test", splits
     printed = capsys.readouterr().out
-    assert "| number | state | value | train.lr | method.lambda_u_rampup |" in printed
-    assert "trustmatch train digitscenes-unimatch data.scenes=24" in printed and '"miou"' in printed
+    assert "| number | state | value | val_nll | train.lr | method.lambda_u_rampup |" in printed
+    assert "trustmatch train digitscenes-unimatch data.scenes=24" in printed and "\n    miou " in printed
+    rows = list(csv.DictReader((out / "trials.csv").open()))
+    for row in rows:  # segmentation breaks ties by the pixel NLL
+        metrics = json.loads((out / row["run_dir"] / "metrics.json").read_text())
+        assert float(row["val_nll"]) == pytest.approx(metrics["best"]["val"]["pixel_nll"], abs=1e-4)
     assert (out / "history.png").is_file()
 
 
@@ -204,6 +306,74 @@ def test_pruned_trial_is_kept_and_marked(tmp_path: Path) -> None:
     mark = json.loads((out / "trial-0" / "pruned.json").read_text())
     assert mark["pruned_at_step"] == 2 and (out / "trial-0" / "last.pt").is_file()
     assert "| 0 | pruned | (" in markdown and "no complete trial yet" in markdown
+
+
+# ---------------------------------------------------------------------------------------------- report
+
+
+def _complete(lr: float, value: float, attrs: dict[str, object]) -> optuna.trial.FrozenTrial:
+    """A finished trial as the study stores it, without training a run."""
+    return optuna.trial.create_trial(
+        params={"train.lr": lr},
+        distributions={"train.lr": optuna.distributions.FloatDistribution(0.003, 0.3, log=True)},
+        value=value,
+        user_attrs={"overrides": [f"train.lr={lr}"], **attrs},
+    )
+
+
+def test_tie_goes_to_the_lower_validation_nll(tmp_path: Path) -> None:
+    """The issue's study: two trials tie at 0.98; the one at the edge of the lr range has the worse NLL."""
+    study = optuna.create_study(direction="maximize")
+    study.add_trial(_complete(0.29, 0.98, {"run_dir": "trial-0", "val_nll": 0.41}))
+    study.add_trial(_complete(0.01, 0.96, {"run_dir": "trial-1", "val_nll": 0.12}))
+    study.add_trial(_complete(0.03, 0.98, {"run_dir": "trial-2"}))  # older study: its NLL in metrics.json only
+    (tmp_path / "trial-2").mkdir()
+    (tmp_path / "trial-2" / "metrics.json").write_text(json.dumps({"best": {"val": {"accuracy": 0.98, "nll": 0.2}}}))
+    study.add_trial(_complete(0.05, 0.98, {"run_dir": "trial-3"}))  # another machine's run: its NLL unknown
+    request = TuneRequest("digits-fixmatch", [], load_space(["train.lr=log:0.003:0.3"]), 4, out=tmp_path)
+    markdown = write_report(study, request, tmp_path, "classification")
+    assert "ties broken by validation NLL" in markdown
+    best = markdown.split("## best trial", 1)[1]
+    assert best.startswith("\n\ntrial 2, validation objective 0.9800: 3 trials tied at it (trial 0 NLL 0.4100, ")
+    assert "trial 2 NLL 0.2000, trial 3 NLL unknown)" in best
+    assert "trustmatch train digits-fixmatch train.lr=0.03" in best
+    assert "| 0 | complete | 0.9800 (tie) | 0.4100 |" in markdown and "| 1 | complete | 0.9600 | 0.1200 |" in markdown
+    assert "| 2 | complete | 0.9800 (tie) | 0.2000 |" in markdown and "| 3 | complete | 0.9800 (tie) |  |" in markdown
+    rows = list(csv.DictReader((tmp_path / "trials.csv").open()))
+    assert [r["value"] for r in rows] == ["0.9800", "0.9600", "0.9800", "0.9800"]  # numbers, no marks
+    assert [r["val_nll"] for r in rows] == ["0.4100", "0.1200", "0.2000", ""]
+
+
+def test_best_trial_without_a_tie_and_segmentation_nll() -> None:
+    trials = [_complete(0.01, 0.5, {}), _complete(0.02, 0.7, {})]
+    trials[0].number, trials[1].number = 0, 1
+    best, tied = best_trial(trials, {0: 0.1, 1: 0.9})  # the objective decides; NLL only breaks ties
+    assert best is trials[1] and tied == []
+    assert nll_value("segmentation", {"miou": 0.3, "pixel_nll": 0.7, "nll": 9.0}) == 0.7
+    assert nll_value("classification", {"accuracy": 0.3, "nll": 0.4}) == 0.4
+
+
+def test_history_axis_counts_whole_trials() -> None:
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    ax = Figure().subplots()
+    draw_history(ax, [(0, 0.5), (1, 0.7), (2, 0.6)], [(3, 0.2)], "metric")
+    assert isinstance(ax.xaxis.get_major_locator(), MaxNLocator)
+    ticks = ax.get_xticks()
+    assert len(ticks) >= 2 and all(float(t).is_integer() for t in ticks), ticks
+
+
+def test_test_metrics_print_as_an_aligned_table() -> None:
+    result = {"accuracy": 0.951234, "ece_15": 0.0321, "nll": 0.2, "n": 359, "calibrated": {"accuracy": 0.95}}
+    assert metrics_table(result) == [
+        "    metric   |  value",
+        "    ---------+-------",
+        "    accuracy | 0.9512",
+        "    ece_15   | 0.0321",
+        "    nll      | 0.2000",
+        "    n        |    359",
+    ]
 
 
 @pytest.mark.slow

@@ -46,7 +46,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     tu.add_argument("--trials", type=int, required=True, help="trials the study holds when done (a rerun resumes)")
     tu.add_argument("--objective", default="metric", help="metric (validation accuracy / mIoU) or metric-ece")
-    tu.add_argument("--storage", help="SQLAlchemy URL shared by several workers (default: study.db in the tune dir)")
+    tu.add_argument(
+        "--storage",
+        metavar="URL",
+        help="SQLAlchemy URL shared by several workers (default: study.db in the tune dir); or set TRUSTMATCH_STORAGE, "
+        "which keeps a password out of shell history and the process list (--storage wins when both are given)",
+    )
     tu.add_argument("--study", help="study name (default: <config>-<space>-<hash of config, space, objective>)")
     tu.add_argument("--out", type=Path, help="tune directory (default: tunes/<study>)")
     tu.add_argument("--seed", type=int, default=0, help="seed of the TPE sampler (plus each trial's number)")
@@ -158,10 +163,12 @@ def _train(args: argparse.Namespace) -> int:
 
 def _tune(args: argparse.Namespace) -> int:
     from trustmatch.tune import TuneRequest, load_space, tune
+    from trustmatch.tune.storage import storage_url
     from trustmatch.tune.study import Stopped
 
+    storage, source = storage_url(args.storage)
     request = TuneRequest(
-        args.config, args.overrides, load_space(args.space), args.trials, args.objective, args.storage, args.study,
+        args.config, args.overrides, load_space(args.space), args.trials, args.objective, storage, source, args.study,
         args.out, args.seed, progress=not args.quiet,
     )  # fmt: skip
     try:

@@ -20,7 +20,7 @@ from matplotlib.cm import ScalarMappable
 from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
-from matplotlib.ticker import PercentFormatter
+from matplotlib.ticker import MaxNLocator, PercentFormatter
 
 from trustmatch.core.fileio import atomic_write_bytes
 
@@ -30,6 +30,7 @@ __all__ = [
     "SelectionSnapshot",
     "csl_selection_scatter",
     "data_map",
+    "draw_history",
     "draw_reliability",
     "optimisation_history",
     "reliability_comparison",
@@ -148,7 +149,15 @@ def optimisation_history(
     """A study's trials, (number, objective), with the best so far: whether the search still improves.
     Pruned trials are drawn at their last reported value."""
     fig = Figure(figsize=(6, 4), dpi=_DPI)
-    ax = fig.subplots()
+    draw_history(fig.subplots(), complete, pruned, ylabel)
+    fig.tight_layout()
+    return _save_png(fig, path)
+
+
+def draw_history(
+    ax: Axes, complete: Sequence[tuple[int, float]], pruned: Sequence[tuple[int, float]], ylabel: str
+) -> None:
+    """:func:`optimisation_history` onto given axes. Trials are whole numbers: no tick at trial 0.5."""
     if complete:
         numbers, values = zip(*sorted(complete))
         ax.plot(numbers, values, "o", label="complete")
@@ -159,9 +168,8 @@ def optimisation_history(
     if ax.lines:
         ax.legend()
     ax.set(xlabel="trial", ylabel=ylabel, title="optimisation history (validation)")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    return _save_png(fig, path)
 
 
 def training_curves(history: list[dict], path: Path, panels: Sequence[tuple[str, str]] = CLASSIFICATION_CURVES) -> Path:

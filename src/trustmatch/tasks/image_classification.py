@@ -28,6 +28,7 @@ SPLITS = ("val", "test")
 class ClassificationTask(SSLTask):
     primary = "accuracy"
     calibration_metric = "ece_15"
+    nll_metric = "nll"
     curves = (("accuracy", "accuracy"), ("ece_15", "ECE (15 bins)"))
 
     def __init__(self, cfg: Config, precision: Precision) -> None:

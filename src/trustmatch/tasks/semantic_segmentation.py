@@ -39,6 +39,7 @@ OVERLAY_IMAGES = 4
 class SegmentationTask(SSLTask):
     primary = "miou"
     calibration_metric = "pixel_ece_15"
+    nll_metric = "pixel_nll"
     diagram_unit = ", per pixel"  # every labeled pixel of the split is one sample
     curves = (("miou", "mIoU"), ("pixel_ece_15", "pixel ECE (15 bins)"))
 

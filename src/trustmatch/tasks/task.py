@@ -61,6 +61,8 @@ class Task(ABC):
     primary: ClassVar[str]
     #: the calibration error of ``Evaluation.metrics`` a reliability diagram shows (its bins: ``detail``)
     calibration_metric: ClassVar[str]
+    #: the NLL of ``Evaluation.metrics`` (lower is better) that breaks ties of ``primary``, where it has one
+    nll_metric: ClassVar[str | None] = None
     #: what one sample of a diagram is, where not an image (segmentation: ", per pixel")
     diagram_unit: ClassVar[str] = ""
     #: (metric, label) panels of the run's curves over its evaluations

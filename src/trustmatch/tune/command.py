@@ -20,4 +20,4 @@ def tune(req: TuneRequest) -> tuple[str, Path]:
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         study = open_study(req, name, out)
         run_trials(study, req, cfg, out)
-    return write_report(study, req, out), out
+    return write_report(study, req, out, cfg.task), out

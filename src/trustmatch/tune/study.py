@@ -32,7 +32,7 @@ from trustmatch.run.nonfinite import NonFiniteLoss
 from trustmatch.run.trainer import Trainer
 from trustmatch.tasks import TASKS
 from trustmatch.tune.space import Space, check_space
-from trustmatch.tune.storage import default_url, open_storage
+from trustmatch.tune.storage import default_url, open_storage, shown
 
 #: name -> what the study maximises, from the validation metrics of a run's best checkpoint
 OBJECTIVES = {
@@ -41,6 +41,7 @@ OBJECTIVES = {
 }
 HELD_OUT = "train.evaluate_test=false"  # every trial's: the test split is never read during the study
 DIVERGED = "diverged"  # user attribute of a trial stopped by a non-finite loss: it counts as run
+VAL_NLL = "val_nll"  # user attribute: the validation NLL of a complete trial's best checkpoint (breaks ties)
 
 
 class Stopped(Exception):
@@ -61,11 +62,18 @@ class TuneRequest:
     trials: int
     objective: str = "metric"
     storage: str | None = None
+    storage_source: str = "--storage"  # where the URL came from, for messages (or TRUSTMATCH_STORAGE)
     study: str | None = None
     out: Path | None = None
     seed: int = 0
     progress: bool = False
     pruner: optuna.pruners.BasePruner = field(default_factory=optuna.pruners.MedianPruner)
+
+
+def nll_value(task: str, val: dict[str, Any]) -> float | None:
+    """The validation NLL that breaks ties of the objective (pixel NLL for segmentation; None: none)."""
+    key = TASKS.get(task).nll_metric
+    return None if key is None or key not in val else float(val[key])
 
 
 def objective_value(task: str, objective: str, val: dict[str, Any]) -> float:
@@ -119,6 +127,11 @@ def prepare(req: TuneRequest) -> tuple[Config, str, Path]:
     return cfg, name, out
 
 
+def storage_text(req: TuneRequest, out: Path) -> str:
+    """Where the study lives, as it may be printed or written: the password hidden."""
+    return str(out / "study.db") if req.storage is None else f"{shown(req.storage)} (from {req.storage_source})"
+
+
 def counted(study: optuna.Study) -> int:
     """Trials that hold a place in the N: complete, pruned, diverged, or running now."""
     states = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.FAIL)
@@ -128,7 +141,7 @@ def counted(study: optuna.Study) -> int:
 
 def open_study(req: TuneRequest, name: str, out: Path) -> optuna.Study:
     """The study (made or loaded); the tune directory is made only once every input is good."""
-    storage = open_storage(req.storage) if req.storage else None  # before the directory: nothing half-made
+    storage = open_storage(req.storage, req.storage_source) if req.storage else None  # nothing half-made
     created = [p for p in (out, *out.parents) if not p.exists()]
     out.mkdir(parents=True, exist_ok=True)
     try:
@@ -142,8 +155,9 @@ def open_study(req: TuneRequest, name: str, out: Path) -> optuna.Study:
             load_if_exists=True,
         )
         info = {"study": name, "config": req.config, "overrides": req.overrides, "space": req.space.describe()}
-        info.update(objective=req.objective, storage="default (study.db here)" if req.storage is None else "--storage")
+        info.update(objective=req.objective, storage=storage_text(req, out))
         atomic_write_text(out / "tune.json", json.dumps(info, indent=2))
+        print(f"study {name} in {storage_text(req, out)}", file=sys.stderr)
     except BaseException:
         if created:
             shutil.rmtree(created[-1], ignore_errors=True)
@@ -198,6 +212,9 @@ def _trial(trial: optuna.Trial, req: TuneRequest, cfg: Config, out: Path) -> flo
     if trainer.stop_signal is not None:
         raise Stopped(trainer.stop_signal)
     assert trainer.record.best is not None  # a validation split is checked before the study
+    nll = nll_value(cfg.task, trainer.record.best["val"])
+    if nll is not None:  # in the study, so a worker reporting on another's trial has it too
+        trial.set_user_attr(VAL_NLL, nll)
     return objective_value(cfg.task, req.objective, trainer.record.best["val"])
 
 
