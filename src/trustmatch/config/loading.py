@@ -154,7 +154,7 @@ def _validate(cfg: Config, given: set[str]) -> None:
         if isinstance(value, float) and not math.isfinite(value):
             raise UserError(f"config key {key!r} must be a finite number, got {value!r}")
     checks = [
-        (cfg.data.labels_per_class >= 1, "data.labels_per_class", "at least 1"),
+        (cfg.data.labels_per_class >= 0, "data.labels_per_class", "at least 1, or 0 (every training image)"),
         (cfg.data.val_per_class >= 0, "data.val_per_class", "0 or more"),
         (0.0 < cfg.data.test_fraction < 1.0, "data.test_fraction", "between 0 and 1"),
         (cfg.data.image_size is None or cfg.data.image_size >= 8, "data.image_size", "at least 8 pixels"),

@@ -30,7 +30,9 @@ class DataConfig:
     )
     root: str | None = opt(None, "dataset directory (torchvision or standard layout) or the user's folder")
     download: bool = opt(False, "only on request: nothing is fetched unless this is true")
-    labels_per_class: int = opt(4, "labeled images per class drawn from the training pool")
+    labels_per_class: int = opt(
+        4, "labeled images per class drawn from the training pool (0: all of it, a given labeled set: Semi-Aves)"
+    )
     val_per_class: int = opt(5, "labeled validation split held out of the training pool")
     image_size: int | None = opt(
         None, "square side images are resized to (None: the dataset's native size; folders: 32)"

@@ -27,7 +27,16 @@ from trustmatch.models import cnn, segnets, timm_models, usb_vit, wideresnet
 from trustmatch.models.output import Output
 from trustmatch.models.timm_models import InputConfig
 
-__all__ = ["MODELS", "SEGMENTATION_MODELS", "InputConfig", "Output", "build_model", "input_config", "is_classifier"]
+__all__ = [
+    "MODELS",
+    "SEGMENTATION_MODELS",
+    "InputConfig",
+    "Output",
+    "build_model",
+    "check_weights",
+    "input_config",
+    "is_classifier",
+]
 
 ModelFactory = Callable[..., nn.Module]
 
@@ -88,3 +97,13 @@ def input_config(name: str) -> InputConfig | None:
     if name in usb_vit.SIZES:
         return usb_vit.input_config(name)
     return None
+
+
+def check_weights(name: str, weights: str) -> None:
+    """Refuse ``imagenet`` for a network that cannot have it, in one line, before any data is loaded."""
+    if weights != "imagenet":
+        return
+    if name.startswith(timm_models.PREFIX):
+        timm_models.weights_source(name.removeprefix(timm_models.PREFIX))
+    elif name in usb_vit.SIZES:
+        usb_vit.refuse_imagenet(name)

@@ -52,6 +52,13 @@ def input_config(name: str) -> InputConfig:
     return InputConfig(SIZES[name].side, None, None, "bilinear", True)
 
 
+def refuse_imagenet(name: str) -> None:
+    raise UserError(
+        f"model.weights=imagenet: USB's ImageNet weights for {name} are its release file {RELEASE[name]}, not "
+        f"fetched here; download it and pass model.weights=<path to {SIZES[name].release}>"
+    )
+
+
 def _factory(name: str) -> Callable[..., TimmClassifier]:
     size = SIZES[name]
 
@@ -66,10 +73,7 @@ def _factory(name: str) -> Callable[..., TimmClassifier]:
         from timm.models.vision_transformer import VisionTransformer
 
         if weights != "none":
-            raise UserError(
-                f"model.weights={weights}: USB's ImageNet weights for {name} are its release file {RELEASE[name]}, "
-                f"not fetched here; download it and pass model.weights=<path to {size.release}>"
-            )
+            refuse_imagenet(name)
         body = VisionTransformer(
             img_size=image_size or size.side,
             patch_size=size.patch,

@@ -41,6 +41,7 @@ def check_model_options(cfg: Config) -> None:
             f"model.weights=imagenet: {name} has no ImageNet weights (it is trained from scratch); "
             f"use timm:<name> (timm:resnet50, timm:vit_small_patch16_224) or model.weights=none"
         )
+    models.check_weights(name, weights)
     if cfg.train.freeze and not models.takes_input(name):
         raise UserError(
             f"train.freeze=true trains only the head of a pretrained backbone: {name} is trained from scratch; "
