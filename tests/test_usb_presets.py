@@ -16,6 +16,7 @@ from test_data_torchvision import _py2_pickle, _write_stl_images
 from trustmatch.cli import main
 from trustmatch.config import DataConfig, load_config
 from trustmatch.config.presets import PRESETS
+from trustmatch.core.errors import UserError
 from trustmatch.data.usb_sets import load_eurosat, load_tissuemnist
 from trustmatch.models import build_model
 from trustmatch.run.checkpoint import load_checkpoint
@@ -139,6 +140,9 @@ def test_linear_probe_run_moves_only_the_head(tmp_path: Path) -> None:
     initial = build_model("timm:test_vit", 10, 3, image_size=32).state_dict()
     assert all(torch.equal(trained[k], v) for k, v in initial.items() if k.startswith("body."))
     assert not torch.equal(trained["head.weight"], initial["head.weight"])
+    csv = tmp_path / "predictions.csv"  # predict rebuilds the ViT at the run's side, bicubic as it trained
+    assert main(["predict", str(out), str(data / "eurosat" / "2750" / "Class0"), "--out", str(csv)]) == 0
+    assert len(csv.read_text().splitlines()) == 1 + 5
 
 
 def test_presets_hold_usbs_settings() -> None:
@@ -183,3 +187,28 @@ def test_tissuemnist_reads_the_published_arrays(tmp_path: Path) -> None:
     assert source.train.images.shape == (96, 3, 28, 28) and len(source.test) == 16
     assert all(np.array_equal(source.train.images[0, c].numpy(), first) for c in range(3))
     assert source.train.labels.tolist() == labels.tolist() and len(source.classes) == 8
+
+
+def test_usb_dataset_files_missing_or_wrong(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="tissuemnist: .*tissuemnist.npz not found; pass data.root="):
+        load_tissuemnist(DataConfig(root=str(tmp_path)))
+    (tmp_path / "tissuemnist.npz").write_bytes(b"not a zip archive")
+    with pytest.raises(UserError, match="tissuemnist: cannot read .*replace it with an intact copy"):
+        load_tissuemnist(DataConfig(root=str(tmp_path)))
+    np.savez(tmp_path / "tissuemnist.npz", images=np.zeros((2, 28, 28), np.uint8))
+    with pytest.raises(UserError, match="has no 'train_images' array: is it MedMNIST's tissuemnist.npz"):
+        load_tissuemnist(DataConfig(root=str(tmp_path)))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="eurosat: no class folders in"):
+        load_eurosat(DataConfig(root=str(tmp_path / "empty")))
+
+
+def test_decoding_follows_data_interpolation(tmp_path: Path) -> None:
+    """A timm ViT's bicubic reaches the decoder: PIL's bicubic resize, not the default bilinear."""
+    from trustmatch.data.folders import decode_image
+
+    pixels = _images(1, 3, 40)[0].transpose(1, 2, 0)
+    Image.fromarray(pixels).save(tmp_path / "a.png")
+    expected = np.asarray(Image.fromarray(pixels).resize((24, 24), Image.Resampling.BICUBIC)).transpose(2, 0, 1)
+    assert np.array_equal(decode_image(tmp_path / "a.png", 24, "RGB", "bicubic"), expected)
+    assert not np.array_equal(decode_image(tmp_path / "a.png", 24, "RGB"), expected)

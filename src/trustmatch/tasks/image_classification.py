@@ -42,6 +42,11 @@ def check_model_options(cfg: Config) -> None:
             f"use timm:<name> (timm:resnet50, timm:vit_small_patch16_224) or model.weights=none"
         )
     models.check_weights(name, weights)
+    if cfg.train.layer_decay != 1.0 and not models.takes_input(name):
+        raise UserError(
+            f"train.layer_decay={cfg.train.layer_decay} needs a network with layers by depth (timm:<name> or USB's "
+            f"ViTs); {name} has none: set train.layer_decay=1"
+        )
     if cfg.train.freeze and not models.takes_input(name):
         raise UserError(
             f"train.freeze=true trains only the head of a pretrained backbone: {name} is trained from scratch; "
