@@ -543,7 +543,10 @@ def test_unreadable_config_files(tmp_path: Path, capsys: pytest.CaptureFixture[s
         ("method.tau=1.5", "config key 'method.tau' must be in [0, 1], got 1.5"),
         ("train.steps=0", "config key 'train.steps' must be at least 1, got 0"),
         ("train.batch_size=0", "config key 'train.batch_size' must be at least 1, got 0"),
-        ("data.labels_per_class=-1", "config key 'data.labels_per_class' must be at least 1, got -1"),
+        (
+            "data.labels_per_class=-1",
+            "config key 'data.labels_per_class' must be at least 1, or 0 (every training image), got -1",
+        ),
         ("data.val_per_class=-2", "config key 'data.val_per_class' must be 0 or more, got -2"),
         ("train.lr=0", "config key 'train.lr' must be positive, got 0.0"),
         ("train.lr=.inf", "config key 'train.lr' must be a finite number, got inf"),
@@ -561,6 +564,72 @@ def test_bad_value(tmp_path: Path, capsys: pytest.CaptureFixture[str], override:
     out = tmp_path / "run"
     line = fails(capsys, "train", "digits-fixmatch", override, "--out", str(out), "--quiet")
     assert expected in line, line
+    assert_no_run(out)
+
+
+# ---------------------------------------------------------------- backbones: timm names, weights, freezing
+
+
+@pytest.fixture
+def offline_empty_hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty Hugging Face cache in offline mode (HF_HOME=<empty dir> HF_HUB_OFFLINE=1 at start-up)."""
+    from huggingface_hub import constants
+
+    cache = tmp_path / "hf" / "hub"
+    cache.mkdir(parents=True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    return cache
+
+
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        (
+            ["model.name=timm:vit_smal_patch16_224"],
+            "model.name=timm:vit_smal_patch16_224: timm has no model 'vit_smal_patch16_224'; did you mean "
+            "timm:vit_small_patch16_224",
+        ),
+        (["model.weights=imagenet"], "model.weights=imagenet: cnn has no ImageNet weights"),
+        (
+            ["model.name=vit_tiny_patch2_32", "model.weights=imagenet"],
+            "USB's ImageNet weights for vit_tiny_patch2_32 are its release file",
+        ),
+        (["train.freeze=true"], "train.freeze=true trains only the head of a pretrained backbone: cnn is trained"),
+        (["train.layer_decay=0.5"], "train.layer_decay=0.5 needs a network with layers by depth"),
+        (["train.layer_decay=0"], "config key 'train.layer_decay' must be in (0, 1] (1: off), got 0.0"),
+        (["train.optimizer=adam"], "config key 'train.optimizer' must be 'sgd' or 'adamw', got 'adam'"),
+        (["train.warmup=1.5"], "config key 'train.warmup' must be a fraction of train.steps in [0, 1), got 1.5"),
+    ],
+)
+def test_bad_backbone_options(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], overrides: list[str], expected: str
+) -> None:
+    out = tmp_path / "run"
+    line = fails(capsys, "train", "digits-fixmatch", *overrides, "--out", str(out), "--quiet")
+    assert expected in line, line
+    assert_no_run(out)
+
+
+def test_imagenet_weights_offline_without_a_cache(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], offline_empty_hub: Path
+) -> None:
+    """Asked-for weights that cannot be had stop the run (never a random start), naming the cache and the fix."""
+    out = tmp_path / "run"
+    line = fails(
+        capsys, "train", "digits-fixmatch", "model.name=timm:test_vit", "model.weights=imagenet",
+        "data.image_size=32", "--out", str(out), *TINY,
+    )  # fmt: skip
+    assert f"timm:test_vit's weights are not in the cache {offline_empty_hub}" in line, line
+    assert "HF_HUB_OFFLINE=1" in line and "or use model.weights=none" in line
+    assert_no_run(out)
+
+
+def test_freeze_with_a_segmentation_method(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "run"
+    line = fails(capsys, "train", "digitscenes-unimatch", "train.freeze=true", "--out", str(out), "--quiet")
+    assert "config key 'train.freeze' must be false for task 'segmentation'" in line, line
+    assert "method 'unimatch' trains a segmentation decoder" in line
     assert_no_run(out)
 
 

@@ -35,12 +35,20 @@ SEGMENTATION = (
     | {"digitscenes-csl-notmp", "digitscenes-supervised-steps", "digitscenes-supervised-epochs"}
     | {f"{d}-{m}-{split}" for d, splits in SEG_SPLITS.items() for m in SEG_METHODS for split in splits}
 )
+USB_CV = {  # USB's usb_cv benchmark: dataset -> label counts (config/usb_cv/<method>/<method>_<dataset>_<n>_0.yaml)
+    "cifar100": [200, 400],
+    "stl10": [40, 100],
+    "eurosat": [20, 40],
+    "tissuemnist": [80, 400],
+    "semi_aves": [3959],
+}
 SHIPPED = (
     {f"digits-{m}" for m in ["supervised", *SSL_METHODS]}
     | {f"fashionmnist-{m}-{n}" for m in ["supervised", *SSL_METHODS] for n in (40, 250)}
     | {f"{d}-{m}-{n}" for d, (_, counts) in PUBLISHED.items() for m in SSL_METHODS for n in counts}
     | CALIBRATEMIX
     | SEGMENTATION
+    | {f"usb-{d}-{m}-{n}" for d, counts in USB_CV.items() for m in ["supervised", *SSL_METHODS] for n in counts}
 )
 
 
@@ -64,8 +72,8 @@ def test_method_registry_gives_selectors_keys_and_tasks() -> None:
     assert set(method_config("supervised").keys("segmentation")) == labeled
 
 
-def test_shipped_names_are_the_201_families() -> None:
-    assert len(SHIPPED) == 108 + 93 and set(shipped_configs()) == SHIPPED
+def test_shipped_names_are_the_264_families() -> None:
+    assert len(SHIPPED) == 108 + 93 + 63 and set(shipped_configs()) == SHIPPED
 
 
 def test_published_segmentation_settings() -> None:

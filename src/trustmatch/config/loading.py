@@ -20,7 +20,14 @@ from typing import Any
 import yaml
 
 from trustmatch.config.presets import PRESETS
-from trustmatch.config.schema import DEFAULT_METHOD, NONFINITE_POLICIES, PIXEL_TEMPERATURES, Config
+from trustmatch.config.schema import (
+    DEFAULT_METHOD,
+    INTERPOLATIONS,
+    NONFINITE_POLICIES,
+    OPTIMIZERS,
+    PIXEL_TEMPERATURES,
+    Config,
+)
 from trustmatch.core.errors import UserError
 from trustmatch.core.lr_schedules import SCHEDULES
 from trustmatch.methods import METHODS, MethodConfig, method_config
@@ -147,7 +154,7 @@ def _validate(cfg: Config, given: set[str]) -> None:
         if isinstance(value, float) and not math.isfinite(value):
             raise UserError(f"config key {key!r} must be a finite number, got {value!r}")
     checks = [
-        (cfg.data.labels_per_class >= 1, "data.labels_per_class", "at least 1"),
+        (cfg.data.labels_per_class >= 0, "data.labels_per_class", "at least 1, or 0 (every training image)"),
         (cfg.data.val_per_class >= 0, "data.val_per_class", "0 or more"),
         (0.0 < cfg.data.test_fraction < 1.0, "data.test_fraction", "between 0 and 1"),
         (cfg.data.image_size is None or cfg.data.image_size >= 8, "data.image_size", "at least 8 pixels"),
@@ -166,6 +173,21 @@ def _validate(cfg: Config, given: set[str]) -> None:
         (cfg.train.weight_decay >= 0, "train.weight_decay", "0 or more"),
         (0.0 <= cfg.model.dropout < 1.0, "model.dropout", "in [0, 1)"),
         (cfg.train.schedule in SCHEDULES, "train.schedule", f"one of {', '.join(SCHEDULES.names())}"),
+        (cfg.train.optimizer in OPTIMIZERS, "train.optimizer", " or ".join(map(repr, OPTIMIZERS))),
+        (0.0 <= cfg.train.warmup < 1.0, "train.warmup", "a fraction of train.steps in [0, 1)"),
+        (0.0 < cfg.train.layer_decay <= 1.0, "train.layer_decay", "in (0, 1] (1: off)"),
+        (
+            not cfg.train.freeze or cfg.task == "classification",
+            "train.freeze",
+            f"false for task {cfg.task!r}: it is linear probing of a classifier's head, and method "
+            f"{cfg.method.name!r} trains a segmentation decoder, not a linear head",
+        ),
+        (0.5 <= cfg.data.crop_ratio <= 1.0, "data.crop_ratio", "in [0.5, 1] (a shift of at most half the side)"),
+        (
+            cfg.data.interpolation in (None, *INTERPOLATIONS),
+            "data.interpolation",
+            f"None (the model's) or one of {', '.join(INTERPOLATIONS)}",
+        ),
         (cfg.train.poly_power > 0, "train.poly_power", "positive"),
         (cfg.train.head_lr_scale > 0, "train.head_lr_scale", "positive"),
         (cfg.data.strong_ops >= 0, "data.strong_ops", "0 or more"),

@@ -5,6 +5,8 @@ from one with ``base: <name>``. A new dataset is one entry in FAMILIES; a new me
 registered in ``trustmatch.methods.METHODS``) joins every family that trains all methods of its task
 (or all SSL ones).
 Every family also gets ``<dataset>-calibratemix-<labels>``: CalibrateMix on SoftMatch, as released.
+USB's modern CV benchmark (its ``usb_cv`` configs): ``usb-<dataset>-<method>-<labels>``, pretrained ViTs
+fine-tuned with AdamW, layer-wise learning-rate decay, warm-up and cosine (``USB_CV``).
 Segmentation: ``digitscenes-<method>`` (CPU-sized; ``digitscenes-csl-notmp`` is CSL without TMP; the
 supervised baseline at equal steps, ``digitscenes-supervised`` = ``-steps``, and at equal epochs,
 ``-epochs``, the releases' protocol) and UniMatch's published Pascal, Cityscapes (its current release)
@@ -103,6 +105,96 @@ FAMILIES = (  # name, dataset as described, classes, label counts, methods, sett
         _usb("stl10", "wrn_37_2"), f"+100k unlabeled, WRN-37-2 at 96 px {_USB_NOTE}",
     ),
 )  # fmt: skip
+
+
+def _usb_cv(
+    dataset: str,
+    model: str,
+    lr: float,
+    layer_decay: float,
+    crop_ratio: float = 0.875,
+    image_size: int | None = None,
+    **data: Any,
+) -> dict[str, Any]:
+    """USB's ``usb_cv`` setting (``config/usb_cv/<method>/<method>_<dataset>_<labels>_0.yaml``): batch 8 + 8
+    unlabeled, AdamW (weight decay 5e-4) with layer-wise decay, 204,800 steps with 5,120 of linear warm-up
+    (``train.warmup`` 0.025) then USB's cosine, no model EMA (``ema_m: 0``: the trained model is evaluated),
+    an evaluation every 2,048 steps, the network at its ImageNet weights; the weak view shifts by up to
+    (1 - crop_ratio) of the side. lr, layer decay, network and side are per dataset, as USB's files set them."""
+    return {
+        "data": {
+            "name": dataset,
+            "val_per_class": 0,
+            "include_labeled_in_unlabeled": True,
+            "strong_ops": 3,
+            "crop_ratio": crop_ratio,
+            "image_size": image_size,
+            **data,
+        },
+        "model": {"name": model, "weights": "imagenet"},
+        "train": {
+            "steps": 204_800,
+            "batch_size": 8,
+            "uratio": 1,
+            "optimizer": "adamw",
+            "lr": lr,
+            "layer_decay": layer_decay,
+            "weight_decay": 5e-4,
+            "warmup": 5_120 / 204_800,
+            "ema": 0.0,
+            "eval_every": 2_048,
+            "log_every": 256,
+        },
+    }
+
+
+def _usb_weights_note(model: str) -> str:
+    if model.startswith("timm:"):
+        return f"{model} at timm's ImageNet weights (USB fine-tunes its own ImageNet-1k checkpoint)"
+    return f"USB's {model} (model.weights=<its ImageNet release file>)"
+
+
+USB_CV = (  # USB's usb_cv: name, dataset, classes, label counts, settings, description
+    Family(
+        "usb-cifar100-{method}-{labels}", "CIFAR-100", 100, (200, 400), ALL,
+        _usb_cv("cifar100", "vit_small_patch2_32", 5e-4, 0.5), "ViT-S/2 at 32 px",
+    ),
+    Family(
+        "usb-stl10-{method}-{labels}", "STL-10", 10, (40, 100), ALL,
+        _usb_cv("stl10", "vit_base_patch16_96", 1e-4, 0.65), "+100k unlabeled, ViT-B/16 at 96 px (USB: MAE weights)",
+    ),
+    Family(
+        "usb-eurosat-{method}-{labels}", "EuroSAT", 10, (20, 40), ALL,
+        _usb_cv("eurosat", "vit_small_patch2_32", 5e-5, 1.0), "ViT-S/2 at 32 px",
+    ),
+    Family(
+        "usb-tissuemnist-{method}-{labels}", "TissueMNIST", 8, (80, 400), ALL,
+        _usb_cv("tissuemnist", "vit_tiny_patch2_32", 5e-5, 0.95, crop_ratio=0.95), "ViT-Ti/2 at 32 px",
+    ),
+    Family(
+        "usb-semi_aves-{method}-{labels}", "Semi-Aves (class folders)", 200, (3959,), ALL,
+        _usb_cv(
+            "folder", "timm:vit_small_patch16_224", 1e-3, 0.65, image_size=224,
+            labels_per_class=0, include_labeled_in_unlabeled=False,
+        ),
+        "ViT-S/16 at 224 px; data.root=<l_train_val class folders>, data.unlabeled_dir=<u_train_in>, "
+        "data.test_dir=<test class folders>, every image of data.root labeled",
+    ),
+)  # fmt: skip
+#: USB's FlexMatch files start without warm-up, except STL-10's (``num_warmup_iter: 0``)
+USB_NO_WARMUP = {("flexmatch", name) for name in ("cifar100", "eurosat", "tissuemnist", "semi_aves")}
+
+
+def _usb_config(family: Family, method: str, labels: int) -> dict[str, Any]:
+    config = _config(family, method, labels)
+    model = family.settings["model"]["name"]
+    config["description"] += f"; {_usb_weights_note(model)} (USB's usb_cv setting)"
+    dataset = family.name.split("-")[1]
+    if (method, dataset) in USB_NO_WARMUP:
+        config["train"] = {**config["train"], "warmup": 0.0}
+    if "labels_per_class" in family.settings["data"]:  # a given labeled set (Semi-Aves)
+        config["data"]["labels_per_class"] = family.settings["data"]["labels_per_class"]
+    return config
 
 
 def _config(family: Family, method: str, labels: int) -> dict[str, Any]:
@@ -308,6 +400,14 @@ PRESETS.update(
     {
         family.name.format(method="calibratemix", labels=labels): _calibratemix(family, labels)
         for family in FAMILIES
+        for labels in family.labels
+    }
+)
+PRESETS.update(
+    {
+        family.name.format(method=method, labels=labels): _usb_config(family, method, labels)
+        for family in USB_CV
+        for method in family.methods
         for labels in family.labels
     }
 )

@@ -17,6 +17,8 @@ from trustmatch.methods.calibratemix import CalibrateMixConfig
 DEFAULT_METHOD = "fixmatch"
 NONFINITE_POLICIES = ("stop", "skip")
 PIXEL_TEMPERATURES = ("scalar", "per_class", "off")
+OPTIMIZERS = ("sgd", "adamw")
+INTERPOLATIONS = ("bilinear", "bicubic")
 
 
 @dataclass
@@ -28,7 +30,9 @@ class DataConfig:
     )
     root: str | None = opt(None, "dataset directory (torchvision or standard layout) or the user's folder")
     download: bool = opt(False, "only on request: nothing is fetched unless this is true")
-    labels_per_class: int = opt(4, "labeled images per class drawn from the training pool")
+    labels_per_class: int = opt(
+        4, "labeled images per class drawn from the training pool (0: all of it, a given labeled set: Semi-Aves)"
+    )
     val_per_class: int = opt(5, "labeled validation split held out of the training pool")
     image_size: int | None = opt(
         None, "square side images are resized to (None: the dataset's native size; folders: 32)"
@@ -51,6 +55,14 @@ class DataConfig:
     test_fraction: float = opt(0.2, "share held out as a fixed, stratified test split when the dataset has none")
     include_labeled_in_unlabeled: bool = opt(False, "also use the labeled images as unlabeled ones (USB does)")
     strong_ops: int = opt(2, "RandAugment ops per strong view (FixMatch: 2; USB's published configs: 3)")
+    crop_ratio: float = opt(
+        0.875,
+        "weak view: a random shift of up to (1 - crop_ratio) of the side with reflect padding, USB's "
+        "RandomCrop(size, padding=size * (1 - crop_ratio)) (FixMatch and USB: 0.875; USB's TissueMNIST: 0.95)",
+    )
+    interpolation: str | None = opt(
+        None, "resize filter when images are decoded: bilinear or bicubic (None: the timm model's, else bilinear)"
+    )
     strong_magnitude: float | None = opt(
         None,
         "None: each op's magnitude uniform over its range, per image (FixMatch, USB); "
@@ -71,8 +83,17 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     name: str = opt(
-        "cnn", "network: cnn, wrn_28_2, wrn_28_8, wrn_37_2; segmentation: segnet_small, deeplabv3plus_r50, _r101"
+        "cnn",
+        "network: cnn, wrn_28_2, wrn_28_8, wrn_37_2, USB's vit_tiny_patch2_32, vit_small_patch2_32, "
+        "vit_base_patch16_96, or timm:<any timm model> (timm:resnet50, timm:vit_small_patch16_224); "
+        "segmentation: segnet_small, deeplabv3plus_r50, _r101",
     )
+    weights: str = opt(
+        "none",
+        "initial weights: none (random), imagenet (timm's pretrained weights through its cache, HF_HOME and "
+        "HF_HUB_OFFLINE honoured; an error when they cannot be had) or a weights file",
+    )
+    weights_prefix: str = opt("", "a key prefix of the weights file to load from (and strip)")
     pretrained: bool = opt(False, "segmentation: ImageNet encoder weights (fetched; random init if they cannot be)")
     output_stride: int = opt(16, "DeepLabV3+ encoder output stride: 16 (UniMatch) or 8 (CSL)")
     bn_momentum: float = opt(
@@ -86,10 +107,20 @@ class TrainConfig:
     steps: int = opt(1000, "optimisation steps (the learning-rate schedule spans them)")
     batch_size: int = opt(64, "labeled images per step, all processes together (torchrun: each takes 1/N)")
     uratio: int = opt(7, "unlabeled batch = uratio * batch_size")
-    lr: float = opt(0.03, "SGD learning rate at step 0")
+    optimizer: str = opt("sgd", "sgd (momentum, nesterov) or adamw (USB's usb_cv fine-tuning; betas 0.9, 0.999)")
+    lr: float = opt(0.03, "learning rate at step 0 (after any warm-up)")
     schedule: str = opt(
         "cosine", "learning-rate schedule: cosine (FixMatch: lr0·cos(7πk/16K)) or poly (UniMatch: lr0·(1−k/K)^power)"
     )
+    warmup: float = opt(
+        0.0, "fraction of train.steps with a linear learning-rate warm-up from 0, the schedule after it (USB: 0.025)"
+    )
+    layer_decay: float = opt(
+        1.0,
+        "layer-wise learning-rate decay: a layer d below the top learns at lr·layer_decay^d (timm's grouping of "
+        "timm:<name> and USB's ViTs; 1: off; USB's usb_cv: 0.5-0.95)",
+    )
+    freeze: bool = opt(False, "linear probing: only the classifier head trains; the backbone (BatchNorm too) stays")
     poly_power: float = opt(0.9, "exponent of the poly schedule (UniMatch: 0.9)")
     head_lr_scale: float = opt(1.0, "learning-rate multiplier for the model's head (UniMatch: 10 for the decoder)")
     momentum: float = opt(0.9, "SGD momentum")

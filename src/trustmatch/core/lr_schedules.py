@@ -25,3 +25,11 @@ def cosine_factor(step: int, total: int, power: float = 0.9) -> float:
 def poly_factor(step: int, total: int, power: float = 0.9) -> float:
     """UniMatch's schedule: lr = lr0 * (1 - k / K) ^ power."""
     return max(0.0, 1.0 - step / total) ** power
+
+
+def warmup_factor(schedule: Schedule, step: int, total: int, power: float, warmup: int) -> float:
+    """Linear warm-up from 0 over ``warmup`` steps, then ``schedule`` over the remaining ``total - warmup``
+    (USB's ``get_cosine_schedule_with_warmup``: k / W, then cos(7 pi (k - W) / (16 (K - W))))."""
+    if step < warmup:
+        return step / warmup
+    return schedule(step - warmup, max(1, total - warmup), power)

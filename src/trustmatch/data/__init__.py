@@ -1,11 +1,11 @@
-"""Datasets: embedded digits, torchvision-format benchmarks, the user's folders; the SSL split; the
-decoded-image cache on disk for sets larger than memory (``cache.py``, ``data.cache``).
+"""Datasets: embedded digits, torchvision-format benchmarks, USB's EuroSAT and TissueMNIST, the user's folders;
+the SSL split; the decoded-image cache on disk for sets larger than memory (``cache.py``, ``data.cache``).
 Segmentation: embedded digitscenes, Pascal VOC, Cityscapes, COCO and the user's folders."""
 
 from __future__ import annotations
 
 from trustmatch.config import DataConfig
-from trustmatch.data import digits, digitscenes, folders, segfiles, torchvision_sets  # noqa: F401  (register loaders)
+from trustmatch.data import digits, digitscenes, folders, segfiles, torchvision_sets, usb_sets  # noqa: F401  (loaders)
 from trustmatch.data.cache import MappedImages
 from trustmatch.data.image_sets import DATASETS, ImageSet, SourceData
 from trustmatch.data.split import SSLData, make_ssl_split

@@ -43,6 +43,8 @@ MODE = "RGB"  # folders are always decoded to 3 channels
 # what PIL raises on a corrupt, truncated or oversized file: each reader turns them into one UserError line
 DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
 EXTENSIONS = " ".join(IMG_EXTENSIONS)
+#: ``data.interpolation`` -> PIL's filter (a timm model's pretrained config may ask for bicubic)
+FILTERS = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
 
 
 @DATASETS.register("folder")
@@ -63,11 +65,12 @@ def load_folder(cfg: DataConfig) -> SourceData:
     size = cfg.image_size or DEFAULT_IMAGE_SIZE
     count = len(train_files) + len(test_files or []) + len(unlabeled or [])
     store = _Store(cfg, size) if use_disk(cfg, count * 3 * size * size) else None
-    train, histogram = _labeled_set(train_files, size, store, "labeled", root)
+    filt = cfg.interpolation
+    train, histogram = _labeled_set(train_files, size, store, "labeled", root, filt)
     mean, std = stats_from_histogram(histogram)
     return SourceData(
         train=train,
-        test=_labeled_set(test_files, size, store, "test", Path(cfg.test_dir or ""))[0]
+        test=_labeled_set(test_files, size, store, "test", Path(cfg.test_dir or ""), filt)[0]
         if test_files is not None
         else None,
         classes=classes,
@@ -75,7 +78,9 @@ def load_folder(cfg: DataConfig) -> SourceData:
         std=std,
         hflip=True,
         extra_unlabeled=(
-            _image_set(unlabeled, [-1] * len(unlabeled), size, store, "unlabeled", Path(cfg.unlabeled_dir or ""))[0]
+            _image_set(unlabeled, [-1] * len(unlabeled), size, store, "unlabeled", Path(cfg.unlabeled_dir or ""), filt)[
+                0
+            ]
             if unlabeled
             else None
         ),
@@ -151,13 +156,14 @@ def unlabeled_files(folder: Path) -> list[Path]:
     return files
 
 
-def decode_image(path: Path, size: int, mode: str = "RGB") -> np.ndarray:
+def decode_image(path: Path, size: int, mode: str = "RGB", interpolation: str | None = None) -> np.ndarray:
     """One image as uint8 [C, size, size] (mode "RGB" or "L"; 16-bit scaled, transparency over white:
-    ``imageio.convert_image``); training and ``predict`` share it."""
+    ``imageio.convert_image``; resized with ``interpolation``, None: bilinear); training and ``predict``
+    share it."""
     try:
         with Image.open(path) as image:
             image.draft(mode, (size, size))  # JPEG: decode at a reduced scale when the image is large
-            pixels = convert_image(image, mode).resize((size, size), Image.Resampling.BILINEAR)
+            pixels = convert_image(image, mode).resize((size, size), FILTERS[interpolation or "bilinear"])
     except DECODE_ERRORS as e:
         raise UserError(f"cannot decode image {path} ({decode_reason(e)}): remove or replace it") from None
     array = np.asarray(pixels)
@@ -165,7 +171,11 @@ def decode_image(path: Path, size: int, mode: str = "RGB") -> np.ndarray:
 
 
 def decode_into(
-    out: np.ndarray, paths: list[Path], size: int, on_chunk: Callable[[int, int], None] | None = None
+    out: np.ndarray,
+    paths: list[Path],
+    size: int,
+    on_chunk: Callable[[int, int], None] | None = None,
+    interpolation: str | None = None,
 ) -> None:
     """Decode ``paths`` into ``out`` [N, 3, size, size] (an array in memory or a memory map), a chunk at a time.
 
@@ -176,7 +186,7 @@ def decode_into(
     try:
         for start in range(0, len(paths), DECODE_CHUNK):
             chunk = paths[start : start + DECODE_CHUNK]
-            for i, image in enumerate(pool.map(lambda p: decode_image(p, size), chunk), start):
+            for i, image in enumerate(pool.map(lambda p: decode_image(p, size, MODE, interpolation), chunk), start):
                 out[i] = image
             if on_chunk is not None:
                 on_chunk(start, start + len(chunk))
@@ -184,12 +194,12 @@ def decode_into(
         pool.shutdown(cancel_futures=True)  # on a bad file, stop without decoding the rest
 
 
-def decode_batch(paths: list[Path], size: int, mode: str = "RGB") -> np.ndarray:
+def decode_batch(paths: list[Path], size: int, mode: str = "RGB", interpolation: str | None = None) -> np.ndarray:
     """uint8 [N, C, size, size] of a few files (``predict``'s batches), decoded in threads."""
     channels = 1 if mode == "L" else 3
     out = np.empty((len(paths), channels, size, size), dtype=np.uint8)
     with ThreadPoolExecutor(max_workers=min(DECODE_THREADS, os.cpu_count() or 1)) as pool:
-        for i, image in enumerate(pool.map(lambda p: decode_image(p, size, mode), paths)):
+        for i, image in enumerate(pool.map(lambda p: decode_image(p, size, mode, interpolation), paths)):
             out[i] = image
     return out
 
@@ -198,17 +208,19 @@ class _Store:
     """Where and how a folder's images go on disk (``data.cache=disk``)."""
 
     def __init__(self, cfg: DataConfig, size: int) -> None:
-        self.folder, self.size = decoded_dir(cfg), size
+        self.folder, self.size, self.interpolation = decoded_dir(cfg), size, cfg.interpolation
 
     def images(self, paths: list[Path], role: str, source: Path) -> tuple[MappedImages, Histogram]:
         """The decoded-image cache of ``paths`` (built here when missing or stale) and its histogram."""
         size = self.size
-        key = source_key(paths, "folder", size, MODE, PIL.__version__, DECODER_VERSION)
+        # bilinear keeps the key it had before the filter was a choice (caches built then stay valid)
+        filters = () if self.interpolation in (None, "bilinear") else (self.interpolation,)
+        key = source_key(paths, "folder", size, MODE, PIL.__version__, DECODER_VERSION, *filters)
         name = cache_name("folder", role, f"{size}px", str(source.expanduser().resolve()))
 
         def fill(out: np.ndarray) -> dict[str, Any]:
             histogram = np.zeros((3, 256), dtype=np.int64)
-            decode_into(out, paths, size, lambda a, b: _add_histogram(histogram, out[a:b]))
+            decode_into(out, paths, size, lambda a, b: _add_histogram(histogram, out[a:b]), self.interpolation)
             return {"histogram": histogram.tolist()}
 
         array, info = open_cache(self.folder, name, key, (len(paths), 3, size, size), fill, str(source))
@@ -216,7 +228,13 @@ class _Store:
 
 
 def _image_set(
-    paths: list[Path], labels: list[int], size: int, store: _Store | None = None, role: str = "", source: Path = Path()
+    paths: list[Path],
+    labels: list[int],
+    size: int,
+    store: _Store | None = None,
+    role: str = "",
+    source: Path = Path(),
+    interpolation: str | None = None,
 ) -> tuple[ImageSet, Histogram]:
     """The set in memory (store None) or mapped from the disk cache, and its channel histogram."""
     label_tensor = torch.tensor(labels, dtype=torch.int64)
@@ -225,15 +243,21 @@ def _image_set(
         images, histogram = store.images(paths, role, source)
         return ImageSet(images, label_tensor, names), histogram
     out = np.empty((len(paths), 3, size, size), dtype=np.uint8)
-    decode_into(out, paths, size)
+    decode_into(out, paths, size, interpolation=interpolation)
     images = torch.from_numpy(out)
     return ImageSet(images, label_tensor, names), channel_histogram(images)
 
 
 def _labeled_set(
-    samples: list[tuple[Path, int]], size: int, store: _Store | None = None, role: str = "", source: Path = Path()
+    samples: list[tuple[Path, int]],
+    size: int,
+    store: _Store | None = None,
+    role: str = "",
+    source: Path = Path(),
+    interpolation: str | None = None,
 ) -> tuple[ImageSet, Histogram]:
-    return _image_set([p for p, _ in samples], [label for _, label in samples], size, store, role, source)
+    paths, labels = [p for p, _ in samples], [label for _, label in samples]
+    return _image_set(paths, labels, size, store, role, source, interpolation)
 
 
 Histogram = list[list[int]]  # per channel, the count of each uint8 value

@@ -80,15 +80,18 @@ def make_ssl_split(
     seed: int,
     include_labeled_in_unlabeled: bool = False,
 ) -> SSLData:
-    """Pick labeled and validation samples per class with ``seed``; the rest is unlabeled."""
+    """Pick labeled and validation samples per class with ``seed``; the rest is unlabeled.
+
+    ``labels_per_class=0`` labels every image left after the validation pick: a dataset whose labeled set is
+    given whole, its unlabeled images apart (Semi-Aves' class folders and ``data.unlabeled_dir``)."""
     train, test = source.train, source.test
     if test is None:
         train, test = _carve_test(train, test_fraction)
-    _check_class_sizes(train.labels, source.classes, labels_per_class + val_per_class, labels_per_class)
+    _check_class_sizes(train.labels, source.classes, max(labels_per_class, 1) + val_per_class, labels_per_class)
     g = torch.Generator().manual_seed(seed)
     val_idx = stratified_pick(train.labels, lambda n: val_per_class, g)
     rest = _complement(len(train), val_idx)
-    lab_idx = rest[stratified_pick(train.labels[rest], lambda n: labels_per_class, g)]
+    lab_idx = rest[stratified_pick(train.labels[rest], lambda n: labels_per_class or n, g)]
     unl_idx = rest if include_labeled_in_unlabeled else _complement(len(train), torch.cat([val_idx, lab_idx]))
     unlabeled = train.subset(unl_idx)
     if source.extra_unlabeled is not None:

@@ -56,10 +56,13 @@ def _root(cfg: DataConfig, name: str) -> Path:
     return Path(cfg.root).expanduser() if cfg.root else cache_dir() / name
 
 
-def _resize(images: torch.Tensor, size: int | None) -> torch.Tensor:
+FILTERS = {"bilinear": TF.InterpolationMode.BILINEAR, "bicubic": TF.InterpolationMode.BICUBIC}
+
+
+def _resize(images: torch.Tensor, size: int | None, interpolation: str | None = None) -> torch.Tensor:
     if size is None or images.shape[-2:] == (size, size):
         return images
-    return torch.cat([TF.resize(chunk, [size, size], antialias=True) for chunk in images.split(RESIZE_CHUNK)])
+    return torch.cat([_resize_chunk(chunk, size, interpolation) for chunk in images.split(RESIZE_CHUNK)])
 
 
 class _Store:
@@ -67,13 +70,16 @@ class _Store:
 
     def __init__(self, cfg: DataConfig, name: str, root: Path, files: list[Path]) -> None:
         self.folder, self.name, self.root, self.files = decoded_dir(cfg), name, root.expanduser().resolve(), files
+        self.interpolation = cfg.interpolation
 
     def images(self, role: str, raw: Raw, size: int | None) -> MappedImages:
         """``raw`` resized to ``size`` (None: as is) in the cache, a :data:`RESIZE_CHUNK` at a time."""
         n, channels, height, width = raw.shape
         shape = (n, channels, size or height, size or width)
         resizing = size is not None and (height, width) != (size, size)
-        key = source_key(self.files, self.name, role, shape, raw.shape, torch.__version__ if resizing else "")
+        # bilinear keeps the key it had before the filter was a choice (caches built then stay valid)
+        filters = () if not resizing or self.interpolation in (None, "bilinear") else (self.interpolation,)
+        key = source_key(self.files, self.name, role, shape, raw.shape, torch.__version__ if resizing else "", *filters)
         name = cache_name(self.name, role, f"{shape[-1]}px", str(self.root))
 
         def fill(out: np.ndarray) -> dict[str, object]:
@@ -81,15 +87,19 @@ class _Store:
                 chunk = raw[start : start + RESIZE_CHUNK]
                 if isinstance(chunk, np.ndarray):  # a read-only memory map: a writable copy, same layout
                     chunk = torch.from_numpy(np.array(chunk, order="K"))
-                out[start : start + len(chunk)] = (_resize_chunk(chunk, size) if resizing else chunk).numpy()
+                resized = _resize_chunk(chunk, size, self.interpolation) if resizing else chunk
+                out[start : start + len(chunk)] = resized.numpy()
             return {}
 
         array, _ = open_cache(self.folder, name, key, shape, fill, f"{self.name} {role} in {self.root}")
         return MappedImages((array,))
 
 
-def _resize_chunk(chunk: torch.Tensor, size: int | None) -> torch.Tensor:
-    return chunk if size is None else TF.resize(chunk, [size, size], antialias=True)
+def _resize_chunk(chunk: torch.Tensor, size: int | None, interpolation: str | None = None) -> torch.Tensor:
+    """``data.interpolation`` (None: bilinear), antialiased when shrinking, as PIL."""
+    if size is None:
+        return chunk
+    return TF.resize(chunk, [size, size], FILTERS[interpolation or "bilinear"], antialias=True)
 
 
 def _labels(labels: torch.Tensor | np.ndarray | list[int]) -> torch.Tensor:
@@ -102,12 +112,13 @@ def _image_set(
     size: int | None,
     store: _Store | None = None,
     role: str = "",
+    interpolation: str | None = None,
 ) -> ImageSet:
     if store is not None:
         return ImageSet(store.images(role, images, size), _labels(labels))
     if isinstance(images, np.ndarray):
         images = torch.from_numpy(images)
-    return ImageSet(_resize(images, size).contiguous(), _labels(labels))
+    return ImageSet(_resize(images, size, interpolation).contiguous(), _labels(labels))
 
 
 def _decoded_bytes(size: int | None, *splits: Raw | None) -> int:
@@ -211,8 +222,8 @@ def _cifar(
     raw_train, raw_test = _nhwc(train.data), _nhwc(test.data)
     store = _store(cfg, name, root, cls.required(root), raw_train, raw_test)
     return SourceData(
-        train=_image_set(raw_train, train.targets, cfg.image_size, store, "train"),
-        test=_image_set(raw_test, test.targets, cfg.image_size, store, "test"),
+        train=_image_set(raw_train, train.targets, cfg.image_size, store, "train", cfg.interpolation),
+        test=_image_set(raw_test, test.targets, cfg.image_size, store, "test", cfg.interpolation),
         classes=list(train.classes),
         mean=mean,
         std=std,
@@ -243,8 +254,10 @@ def load_svhn(cfg: DataConfig) -> SourceData:
     files = [root / _SVHN.split_list[s][1] for s in splits]
     store = _store(cfg, "svhn", root, files, raw_train, raw_test)
     return SourceData(
-        train=_image_set(raw_train, np.concatenate([d.labels for d in pool]), cfg.image_size, store, "train"),
-        test=_image_set(raw_test, sets["test"].labels, cfg.image_size, store, "test"),
+        train=_image_set(
+            raw_train, np.concatenate([d.labels for d in pool]), cfg.image_size, store, "train", cfg.interpolation
+        ),
+        test=_image_set(raw_test, sets["test"].labels, cfg.image_size, store, "test", cfg.interpolation),
         classes=[str(d) for d in range(10)],
         mean=(0.4377, 0.4438, 0.4728),
         std=(0.198, 0.201, 0.197),
@@ -269,13 +282,15 @@ def load_stl10(cfg: DataConfig) -> SourceData:
         else _open("stl10", _STL10, root, cfg.download, split="unlabeled").data
     )
     return SourceData(
-        train=_image_set(train.data, train.labels, cfg.image_size, store, "train"),
-        test=_image_set(test.data, test.labels, cfg.image_size, store, "test"),
+        train=_image_set(train.data, train.labels, cfg.image_size, store, "train", cfg.interpolation),
+        test=_image_set(test.data, test.labels, cfg.image_size, store, "test", cfg.interpolation),
         classes=list(train.classes),
         mean=(0.4467, 0.4398, 0.4066),
         std=(0.2603, 0.2566, 0.2713),
         hflip=True,
-        extra_unlabeled=_image_set(unlabeled_images, [-1] * len(unlabeled_images), cfg.image_size, store, "unlabeled"),
+        extra_unlabeled=_image_set(
+            unlabeled_images, [-1] * len(unlabeled_images), cfg.image_size, store, "unlabeled", cfg.interpolation
+        ),
         info={"source": str(root / _STL10.base_folder)},
     )
 
@@ -362,8 +377,8 @@ def _mnist_like(cfg: DataConfig, name: str, cls: type[tvd.MNIST], mean: float, s
     files = [raw / n.removesuffix(".gz") for n in _idx_names(cls)]
     store = _store(cfg, name, root, files, raw_train, raw_test)
     return SourceData(
-        train=_image_set(raw_train, train.targets, cfg.image_size, store, "train"),
-        test=_image_set(raw_test, test.targets, cfg.image_size, store, "test"),
+        train=_image_set(raw_train, train.targets, cfg.image_size, store, "train", cfg.interpolation),
+        test=_image_set(raw_test, test.targets, cfg.image_size, store, "test", cfg.interpolation),
         classes=list(train.classes),
         mean=(mean,),
         std=(std,),

@@ -49,10 +49,13 @@ def write_predictions(
     batch at a time, so any number of them fits in memory (only the per-image top-k is kept)."""
     files = collect_images(inputs)
     mode = "L" if meta["channels"] == 1 else "RGB"
+    interpolation = meta["config"]["data"].get("interpolation")  # the training decoder's filter (older runs: none)
     views = Views(tuple(meta["mean"]), tuple(meta["std"]), hflip=False)
     chunks = []
     for start in range(0, len(files), batch_size):
-        images = torch.from_numpy(decode_batch(files[start : start + batch_size], meta["image_size"], mode))
+        images = torch.from_numpy(
+            decode_batch(files[start : start + batch_size], meta["image_size"], mode, interpolation)
+        )
         logits = predict_logits(model, images, views.plain, precision, batch_size)
         probs = (logits / (temperature or 1.0)).softmax(dim=1)
         chunks.append(probs.topk(min(3, probs.shape[1]), dim=1))

@@ -22,7 +22,9 @@ class ModelEMA:
         ema_params = list(self.module.parameters())
         live_params = [p.detach() for p in model.parameters()]
         torch._foreach_lerp_(ema_params, live_params, 1.0 - self.decay)
-        torch._foreach_copy_(list(self.module.buffers()), list(model.buffers()))
+        buffers = list(self.module.buffers())
+        if buffers:  # a ViT has none (and _foreach_copy_ refuses empty lists)
+            torch._foreach_copy_(buffers, list(model.buffers()))
 
     def state_dict(self) -> dict:
         return self.module.state_dict()

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from trustmatch import models
 from trustmatch.config import Config
 from trustmatch.core import distributed as dist
 from trustmatch.core.errors import UserError
@@ -25,6 +26,51 @@ from trustmatch.tasks.task import Evaluation, SSLTask, StepOutput
 SPLITS = ("val", "test")
 
 
+def check_model_options(cfg: Config) -> None:
+    """``model.*`` and ``train.freeze`` against the network, before the data load: an unknown ``timm:`` name
+    (with the closest names), weights it cannot have, a backbone it cannot freeze."""
+    name, weights = cfg.model.name, cfg.model.weights
+    models.is_classifier(name)  # a timm name is checked here (else build_model names the closest model)
+    if weights not in ("none", "imagenet"):
+        raise UserError(
+            f"model.weights={weights}: loading a weights file is not available in this build; "
+            f"use model.weights=none or imagenet"
+        )
+    if weights == "imagenet" and not models.takes_input(name):
+        raise UserError(
+            f"model.weights=imagenet: {name} has no ImageNet weights (it is trained from scratch); "
+            f"use timm:<name> (timm:resnet50, timm:vit_small_patch16_224) or model.weights=none"
+        )
+    models.check_weights(name, weights)
+    if cfg.train.layer_decay != 1.0 and not models.takes_input(name):
+        raise UserError(
+            f"train.layer_decay={cfg.train.layer_decay} needs a network with layers by depth (timm:<name> or USB's "
+            f"ViTs); {name} has none: set train.layer_decay=1"
+        )
+    if cfg.train.freeze and not models.takes_input(name):
+        raise UserError(
+            f"train.freeze=true trains only the head of a pretrained backbone: {name} is trained from scratch; "
+            f"use timm:<name> or USB's ViTs with model.weights, or train.freeze=false"
+        )
+
+
+def follow_model_input(cfg: Config) -> models.InputConfig | None:
+    """The input the network's weights expect, written into the config where the user left it open
+    (``data.image_size``, ``data.interpolation``), so config.yaml and inference see the resolved values."""
+    spec = models.input_config(cfg.model.name)
+    if spec is not None:
+        if cfg.data.image_size is None:
+            cfg.data.image_size = spec.size
+        if cfg.data.interpolation is None:
+            cfg.data.interpolation = spec.interpolation
+    return spec
+
+
+def _channels(values: tuple[float, ...], channels: int) -> tuple[float, ...]:
+    """RGB statistics for a grayscale set: their mean (timm sums a pretrained first conv over RGB for 1 channel)."""
+    return values if len(values) == channels else (sum(values) / len(values),) * channels
+
+
 class ClassificationTask(SSLTask):
     primary = "accuracy"
     calibration_metric = "ece_15"
@@ -36,13 +82,41 @@ class ClassificationTask(SSLTask):
         if cfg.model.name in SEGMENTATION_MODELS:
             raise UserError(
                 f"model.name={cfg.model.name!r} is a segmentation network: classification needs one of "
-                f"{', '.join(sorted(MODELS.where(task='classification')))} (or task=segmentation)"
+                f"{', '.join(sorted(MODELS.where(task='classification')))}, timm:<name> (or task=segmentation)"
             )
+        check_model_options(cfg)
         self.share_batch()
+        spec = follow_model_input(cfg)
         self.data = d = load_ssl_data(cfg.data, cfg.seed)
-        self.views = Views(d.mean, d.std, d.hflip, n_ops=cfg.data.strong_ops, magnitude=cfg.data.strong_magnitude)
+        if spec is not None and spec.mean is not None and cfg.model.weights != "none":  # what the weights saw
+            channels = d.labeled.images.shape[1]
+            d.mean, d.std = _channels(spec.mean, channels), _channels(spec.std, channels)
+        self.views = Views(
+            d.mean,
+            d.std,
+            d.hflip,
+            translate=1.0 - cfg.data.crop_ratio,
+            n_ops=cfg.data.strong_ops,
+            magnitude=cfg.data.strong_magnitude,
+        )
         self.ulb_labels_known = bool((d.unlabeled.labels >= 0).any())
         self.start(len(d.labeled), len(d.unlabeled), d.num_classes)
+
+    @classmethod
+    def model_for(cls, meta: dict[str, Any], weights: str = "none") -> nn.Module:  # type: ignore[override]
+        """timm classifiers and USB's ViTs are built at the data's side (a ViT's position embeddings) with
+        ``weights``; inference builds with none, the checkpoint then giving every weight."""
+        name = meta["config"]["model"]["name"]
+        if not models.takes_input(name):
+            return super().model_for(meta)
+        return super().model_for(meta, image_size=meta["image_size"], weights=weights)
+
+    def build_model(self) -> nn.Module:
+        weights = self.cfg.model.weights
+        model = self.model_for(self.meta(), weights=weights if models.takes_input(self.cfg.model.name) else "none")
+        if self.cfg.train.freeze:
+            model.freeze_body()
+        return model
 
     def next_batch(self, generator: torch.Generator) -> Batch:
         """Gather the next labeled (and unlabeled) batch and build its views on the device."""
