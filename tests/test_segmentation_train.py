@@ -194,7 +194,8 @@ def ohem_example() -> tuple[torch.Tensor, torch.Tensor]:
 @pytest.mark.parametrize(
     "min_kept,kept",
     [
-        (0, [1, 2]),  # probability <= 0.7
+        (0, [0, 1, 2, 3, 5]),  # no minimum: every valid pixel, as the release (its threshold needs min_kept > 0)
+        (1, [1, 2]),  # the smallest (0.2) is below 0.7: probability <= 0.7
         (2, [1, 2]),  # the 2nd smallest (0.6) is below 0.7: the threshold stays 0.7
         (3, [1, 2, 3]),  # the 3rd smallest (0.8) is above: it becomes the threshold
         (5, [0, 1, 2, 3, 5]),  # every valid pixel
@@ -214,6 +215,8 @@ def test_ohem_min_kept_counts_per_image_and_ce_is_the_default() -> None:
     two = labeled_loss(logits.repeat(2, 1, 1, 1), target.repeat(2, 1, 1), (0.7, 3))  # 6 kept of 10: the same
     torch.testing.assert_close(two, -torch.tensor([0.2, 0.6, 0.8]).log().mean())
     torch.testing.assert_close(labeled_loss(logits, target), F.cross_entropy(logits, target, ignore_index=255))
+    no_minimum = labeled_loss(logits.repeat(2, 1, 1, 1), target.repeat(2, 1, 1), (0.7, 0))  # the 10 valid pixels
+    torch.testing.assert_close(no_minimum, -torch.tensor([0.9, 0.2, 0.6, 0.8, 0.95]).log().mean())
     assert load_config("digitscenes-unimatch", ["method.labeled_loss=ohem"]).method.ohem() == (0.7, 100_000)
     assert load_config("digitscenes-unimatch").method.ohem() is None
 

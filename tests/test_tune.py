@@ -17,6 +17,7 @@ from trustmatch.core.errors import UserError
 from trustmatch.reporting.plots import draw_history
 from trustmatch.tasks.image_classification import ClassificationTask
 from trustmatch.tasks.semantic_segmentation import SegmentationTask
+from trustmatch.tasks.task import SSLTask
 from trustmatch.tune import TuneRequest, load_space, parse_spec, shipped_spaces, storage, tune
 from trustmatch.tune.report import best_trial, metrics_table, write_report
 from trustmatch.tune.space import Param, check_space
@@ -35,16 +36,17 @@ SMALL = [
 ]
 
 
-def _record_splits(monkeypatch: pytest.MonkeyPatch, task: type) -> list[str]:
-    """Every split the task evaluates, in order (the study must never ask for "test")."""
+def _record_splits(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Every split a task reads images of, in order (the study must never read "test"): both tasks read
+    them through ``SSLTask.split_data`` only, validation and report evaluations alike."""
     splits: list[str] = []
-    evaluate = task.evaluate
+    split_data = SSLTask.split_data
 
-    def recording(self, model, split, temperature=None):  # type: ignore[no-untyped-def]
+    def recording(self, split):  # type: ignore[no-untyped-def]
         splits.append(split)
-        return evaluate(self, model, split, temperature)
+        return split_data(self, split)
 
-    monkeypatch.setattr(task, "evaluate", recording)
+    monkeypatch.setattr(SSLTask, "split_data", recording)
     return splits
 
 
@@ -246,11 +248,12 @@ def test_trainer_without_validation_cannot_hold_test_out(tmp_path: Path) -> None
 def test_classification_study_reads_test_once_after_and_resumes(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    splits = _record_splits(monkeypatch, ClassificationTask)
+    splits = _record_splits(monkeypatch)
     out = tmp_path / "tune"
     request = TuneRequest("digits-fixmatch", TINY, load_space(["fixmatch"]), 2, out=out)
     markdown, _ = tune(request)
     assert splits.count("test") == 1 and splits[-1] == "test", splits  # the best trial, after the study
+    assert set(splits[:-1]) == {"val"}, splits  # what the trials read
     assert {"report.md", "trials.csv", "history.png", "study.db", "trial-0", "trial-1"} <= set(os.listdir(out))
     rows = list(csv.DictReader((out / "trials.csv").open()))
     assert [r["state"] for r in rows] == ["complete", "complete"] and "method.tau" in rows[0]
@@ -282,12 +285,13 @@ def test_segmentation_study_end_to_end(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     monkeypatch.setattr("trustmatch.data.digitscenes.TEST_SCENES", 12)  # the one test evaluation, quick
-    splits = _record_splits(monkeypatch, SegmentationTask)
+    splits = _record_splits(monkeypatch)
     out = tmp_path / "seg"
     args = ["tune", "digitscenes-unimatch", *SMALL, "--space", "train.lr=log:0.001:0.05", "--space"]
     code = main([*args, "method.lambda_u_rampup=0:0.5", "--trials", "2", "--out", str(out), "--quiet"])
     assert code == 0
     assert splits.count("test") == 1 and splits[-1] == "test", splits
+    assert set(splits[:-1]) == {"val"}, splits  # the trials' validation and report passes, and overlays
     printed = capsys.readouterr().out
     assert "| number | state | value | val_nll | train.lr | method.lambda_u_rampup |" in printed
     assert "trustmatch train digitscenes-unimatch data.scenes=24" in printed and "\n    miou " in printed

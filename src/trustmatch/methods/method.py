@@ -42,7 +42,8 @@ class MethodConfig:
     ohem_thresh: float = opt(0.7, "OHEM: labeled pixels whose true-class probability is at most this are kept")
     ohem_min_kept: int = opt(
         100_000,
-        "OHEM: at least this many pixels kept per labeled image (the releases: 200,000 per GPU batch of 2 crops)",
+        "OHEM: at least this many pixels kept per labeled image (the releases: 200,000 per GPU batch of 2 crops); "
+        "0 keeps every valid pixel, as the releases do",
     )
     #: keys only one task reads (CSL's TMP keys: segmentation), refused in the other tasks methods train
     task_only: ClassVar[dict[str, str]] = dict.fromkeys(LABELED_LOSS_KEYS, "segmentation")

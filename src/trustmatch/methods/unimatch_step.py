@@ -56,8 +56,11 @@ Ohem = tuple[float, int]
 def ohem_keep(logits: Tensor, target: Tensor, thresh: float, min_kept: int) -> Tensor:
     """The labeled pixels OHEM trains on, as UniMatch's and CSL's Cityscapes releases pick them: those whose
     true-class probability is at most max(thresh, the min_kept-th smallest such probability), so at least
-    min_kept of them (every valid pixel when there are fewer). No host sync: the count enters a mask."""
+    min_kept of them (every valid pixel when there are fewer). With min_kept 0 every valid pixel: the
+    release applies the threshold only when min_kept > 0. No host sync: the count enters a mask."""
     valid = target != IGNORE
+    if min_kept == 0:
+        return valid
     prob = logits.detach().float().softmax(dim=1).gather(1, torch.where(valid, target, 0).unsqueeze(1)).squeeze(1)
     prob = torch.where(valid, prob, 1.0)  # ignored pixels sort last, as the releases fill them with 1
     threshold = torch.tensor(thresh, device=prob.device)

@@ -296,14 +296,21 @@ class Trainer:
         """The EMA model's validation metrics and temperature ({} and None without a validation split)."""
         return self.task.validate(self.ema.module) if self.task.has_split("val") else ({}, None)
 
+    def _validate_and_report(self) -> tuple[dict[str, float], Temperature | None, Evaluation]:
+        """Validation metrics, temperature and the report split's evaluation; one pass over validation
+        where it is the report split (every tune trial), not one to validate and one to report."""
+        if self.report_split == "val":
+            return self.task.validate_as_report(self.ema.module)
+        val, temperature = self._validate()
+        return val, temperature, self.evaluate(self.report_split, temperature)
+
     def _evaluate_and_save(self, progress: Progress) -> None:
         # EMA parameters agree across processes; its buffers, copied from each process's last
         # forward, do not: rank 0's are the ones saved, so every shard evaluates with them.
         dist.broadcast_module(self.ema.module)
         try:
-            val, self.record.temperature = self._validate()
+            val, self.record.temperature, test = self._validate_and_report()
             self.record.temperature_step = self.step
-            test = self.evaluate(self.report_split, self.record.temperature)
         except NonFiniteLogits:
             what = "the EMA model's outputs are"
             raise self.nonfinite.error(None, dist.rank(), self.step, self.saved_step, what=what) from None

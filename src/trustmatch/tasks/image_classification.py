@@ -3,7 +3,7 @@ weak-to-strong step, streaming accuracy and calibration metrics with a temperatu
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
@@ -151,7 +151,7 @@ class ClassificationTask(SSLTask):
         return split in SPLITS and len(getattr(self.data, split)) > 0
 
     def _logits(self, model: nn.Module, split: str) -> Iterator[tuple[Tensor, Tensor]]:
-        images = getattr(self.data, split)
+        images = self.split_data(split)
         batches = iter_logits(
             model, images.images, self.views.plain, self.precision, self.cfg.train.eval_batch_size, shard=True
         )
@@ -159,8 +159,12 @@ class ClassificationTask(SSLTask):
             yield logits, images.labels[index].to(self.device)
 
     def evaluate(self, model: nn.Module, split: str, temperature: Temperature | None = None) -> Evaluation:
+        return self._score(self._logits(model, split), temperature)
+
+    def _score(self, batches: Iterable[tuple[Tensor, Tensor]], temperature: Temperature | None) -> Evaluation:
+        """``evaluate``'s metrics of this process's (logits, labels) batches, reduced over processes."""
         meters = [ClassificationMeter(self.data.num_classes, self.device) for _ in range(1 + (temperature is not None))]
-        for logits, labels in self._logits(model, split):
+        for logits, labels in batches:
             meters[0].update(logits, labels)
             if temperature is not None:
                 meters[1].update(scale_logits(logits, temperature), labels)
@@ -172,17 +176,26 @@ class ClassificationTask(SSLTask):
         return evaluation
 
     def validate(self, model: nn.Module) -> tuple[dict[str, float], float | None]:
+        metrics, temperature, _ = self._validate(model, report=False)
+        return metrics, temperature
+
+    def validate_as_report(self, model: nn.Module) -> tuple[dict[str, float], float | None, Evaluation]:
+        metrics, temperature, evaluation = self._validate(model, report=True)
+        assert evaluation is not None
+        return metrics, temperature, evaluation
+
+    def _validate(self, model: nn.Module, report: bool) -> tuple[dict[str, float], float | None, Evaluation | None]:
         """One pass: the validation split is small (a few labels per class), so its logits are
-        gathered from every process; each scores them and fits T (minimising their NLL) alike."""
-        logits, labels = [torch.empty(0, self.data.num_classes, device=self.device)], [self.data.val.labels[:0]]
-        for z, y in self._logits(model, "val"):
-            logits.append(z)
-            labels.append(y.cpu())
-        all_logits = dist.all_gather_cat(torch.cat(logits))
-        all_labels = dist.all_gather_cat(torch.cat(labels).to(self.device))
+        gathered from every process; each scores them and fits T (minimising their NLL) alike. With
+        ``report``, this process's batches are scored again as ``evaluate("val", T)`` scores them."""
+        batches = list(self._logits(model, "val"))
+        logits = [torch.empty(0, self.data.num_classes, device=self.device), *(z for z, _ in batches)]
+        labels = [self.data.val.labels[:0].to(self.device), *(y for _, y in batches)]
+        all_logits, all_labels = dist.all_gather_cat(torch.cat(logits)), dist.all_gather_cat(torch.cat(labels))
         meter = ClassificationMeter(self.data.num_classes, self.device)
         meter.update(all_logits, all_labels)
-        return meter.compute(), fit_temperature(all_logits, all_labels)
+        temperature = fit_temperature(all_logits, all_labels)
+        return meter.compute(), temperature, self._score(batches, temperature) if report else None
 
     def split_sizes(self) -> dict[str, int]:
         d = self.data
@@ -200,7 +213,7 @@ class ClassificationTask(SSLTask):
         }
 
     def sample_predictions(self, model: nn.Module, split: str) -> tuple[Tensor, Tensor]:
-        images, size = getattr(self.data, split).images, self.cfg.train.eval_batch_size
+        images, size = self.split_data(split).images, self.cfg.train.eval_batch_size
         batches = iter_logits(model, images, self.views.plain, self.precision, size)
         top = [z.softmax(dim=1).max(dim=1) for _, z in batches]  # kept per sample, never [N, K]
         return torch.cat([t.values.cpu() for t in top]), torch.cat([t.indices.cpu() for t in top])

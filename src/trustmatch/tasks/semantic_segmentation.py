@@ -10,6 +10,7 @@ generator state and resume stays bit-exact; the photometric strong views and Cut
 from __future__ import annotations
 
 from collections.abc import Iterator
+from itertools import chain
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ from trustmatch.core.precision import Precision
 from trustmatch.data.seg_sets import SegmentationSet, load_segmentation_data
 from trustmatch.data.segviews import SegViews
 from trustmatch.evaluation.forward import segment
+from trustmatch.evaluation.kept_batches import KeptBatches
 from trustmatch.evaluation.metrics import SegmentationMeter
 from trustmatch.evaluation.pixel_pool import PixelPool
 from trustmatch.evaluation.temperature import Temperature, fit_class_temperatures, fit_temperature, scale_logits
@@ -143,46 +145,94 @@ class SegmentationTask(SSLTask):
     def evaluate(self, model: nn.Module, split: str, temperature: Temperature | None = None) -> Evaluation:
         return self._evaluate(model, split, temperature)
 
+    def _shard(self, dataset: SegmentationSet) -> list[int]:
+        """This process's images of ``dataset``: every world_size-th."""
+        return list(range(dist.rank(), len(dataset), dist.world_size()))
+
+    def _predict(
+        self, model: nn.Module, dataset: SegmentationSet, indices: list[int]
+    ) -> Iterator[tuple[Tensor, Tensor, list[int]]]:
+        """(logits, masks on the device, the batch's image indices) of ``indices``, batch by batch."""
+        done = 0
+        for images, masks in self._batches(dataset, indices):
+            yield self._logits(model, images), masks.to(self.device), indices[done : done + len(images)]
+            done += len(images)
+
+    def _scores(self, meter: SegmentationMeter) -> tuple[dict[str, Any], dict[str, list[float]]]:
+        """A meter's metrics over every process, with the per-class IoU, and its bins."""
+        meter.all_reduce()
+        metrics: dict[str, Any] = meter.compute()
+        metrics["per_class_iou"] = dict(zip(self.data.classes, meter.per_class_iou()))
+        return metrics, meter.bins()
+
     def _evaluate(
-        self, model: nn.Module, split: str, temperature: Temperature | None = None, pool: PixelPool | None = None
+        self,
+        model: nn.Module,
+        split: str,
+        temperature: Temperature | None = None,
+        pool: PixelPool | None = None,
+        keep: KeptBatches | None = None,
     ) -> Evaluation:
         """One pass over this process's share of ``split``: raw metrics, scaled ones with a ``temperature``,
-        and the sampled pixels in ``pool``."""
-        dataset, classes = getattr(self.data, split), len(self.data.classes)
+        the sampled pixels in ``pool`` and the first batches in ``keep``."""
+        dataset, classes = self.split_data(split), len(self.data.classes)
         meters = [SegmentationMeter(classes, self.device) for _ in range(1 + (temperature is not None))]
-        indices, done = list(range(dist.rank(), len(dataset), dist.world_size())), 0
-        for images, masks in self._batches(dataset, indices):
-            logits, masks = self._logits(model, images), masks.to(self.device)
+        for logits, masks, images in self._predict(model, dataset, self._shard(dataset)):
             meters[0].update(logits, masks)
             if temperature is not None:
                 meters[1].update(scale_logits(logits, temperature), masks)
             if pool is not None:
-                pool.add(logits, masks, indices[done : done + len(images)])
-            done += len(images)
-        results = []
-        for meter in meters:
-            meter.all_reduce()
-            metrics: dict[str, Any] = meter.compute()
-            metrics["per_class_iou"] = dict(zip(self.data.classes, meter.per_class_iou()))
-            results.append((metrics, meter.bins()))
-        evaluation = Evaluation(*results[0])
+                pool.add(logits, masks, images)
+            if keep is not None:
+                keep.add(logits, masks)
+        evaluation = Evaluation(*self._scores(meters[0]))
         if temperature is not None:
-            evaluation.calibrated, evaluation.calibrated_detail = results[1]
+            evaluation.calibrated, evaluation.calibrated_detail = self._scores(meters[1])
         return evaluation
 
     def validate(self, model: nn.Module) -> tuple[dict[str, float], Temperature | None]:
+        metrics, temperature, _ = self._validate(model, report=False)
+        return metrics, temperature
+
+    def validate_as_report(self, model: nn.Module) -> tuple[dict[str, float], Temperature | None, Evaluation]:
+        metrics, temperature, evaluation = self._validate(model, report=True)
+        assert evaluation is not None
+        return metrics, temperature, evaluation
+
+    def _validate(
+        self, model: nn.Module, report: bool
+    ) -> tuple[dict[str, float], Temperature | None, Evaluation | None]:
         """One pass: validation metrics and the temperature (``eval.pixel_temperature``) fitted on a uniform
         sample of at most 2^20 of its labeled pixels (``PixelPool``), the same on every process;
-        ``temperature_pixels`` is the sample's size."""
+        ``temperature_pixels`` is the sample's size. With ``report``, also ``evaluate("val", T)``: the same
+        pass's metrics, and its kept batches scaled by T (``KeptBatches``: a large split's later images
+        are predicted again)."""
         mode = self.cfg.eval.pixel_temperature
         pool = PixelPool(len(self.data.classes), self.device) if mode != "off" else None
-        metrics = self._evaluate(model, "val", pool=pool).metrics
+        keep = KeptBatches() if report and pool is not None else None
+        evaluation = self._evaluate(model, "val", pool=pool, keep=keep)
+        metrics = dict(evaluation.metrics)  # temperature_pixels is validation's, not the report's
         if pool is None:
-            return metrics, None
+            return metrics, None, evaluation if report else None
         logits, labels = pool.pixels()
         metrics["temperature_pixels"] = len(labels)
         fit = fit_class_temperatures if mode == "per_class" else fit_temperature
-        return metrics, fit(logits, labels)
+        temperature = fit(logits, labels)
+        if keep is not None and temperature is not None:
+            evaluation.calibrated, evaluation.calibrated_detail = self._rescored(model, keep, temperature)
+        return metrics, temperature, evaluation if report else None
+
+    def _rescored(
+        self, model: nn.Module, keep: KeptBatches, temperature: Temperature
+    ) -> tuple[dict[str, Any], dict[str, list[float]]]:
+        """Validation's metrics scaled by ``temperature`` as ``_evaluate`` computes them: the kept batches,
+        then the images after them predicted again, in the same batches and order."""
+        dataset = self.split_data("val")
+        meter = SegmentationMeter(len(self.data.classes), self.device)
+        rest = self._predict(model, dataset, self._shard(dataset)[keep.images :])
+        for logits, masks, *_ in chain(keep.batches, rest):
+            meter.update(scale_logits(logits, temperature), masks)
+        return self._scores(meter)
 
     def describe(self, metrics: dict[str, float]) -> str:
         return f"miou {metrics['miou']:.4f} pixel_ece15 {metrics['pixel_ece_15']:.4f}"
@@ -220,7 +270,7 @@ class SegmentationTask(SSLTask):
         split = next((s for s in SPLITS if self.has_split(s)), None)
         if split is None:
             return
-        dataset = getattr(self.data, split)
+        dataset = self.split_data(split)
         shown = list(range(min(OVERLAY_IMAGES, len(dataset))))
         images, masks, predictions = [], [], []
         for image, mask in self._batches(dataset, shown):

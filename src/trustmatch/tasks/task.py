@@ -115,6 +115,13 @@ class Task(ABC):
         on test; None where the task fits none)."""
         return self.evaluate(model, "val").metrics, None
 
+    def validate_as_report(self, model: nn.Module) -> tuple[dict[str, float], Temperature | None, Evaluation]:
+        """``validate`` and ``evaluate("val", temperature)``, for when validation is also the report split
+        (``train.evaluate_test=false``: every tune trial). A task overrides it to read validation once;
+        this default reads it twice."""
+        metrics, temperature = self.validate(model)
+        return metrics, temperature, self.evaluate(model, "val", temperature)
+
     @abstractmethod
     def has_split(self, split: str) -> bool:
         """Whether ``split`` exists and holds samples (no validation split: no ``best``)."""
@@ -229,6 +236,11 @@ class SSLTask(Task):
         if self.recorder is not None and out.selection is not None:
             self.recorder.observe(step, total_steps, out.selection, *self.truth(batch))
         return out
+
+    def split_data(self, split: str) -> Any:
+        """The samples of ``split`` ("val", "test", or a training split). Evaluation and prediction read
+        images through here only, so a test can see which splits a run reads (a study never reads test)."""
+        return getattr(self.data, split)
 
     def train_stats(self) -> dict[str, float]:
         return self.selector.stats() if self.selector is not None else {}
