@@ -15,8 +15,6 @@ from trustmatch.cli import main
 from trustmatch.config import load_config
 from trustmatch.core.errors import UserError
 from trustmatch.reporting.plots import draw_history
-from trustmatch.tasks.image_classification import ClassificationTask
-from trustmatch.tasks.semantic_segmentation import SegmentationTask
 from trustmatch.tasks.task import SSLTask
 from trustmatch.tune import TuneRequest, load_space, parse_spec, shipped_spaces, storage, tune
 from trustmatch.tune.report import best_trial, metrics_table, write_report
