@@ -17,6 +17,7 @@ from trustmatch.core.errors import UserError
 from trustmatch.reporting.plots import draw_history
 from trustmatch.tasks.task import SSLTask
 from trustmatch.tune import TuneRequest, load_space, parse_spec, shipped_spaces, storage, tune
+from trustmatch.tune import report as report_module
 from trustmatch.tune.report import best_trial, metrics_table, write_report
 from trustmatch.tune.space import Param, check_space
 from trustmatch.tune.study import nll_value
@@ -344,6 +345,29 @@ def test_tie_goes_to_the_lower_validation_nll(tmp_path: Path) -> None:
     rows = list(csv.DictReader((tmp_path / "trials.csv").open()))
     assert [r["value"] for r in rows] == ["0.9800", "0.9600", "0.9800", "0.9800"]  # numbers, no marks
     assert [r["val_nll"] for r in rows] == ["0.4100", "0.1200", "0.2000", ""]
+
+
+def test_test_is_not_read_while_another_worker_runs_a_trial(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two workers share a study: the first to finish must not read test while the other's trial, which may
+    become the best, still runs (seen with two workers on one study); the last one to finish reads it."""
+    reads: list[str] = []
+    monkeypatch.setattr(report_module, "test_once", lambda out, best: (reads.append(best.number), (None, "read"))[1])
+    request = TuneRequest("digits-fixmatch", [], load_space(["train.lr=log:0.003:0.3"]), 2, out=tmp_path)
+    study = optuna.create_study(direction="maximize")
+    study.add_trial(_complete(0.03, 0.9, {"run_dir": "trial-0"}))
+    running = optuna.trial.create_trial(
+        params={"train.lr": 0.01},
+        distributions={"train.lr": optuna.distributions.FloatDistribution(0.003, 0.3, log=True)},
+        state=optuna.trial.TrialState.RUNNING,
+        user_attrs={"overrides": ["train.lr=0.01"], "run_dir": "trial-1"},
+    )
+    study.add_trial(running)
+    markdown = write_report(study, request, tmp_path, "classification")
+    assert reads == [] and "not read yet: trial 1 still running in another worker" in markdown
+    finished = optuna.create_study(direction="maximize")
+    finished.add_trial(_complete(0.03, 0.9, {"run_dir": "trial-0"}))
+    write_report(finished, request, tmp_path, "classification")
+    assert reads == [0]
 
 
 def test_best_trial_without_a_tie_and_segmentation_nll() -> None:

@@ -127,6 +127,16 @@ def test_once(out: Path, best: FrozenTrial) -> tuple[dict[str, Any] | None, str]
         return None, str(e)
 
 
+def waiting(running: list[int]) -> str:
+    """Why test is not read yet: a trial still running elsewhere may become the best, and test is read for
+    the study's final choice only."""
+    listed = ", ".join(map(str, running))
+    return (
+        f"not read yet: trial{'s' * (len(running) > 1)} {listed} still running in another worker and may become "
+        "the best; the last worker to finish reads the best trial on test (or rerun this command once they end)"
+    )
+
+
 def write_report(study: optuna.Study, req: TuneRequest, out: Path, task: str) -> str:
     """report.md, trials.csv and history.png in ``out``; returns the markdown."""
     trials = study.get_trials(deepcopy=False)
@@ -164,7 +174,8 @@ def write_report(study: optuna.Study, req: TuneRequest, out: Path, task: str) ->
             listing = ", ".join(f"trial {t.number} {_nll(nlls[t.number])}" for t in tied)
             lines[-1] += f": {len(tied)} trials tied at it ({listing}), {TIES}"
         lines += ["", f"    {command}", ""]
-        test, note = test_once(out, best)
+        running = [t.number for t in trials if t.state == TrialState.RUNNING]
+        test, note = (None, waiting(running)) if running else test_once(out, best)
         if test is None:
             lines.append(f"test (read once, after the study): {note}")
         else:
