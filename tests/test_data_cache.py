@@ -65,9 +65,9 @@ def decodes(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
     seen: list[Path] = []
     original = folders.decode_image
 
-    def counting(path: Path, size: int, mode: str = "RGB") -> np.ndarray:
+    def counting(path: Path, *args: object) -> np.ndarray:  # (size, mode, interpolation) as folders passes them
         seen.append(path)
-        return original(path, size, mode)
+        return original(path, *args)
 
     monkeypatch.setattr(folders, "decode_image", counting)
     return seen
@@ -147,11 +147,11 @@ from trustmatch.data import folders
 from tests_helper import cfg
 calls = []
 original = folders.decode_image
-def dying(path, size, mode="RGB"):
+def dying(path, *args):
     calls.append(path)
     if len(calls) == 20:
         os._exit(9)  # a kill mid-build: no cleanup runs
-    return original(path, size, mode)
+    return original(path, *args)
 folders.decode_image = dying
 folders.load_folder(cfg)
 """
