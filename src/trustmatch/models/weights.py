@@ -1,0 +1,243 @@
+"""Initial weights from where users have them: a local file, or a library's ImageNet download.
+
+``load_weights(model, source, prefix, head)`` loads a ``.pth`` / ``.pt`` / ``.bin`` file (``torch.load``
+with ``weights_only=True``: a pickle that would run code is refused), a ``.safetensors`` file, or a
+trustmatch run's ``best.pt`` / ``last.pt`` (its EMA weights: the model it evaluated) into ``model``. The
+state dict may be nested under ``state_dict`` / ``model``; prefixes every key shares (``module.`` from DDP,
+``_orig_mod.`` from torch.compile, ``model.``, ``backbone.``, ``encoder.``) are stripped, and ``prefix``
+first keeps only the keys under it (stripped too). The keys go into the whole model or into the one child
+module they fit best (an ImageNet ResNet file into a DeepLabV3+'s ``encoder``).
+
+Why so strict: a file that silently half-loads trains a model the user did not ask for. Only the head
+may differ: the model's ``head`` may be absent from the file (a backbone file: the head keeps its random
+init), and the file may carry a classifier the model lacks (an ImageNet ``fc``); anything else missing,
+unexpected or of another shape (a wrong architecture, a head trained for other classes) is a
+``UserError`` naming the file, raised before the model is changed. A load prints what it loaded and the
+missing and unexpected keys, one line each (main process only).
+
+The ImageNet downloads are the libraries' own (smp and timm through huggingface_hub, so ``HF_HOME`` /
+``HF_HUB_CACHE`` and ``HF_HUB_OFFLINE=1`` apply); ``hub_failure`` turns their failure into one line that
+names the cache.
+"""
+
+from __future__ import annotations
+
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from trustmatch.core import distributed as dist
+from trustmatch.core.errors import UserError
+
+__all__ = ["SUFFIXES", "LoadReport", "check_source", "hub_failure", "load_weights", "read_state_dict"]
+
+SUFFIXES = (".pth", ".pt", ".safetensors", ".bin")
+#: stripped while every key starts with one of them
+WRAPPERS = ("module.", "_orig_mod.", "model.", "backbone.", "encoder.")
+#: module names of a source's classifier, which the model may lack (ImageNet's ``fc``)
+CLASSIFIER_NAMES = frozenset({"fc", "classifier", "head", "last_linear", "logits"})
+SHOWN = 6  # keys (or module groups) a line names
+
+
+class LoadReport(NamedTuple):
+    path: Path
+    into: str  # "" (the whole model) or the child module the keys went into ("encoder")
+    loaded: int  # tensors loaded
+    missing: list[str]  # model keys the file lacked (left at their initialisation)
+    unexpected: list[str]  # file keys the model has no place for (ignored)
+
+
+def check_source(source: str | Path, key: str = "model.weights") -> None:
+    """Fail fast, before data is loaded, on a path that is not a readable weights file."""
+    if str(source) in ("none", "imagenet"):
+        return
+    path = Path(source).expanduser()
+    if not path.is_file():
+        what = "is a folder" if path.is_dir() else "does not exist"
+        raise UserError(
+            f"{key}={source}: the file {what}; give a {'/'.join(SUFFIXES)} file (or a run's best.pt / last.pt), "
+            "'imagenet' or 'none'"
+        )
+    if path.suffix.lower() not in SUFFIXES:
+        raise UserError(f"{key}={source}: {path.suffix or 'no suffix'} is not a weights file: use one of {SUFFIXES}")
+
+
+def read_state_dict(path: Path) -> dict[str, Tensor]:
+    """The tensors of a weights file or trustmatch checkpoint, unnested; one line for anything else."""
+    check_source(path)
+    path = Path(path).expanduser()
+    obj = _read(path)
+    if isinstance(obj, dict) and isinstance(obj.get("parts"), dict) and "version" in obj:  # a trustmatch run's
+        parts = obj["parts"]
+        obj = parts.get("ema", parts.get("model"))
+    for _ in range(3):
+        if isinstance(obj, dict) and not _all_tensors(obj):
+            nested = [k for k in ("state_dict", "model", "ema") if isinstance(obj.get(k), dict)]
+            if nested:
+                obj = obj[nested[0]]
+    if not isinstance(obj, dict) or not obj or not _all_tensors(obj):
+        held = type(obj).__name__ if not isinstance(obj, dict) else _describe_values(obj)
+        raise UserError(
+            f"weights file {path} holds no state dict (a mapping of names to tensors, possibly under 'state_dict' "
+            f"or 'model') but {held}: save model.state_dict(), not the model or a training state"
+        )
+    return obj
+
+
+def _read(path: Path) -> Any:
+    if path.suffix.lower() == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path), device="cpu")
+        except Exception as e:  # a truncated or foreign file: SafetensorError, OSError ...
+            raise UserError(
+                f"weights file {path} is unreadable or truncated ({_first_line(e)}): get it again"
+            ) from None
+    if zipfile.is_zipfile(path):  # torch.save's format: its CRC-32s catch a damaged tensor torch.load would read
+        try:
+            with zipfile.ZipFile(path) as archive:
+                damaged = archive.testzip()
+        except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
+            raise UserError(f"weights file {path} is unreadable or truncated ({e}): get it again") from None
+        if damaged is not None:
+            raise UserError(f"weights file {path} is damaged ({damaged} fails its CRC-32 check): get it again")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise UserError(
+            f"weights file {path} was refused: it holds objects other than tensors and plain data "
+            f"({_first_line(e)}); save model.state_dict() (only load files you trust)"
+        ) from None
+    except Exception as e:  # truncated or not a torch file at all: zip, pickle, EOF, unicode errors
+        raise UserError(f"weights file {path} is unreadable or truncated ({_first_line(e)}): get it again") from None
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:160] if text else type(e).__name__
+
+
+def _all_tensors(d: dict[Any, Any]) -> bool:
+    return all(isinstance(k, str) and isinstance(v, Tensor) for k, v in d.items())
+
+
+def _describe_values(d: dict[Any, Any]) -> str:
+    others = sorted({type(v).__name__ for v in d.values() if not isinstance(v, Tensor)})
+    return f"a mapping of {', '.join(others) or 'nothing'} values" if d else "an empty mapping"
+
+
+def _strip(state: dict[str, Tensor], prefix: str, path: Path) -> dict[str, Tensor]:
+    if prefix:
+        kept = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+        if not kept:
+            raise UserError(
+                f"model.weights_prefix={prefix!r}: no key of {path} starts with it (its keys start with "
+                f"{', '.join(sorted({k.split('.')[0] + '.' for k in state})[:SHOWN])})"
+            )
+        state = kept
+    while True:
+        shared = [w for w in WRAPPERS if all(k.startswith(w) for k in state)]
+        if not shared:
+            return state
+        state = {k[len(shared[0]) :]: v for k, v in state.items()}
+
+
+def _targets(model: nn.Module, head: str) -> list[tuple[str, nn.Module]]:
+    """The whole model first (it wins ties), then each child with parameters but the head."""
+    children = [(n, c) for n, c in model.named_children() if n != head and any(True for _ in c.parameters())]
+    return [("", model), *children]
+
+
+def _is_classifier(key: str) -> bool:
+    return any(part in CLASSIFIER_NAMES for part in key.split(".")[:-1])
+
+
+def _summary(keys: list[str]) -> str:
+    """A few names, or module groups with their tensor counts when there are many."""
+    if len(keys) <= SHOWN:
+        return ", ".join(keys)
+    groups: dict[str, int] = {}
+    for k in keys:
+        group = ".".join(k.split(".")[:2]) if k.count(".") > 1 else k.split(".")[0]
+        groups[group] = groups.get(group, 0) + 1
+    shown = [f"{g}.* ({n})" for g, n in list(groups.items())[:SHOWN]]
+    return ", ".join(shown) + (f", ... ({len(groups) - SHOWN} more groups)" if len(groups) > SHOWN else "")
+
+
+def load_weights(model: nn.Module, source: str | Path, prefix: str = "", head: str = "head") -> LoadReport:
+    """Load the weights file ``source`` into ``model`` (or the child they fit: its ``encoder``).
+
+    ``prefix``: keep only the file's keys under it, stripped (``model.weights_prefix``). ``head``: the name
+    of the model's child that may be missing from the file (its classifier or decoder; a timm classifier
+    passes its own). Raises ``UserError`` before changing the model when more than the head differs.
+    """
+    path = Path(source).expanduser()
+    state = _strip(read_state_dict(path), prefix, path)
+    scored = []
+    for name, target in _targets(model, head):
+        own = target.state_dict()
+        scored.append((sum(k in own for k in state), -len(scored), name, target, own))
+    hits, _, into, target, own = max(scored, key=lambda s: s[:2])
+    where = "the model" if not into else f"its {into}"
+    if hits == 0:
+        raise UserError(
+            f"weights file {path} does not fit {type(model).__name__}: none of its {len(state)} keys "
+            f"({_summary(list(state)[:SHOWN])}) is a key of the model ({_summary(list(model.state_dict())[:3])}) "
+            "or of its parts: is it the file for this model.name? (model.weights_prefix strips a prefix of its own)"
+        )
+    missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in state if k not in own]
+    reshaped = [k for k in state if k in own and state[k].shape != own[k].shape]
+    may_miss = f"{head}." if not into else None
+    bad_missing = [k for k in missing if may_miss is None or not k.startswith(may_miss)]
+    bad_unexpected = [k for k in unexpected if not _is_classifier(k)]
+    head_reshaped = [k for k in reshaped if may_miss is not None and k.startswith(may_miss)]
+    if head_reshaped and not bad_missing and not bad_unexpected and len(head_reshaped) == len(reshaped):
+        k = head_reshaped[0]
+        fix = "load its encoder alone with model.weights_prefix=encoder." if hasattr(model, "encoder") else ""
+        raise UserError(
+            f"weights file {path} has a head of another size ({k}: {list(state[k].shape)} in the file, "
+            f"{list(own[k].shape)} in the model: trained for {state[k].shape[0]} classes, this data has "
+            f"{own[k].shape[0]}): use a file trained on these classes{' or ' + fix if fix else ''}"
+        )
+    if bad_missing or bad_unexpected or reshaped:
+        parts = []
+        if bad_missing:
+            parts.append(f"{len(bad_missing)} tensors missing ({_summary(bad_missing)})")
+        if bad_unexpected:
+            parts.append(f"{len(bad_unexpected)} unexpected ({_summary(bad_unexpected)})")
+        if reshaped:
+            k = reshaped[0]
+            parts.append(
+                f"{len(reshaped)} of another shape ({k}: {list(state[k].shape)} in the file, {list(own[k].shape)} "
+                "in the model)"
+            )
+        raise UserError(
+            f"weights file {path} does not fit {where} ({type(target).__name__}): {'; '.join(parts)}; only the "
+            "head may differ: is it the file for this model.name?"
+        )
+    target.load_state_dict(state, strict=False)
+    report = LoadReport(path, into, len(state) - len(unexpected), missing, unexpected)
+    if dist.is_main():
+        print(f"weights: {report.loaded} tensors from {path} into {where}")
+        print(f"weights: missing {len(missing)}{': ' + _summary(missing) if missing else ''} (initialised at random)")
+        print(f"weights: unexpected {len(unexpected)}{': ' + _summary(unexpected) if unexpected else ''} (ignored)")
+    return report
+
+
+def hub_failure(what: str, error: BaseException) -> UserError:
+    """One line for ImageNet weights a library could not fetch or read: where its cache is and the fix."""
+    from huggingface_hub import constants
+
+    offline = " (offline: HF_HUB_OFFLINE=1)" if constants.is_offline_mode() else ""
+    return UserError(
+        f"model.weights=imagenet: the ImageNet weights of {what} are not in the Hugging Face cache "
+        f"{constants.HF_HUB_CACHE}{offline} and could not be fetched ({type(error).__name__}: {_first_line(error)}): "
+        "fetch them once where the network is and copy that cache here (HF_HOME or HF_HUB_CACHE names it), "
+        "or pass a local file: model.weights=/path/to/weights.pth"
+    )
