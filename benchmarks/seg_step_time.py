@@ -68,7 +68,7 @@ def _folder_args(root: Path) -> list[str]:
         f"data.root={root / 'train'}",
         f"data.unlabeled_dir={root / 'unlabeled'}",
         f"data.val_dir={root / 'val'}",
-        "model.pretrained=false",
+        "model.weights=none",
     ]
 
 

@@ -399,7 +399,7 @@ def standard_dataset(root: Path, dataset: str) -> tuple[str, list[str]]:
     (lists / "labeled.txt").write_text(f"{image.format('a')} {mask.format('a')}\n")
     (lists / "unlabeled.txt").write_text(f"{image.format('b')} {mask.format('b')}\n")
     (root / "splits" / "val.txt").write_text(f"{image.format('c')} {mask.format('c')}\n")
-    args = [config, f"data.root={root}", "model.name=segnet_small", "model.pretrained=false", "data.crop_size=16"]
+    args = [config, f"data.root={root}", "model.name=segnet_small", "model.weights=none", "data.crop_size=16"]
     return split, args
 
 

@@ -71,9 +71,20 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     name: str = opt(
-        "cnn", "network: cnn, wrn_28_2, wrn_28_8, wrn_37_2; segmentation: segnet_small, deeplabv3plus_r50, _r101"
+        "cnn",
+        "network: cnn, wrn_28_2, wrn_28_8, wrn_37_2; segmentation: segnet_small, deeplabv3plus_r50, _r101 (smp's "
+        "ResNet), deeplabv3plus_r50_deepstem, _r101_deepstem (UniMatch's network as released), smp:<encoder> "
+        "(DeepLabV3+ on any segmentation-models-pytorch encoder: smp:resnet34, smp:efficientnet-b0, smp:tu-<timm>)",
     )
-    pretrained: bool = opt(False, "segmentation: ImageNet encoder weights (fetched; random init if they cannot be)")
+    weights: str = opt(
+        "none",
+        "initial weights: none (random init), imagenet (the library's download, from its cache: HF_HOME, "
+        "HF_HUB_OFFLINE=1 offline; an error if they cannot be had), or a .pth/.pt/.safetensors/.bin file or a "
+        "trustmatch run's best.pt/last.pt (a new run from a trained model); only the head may be missing",
+    )
+    weights_prefix: str = opt(
+        "", "load only the weights file's keys under this prefix, stripped (module., backbone. ... go by themselves)"
+    )
     output_stride: int = opt(16, "DeepLabV3+ encoder output stride: 16 (UniMatch) or 8 (CSL)")
     bn_momentum: float = opt(
         0.001, "BatchNorm momentum (PyTorch convention); 0.001 as USB for 2^20-step runs, ~0.1 for short ones"

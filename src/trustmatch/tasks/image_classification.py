@@ -19,7 +19,7 @@ from trustmatch.evaluation.forward import iter_logits
 from trustmatch.evaluation.metrics import ClassificationMeter
 from trustmatch.evaluation.temperature import Temperature, fit_temperature, scale_logits
 from trustmatch.methods.weak_to_strong import Batch
-from trustmatch.models import MODELS, SEGMENTATION_MODELS
+from trustmatch.models import MODELS, is_segmentation_model
 from trustmatch.tasks.task import Evaluation, SSLTask, StepOutput
 
 SPLITS = ("val", "test")
@@ -32,7 +32,7 @@ class ClassificationTask(SSLTask):
 
     def __init__(self, cfg: Config, precision: Precision) -> None:
         super().__init__(cfg, precision)
-        if cfg.model.name in SEGMENTATION_MODELS:
+        if is_segmentation_model(cfg.model.name):
             raise UserError(
                 f"model.name={cfg.model.name!r} is a segmentation network: classification needs one of "
                 f"{', '.join(sorted(MODELS.where(task='classification')))} (or task=segmentation)"
