@@ -109,12 +109,24 @@ def _read(path: Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
+        detail = _unpickler_detail(e)
+        if "Unsupported global" not in str(e):  # bytes that are no pickle at all: "Unsupported operand 110"
+            raise UserError(f"weights file {path} is unreadable or truncated ({detail}): get it again") from None
         raise UserError(
             f"weights file {path} was refused: it holds objects other than tensors and plain data "
-            f"({_first_line(e)}); save model.state_dict() (only load files you trust)"
+            f"(a pickled {detail}); save model.state_dict() (only load files you trust)"
         ) from None
     except Exception as e:  # truncated or not a torch file at all: zip, pickle, EOF, unicode errors
         raise UserError(f"weights file {path} is unreadable or truncated ({_first_line(e)}): get it again") from None
+
+
+def _unpickler_detail(e: BaseException) -> str:
+    """What torch's weights-only unpickler objected to, without its paragraph of advice."""
+    text = " ".join(str(e).split())
+    for marker in ("Unsupported global: GLOBAL ", "WeightsUnpickler error: "):
+        if marker in text:
+            return text.split(marker, 1)[1].split(" was not an allowed global")[0].split(" Check the ")[0][:160]
+    return _first_line(e)
 
 
 def _first_line(e: BaseException) -> str:
