@@ -174,7 +174,8 @@ def test_unreadable_and_foreign_files_are_refused(tmp_path: Path, source: nn.Mod
     _refused(
         segnet(2),
         pickled,
-        r"was refused: it holds objects other than tensors and plain data \(a pickled trustmatch.models.segnets.SegNetSmall\)",
+        r"was refused: it holds objects other than tensors and plain data \(a pickled trustmatch.models.segnets."
+        r"SegNetSmall\)",
     )
 
 
