@@ -247,9 +247,11 @@ def hub_failure(what: str, error: BaseException) -> UserError:
     from huggingface_hub import constants
 
     offline = " (offline: HF_HUB_OFFLINE=1)" if constants.is_offline_mode() else ""
+    said = _first_line(error)
+    cause = type(error).__name__ + (f": {said}" if len(said) <= 100 else "")  # the hub's own advice is long
     return UserError(
         f"model.weights=imagenet: the ImageNet weights of {what} are not in the Hugging Face cache "
-        f"{constants.HF_HUB_CACHE}{offline} and could not be fetched ({type(error).__name__}: {_first_line(error)}): "
+        f"{constants.HF_HUB_CACHE}{offline} and could not be fetched ({cause}): "
         "fetch them once where the network is and copy that cache here (HF_HOME or HF_HUB_CACHE names it), "
         "or pass a local file: model.weights=/path/to/weights.pth"
     )
