@@ -591,6 +591,22 @@ def test_a_new_run_starts_from_a_trained_run(
     assert "weights: missing 0" in printed and "weights: unexpected 0" in printed
 
 
+def test_a_run_saved_with_pretrained_resumes(tmp_path: Path, segmenter: Path) -> None:
+    """A config.yaml from before model.weights (``pretrained: true``) resumes as ``weights: imagenet`` without
+    reading any weights: segnet_small would refuse imagenet if the resume tried."""
+    import shutil
+
+    import yaml
+
+    run = tmp_path / "old-run"
+    shutil.copytree(segmenter, run)
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    config["model"] = {**{k: v for k, v in config["model"].items() if not k.startswith("weights")}, "pretrained": True}
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    assert main(["train", "--resume", str(run), "train.steps=3", "--quiet"]) == 0
+    assert yaml.safe_load((run / "config.yaml").read_text())["model"]["weights"] == "imagenet"
+
+
 # ---------------------------------------------------------------- config files and values
 
 
