@@ -18,7 +18,9 @@ def test_registered_names() -> None:
     assert MODELS.names() == [
         "cnn",
         "deeplabv3plus_r101",
+        "deeplabv3plus_r101_deepstem",
         "deeplabv3plus_r50",
+        "deeplabv3plus_r50_deepstem",
         "segnet_small",
         "wrn_28_2",
         "wrn_28_8",
