@@ -2,6 +2,8 @@
 
     python benchmarks/seg_step_time.py --shape digitscenes --repeats 10 --warmup 3
     python benchmarks/seg_step_time.py --shape pascal --device cuda --workers 8 --repeats 20   # on a GPU
+    python benchmarks/seg_step_time.py --shape pascal --methods unimatch --crop 97 --batch 2 \
+        --models deeplabv3plus_r101 deeplabv3plus_r101_deepstem          # smp's R101 beside UniMatch's network
 
 Shapes: ``digitscenes`` (the shipped digitscenes-<method> config: segnet_small, 8 + 8 at 64 px) and
 ``pascal`` (UniMatch's Pascal step: DeepLabV3+ R101, 8 labeled + 8 unlabeled at crop 321, read from
@@ -10,12 +12,15 @@ JPEG/PNG files of VOC's typical 500x375 size that the script writes, decoded and
 step (batch from files + views + forward + backward + update + EMA); "model only" the same on a batch
 prepared in advance; "batch" the data pipeline alone. After ``--warmup`` untimed rounds every round
 times every method once, interleaved; min and median are reported, and the pipeline's share as the
-median of per-round batch / step ratios.
+median of per-round batch / step ratios. ``--models`` times each method on each network (default: the
+preset's); ``--crop`` and ``--batch`` shrink the Pascal shape for a CPU. ``peak_rss_mib`` is the process's
+peak resident memory, so compare networks' memory from runs with one ``--models`` each.
 """
 
 from __future__ import annotations
 
 import argparse
+import resource
 import statistics
 import sys
 import tempfile
@@ -50,7 +55,7 @@ def _write_pascal_like_folder(root: Path, images: int = 64) -> None:
     (root / "train" / "classes.txt").write_text("".join(f"c{k}\n" for k in range(21)))
 
 
-def build_trainer(method: str, args: argparse.Namespace, tmp: Path) -> Trainer:
+def build_trainer(method: str, model: str | None, args: argparse.Namespace, tmp: Path) -> Trainer:
     if args.shape == "digitscenes":
         config, extra = f"digitscenes-{method}", []
     else:
@@ -59,7 +64,10 @@ def build_trainer(method: str, args: argparse.Namespace, tmp: Path) -> Trainer:
             _write_pascal_like_folder(tmp / "data")
         extra = _folder_args(tmp / "data")
     overrides = [*extra, f"train.device={args.device}", f"data.workers={args.workers}", f"train.compile={args.compile}"]
-    return Trainer(load_config(config, overrides), tmp / f"run-{method}", progress=False)
+    overrides += [f"model.name={model}"] if model else []
+    overrides += [f"data.crop_size={args.crop}"] if args.crop else []
+    overrides += [f"train.batch_size={args.batch}"] if args.batch else []
+    return Trainer(load_config(config, overrides), tmp / f"run-{method}-{model}", progress=False)
 
 
 def _folder_args(root: Path) -> list[str]:
@@ -68,8 +76,12 @@ def _folder_args(root: Path) -> list[str]:
         f"data.root={root / 'train'}",
         f"data.unlabeled_dir={root / 'unlabeled'}",
         f"data.val_dir={root / 'val'}",
-        "model.pretrained=false",
+        "model.weights=none",
     ]
+
+
+def _name(method: str, model: str | None) -> str:
+    return method if model is None else f"{method} {model}"
 
 
 def main() -> int:
@@ -81,15 +93,19 @@ def main() -> int:
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--compile", action="store_true")
+    p.add_argument("--models", nargs="+", default=[None], help="model.name for each method (default: the preset's)")
+    p.add_argument("--crop", type=int, default=0, help="data.crop_size (0: the preset's)")
+    p.add_argument("--batch", type=int, default=0, help="train.batch_size, labeled = unlabeled (0: the preset's)")
     p.add_argument("--tag", default="")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = p.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
-        trainers = {m: build_trainer(m, args, Path(tmp)) for m in args.methods}
+        runs = [(method, model) for method in args.methods for model in args.models]
+        trainers = {_name(m, net): build_trainer(m, net, args, Path(tmp)) for m, net in runs}
         device = next(iter(trainers.values())).device
         batches = {m: t.next_batch() for m, t in trainers.items()}
-        times = {m: {"step": [], "model_only": [], "batch": []} for m in args.methods}
+        times = {m: {"step": [], "model_only": [], "batch": []} for m in trainers}
         for round_ in range(args.warmup + args.repeats):
             for method, trainer in trainers.items():
                 t = {
@@ -112,7 +128,7 @@ def main() -> int:
         row["batch_share_of_step"] = round(statistics.median(b / s for b, s in zip(t["batch"], t["step"])), 3)
         rows.append(row)
         print(
-            f"{method:<11} step {row['step_ms']:9.1f} ms (min {row['step_min_ms']:.1f}) | model only "
+            f"{method:<40} step {row['step_ms']:9.1f} ms (min {row['step_min_ms']:.1f}) | model only "
             f"{row['model_only_ms']:9.1f} ms | batch {row['batch_ms']:8.1f} ms = {row['batch_share_of_step']:.1%} "
             "of the step (median of per-round ratios)",
             flush=True,
@@ -126,7 +142,10 @@ def main() -> int:
         "compile": args.compile,
         "warmup": args.warmup,
         "repeats": args.repeats,
+        "crop": args.crop or None,
+        "batch": args.batch or None,
         "order": "interleaved: each round times every method: whole step, model only, batch alone",
+        "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "results": rows,
     }
     write_json(args.out, f"seg_step_time-{args.shape}-{device.type}", args.tag, payload)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from trustmatch.cli import main
@@ -399,7 +400,7 @@ def standard_dataset(root: Path, dataset: str) -> tuple[str, list[str]]:
     (lists / "labeled.txt").write_text(f"{image.format('a')} {mask.format('a')}\n")
     (lists / "unlabeled.txt").write_text(f"{image.format('b')} {mask.format('b')}\n")
     (root / "splits" / "val.txt").write_text(f"{image.format('c')} {mask.format('c')}\n")
-    args = [config, f"data.root={root}", "model.name=segnet_small", "model.pretrained=false", "data.crop_size=16"]
+    args = [config, f"data.root={root}", "model.name=segnet_small", "model.weights=none", "data.crop_size=16"]
     return split, args
 
 
@@ -490,6 +491,120 @@ def test_segmentation_ssl_without_unlabeled_images(tmp_path: Path, capsys: pytes
     line = fails(capsys, *args)
     assert "method 'unimatch' needs unlabeled images and folder has none: give data.unlabeled_dir" in line
     assert_no_run(out)
+
+
+# ---------------------------------------------------------------- initial weights (model.weights)
+
+
+def _weights_file(folder: Path, breakage: str) -> Path:
+    """A weights file broken in one of the ways model.weights can be wrong (the data has 3 classes)."""
+    from trustmatch.models import build_model
+
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / ("w.ckpt" if breakage == "suffix" else "w.pth")
+    if breakage == "folder":
+        return folder
+    if breakage == "missing":
+        return folder / "gone.pth"
+    whole = build_model("segnet_small", 3, 3).state_dict()
+    contents = {
+        "suffix": whole,
+        "truncated": whole,
+        "not a state dict": {"epoch": 3, "lr": 0.1},
+        "pickled module": build_model("segnet_small", 3, 3),
+        "wrong architecture": build_model("cnn", 3, 3).state_dict(),
+        "head of another size": build_model("segnet_small", 5, 3).state_dict(),
+    }[breakage]
+    torch.save(contents, path)
+    if breakage == "truncated":
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    return path
+
+
+@pytest.mark.parametrize(
+    "breakage, expected",
+    [
+        ("missing", "gone.pth: the file does not exist; give a .pth/.pt/.safetensors/.bin file"),
+        ("folder", "the file is a folder"),
+        ("suffix", ".ckpt is not a weights file: use one of"),
+        ("truncated", "is unreadable or truncated"),
+        ("not a state dict", "holds no state dict (a mapping of names to tensors"),
+        ("pickled module", "was refused: it holds objects other than tensors and plain data (a pickled"),
+        ("wrong architecture", "does not fit SegNetSmall: none of its"),
+        ("head of another size", "has a head of another size (head.classifier.weight: [5, 96, 1, 1] in the file"),
+    ],
+)
+def test_bad_weights_file(tmp_path: Path, capsys: pytest.CaptureFixture[str], breakage: str, expected: str) -> None:
+    path = _weights_file(tmp_path / "weights", breakage)
+    out = tmp_path / "run"
+    line = fails(capsys, *train_seg(seg_folders(tmp_path / "seg"), out, f"model.weights={path}"))
+    assert expected in line and str(path) in line, line
+    assert_no_run(out)
+
+
+@pytest.mark.parametrize(
+    "extra, expected",
+    [
+        (
+            ["model.name=deeplabv3plus_r50_deepstem", "model.weights=imagenet"],
+            "UniMatch's release file resnet50.pth, which no library downloads: get resnet50.pth from the UniMatch "
+            "release (its pretrained/ folder) and pass model.weights=/path/to/resnet50.pth",
+        ),
+        (
+            ["model.name=smp:resnet18", "model.weights=imagenet"],
+            "the ImageNet weights of smp encoder 'resnet18' are not in the Hugging Face cache",
+        ),
+        (["model.weights=imagenet"], "segnet_small has no ImageNet weights; use model.weights=none"),
+        (["model.name=smp:resnet19"], "has no encoder 'resnet19'; did you mean smp:resnet18"),
+        (["model.pretrained=true"], "config key 'model.pretrained' was replaced by model.weights: imagenet"),
+        (["model.weights_prefix=backbone."], "'model.weights_prefix' must be empty unless model.weights is a file"),
+    ],
+)
+def test_imagenet_weights_not_had(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, extra: list[str], expected: str
+) -> None:
+    """Offline without a cache (the hub's constants pointed at an empty folder: nothing reaches the network)."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    out = tmp_path / "run"
+    line = fails(capsys, *train_seg(seg_folders(tmp_path / "seg"), out, *extra))
+    assert expected in line, line
+    if "Hugging Face cache" in line:
+        assert f"{tmp_path / 'empty-cache'} (offline: HF_HUB_OFFLINE=1)" in line
+    assert_no_run(out)
+
+
+def test_a_new_run_starts_from_a_trained_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], segmenter: Path
+) -> None:
+    """model.weights=RUN/last.pt: the new run's initial model is the old run's evaluated (EMA) model."""
+    from trustmatch.models.weights import read_state_dict
+
+    out = tmp_path / "run"
+    argv = train_seg(seg_folders(tmp_path / "seg"), out, f"model.weights={segmenter / 'last.pt'}", "train.steps=1")
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    tensors = len(read_state_dict(segmenter / "last.pt"))  # the EMA part: every tensor of the model
+    assert f"weights: {tensors} tensors from {segmenter / 'last.pt'} into the model" in printed
+    assert "weights: missing 0" in printed and "weights: unexpected 0" in printed
+
+
+def test_a_run_saved_with_pretrained_resumes(tmp_path: Path, segmenter: Path) -> None:
+    """A config.yaml from before model.weights (``pretrained: true``) resumes as ``weights: imagenet`` without
+    reading any weights: segnet_small would refuse imagenet if the resume tried."""
+    import shutil
+
+    import yaml
+
+    run = tmp_path / "old-run"
+    shutil.copytree(segmenter, run)
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    config["model"] = {**{k: v for k, v in config["model"].items() if not k.startswith("weights")}, "pretrained": True}
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    assert main(["train", "--resume", str(run), "train.steps=3", "--quiet"]) == 0
+    assert yaml.safe_load((run / "config.yaml").read_text())["model"]["weights"] == "imagenet"
 
 
 # ---------------------------------------------------------------- config files and values

@@ -18,7 +18,9 @@ def test_registered_names() -> None:
     assert MODELS.names() == [
         "cnn",
         "deeplabv3plus_r101",
+        "deeplabv3plus_r101_deepstem",
         "deeplabv3plus_r50",
+        "deeplabv3plus_r50_deepstem",
         "segnet_small",
         "vit_base_patch16_96",
         "vit_small_patch2_32",

@@ -379,7 +379,7 @@ def test_split_file_naming_a_missing_file_exits_2(tmp_path: Path, capsys: pytest
     (split / "unlabeled.txt").write_text("JPEGImages/b.jpg SegmentationClass/b.png\n")
     (root / "splits" / "val.txt").write_text("JPEGImages/a.jpg SegmentationClass/a.png\n")
     code = main(
-        ["train", "pascal-unimatch-92", f"data.root={root}", "model.pretrained=false", "--out", str(tmp_path / "r")]
+        ["train", "pascal-unimatch-92", f"data.root={root}", "model.weights=none", "--out", str(tmp_path / "r")]
     )
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.count("\n") == 0 and "labeled.txt" in err and "a.jpg" in err

@@ -1,5 +1,5 @@
-"""Segmentation networks (perturbation, encoder/head split, float32 logits, odd sizes, pretrained
-fallback) and sliding-window inference."""
+"""Segmentation networks (perturbation, encoder/head split, float32 logits, odd sizes, ImageNet weights or
+one line saying why not) and sliding-window inference."""
 
 from __future__ import annotations
 
@@ -8,11 +8,12 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from trustmatch.core.errors import UserError
 from trustmatch.core.precision import Precision
 from trustmatch.evaluation.forward import _window_starts, segment
 from trustmatch.models import MODELS, SEGMENTATION_MODELS, Output, build_model
 
-NETS = ["segnet_small", "deeplabv3plus_r50"]
+NETS = ["segnet_small", "deeplabv3plus_r50", "deeplabv3plus_r50_deepstem"]
 K = 4
 
 
@@ -23,13 +24,19 @@ def nets() -> dict[str, nn.Module]:
     return {name: build_model(name, K, 3, bn_momentum=0.1) for name in NETS}
 
 
-def test_registered_with_uniform_factory_keywords(capsys: pytest.CaptureFixture[str]) -> None:
-    assert set(SEGMENTATION_MODELS) == {"segnet_small", "deeplabv3plus_r50", "deeplabv3plus_r101"}
+def test_registered_with_uniform_factory_keywords() -> None:
+    assert set(SEGMENTATION_MODELS) == {
+        "segnet_small",
+        "deeplabv3plus_r50",
+        "deeplabv3plus_r101",
+        "deeplabv3plus_r50_deepstem",
+        "deeplabv3plus_r101_deepstem",
+    }
     assert set(SEGMENTATION_MODELS) <= set(MODELS.names())
-    model = build_model("segnet_small", K, 3, 0.1, 0.0, pretrained=True, output_stride=16)
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 1 and "random init" in lines[0]
+    model = build_model("segnet_small", K, 3, 0.1, 0.0, output_stride=16)
     assert model(torch.randn(1, 3, 16, 16)).logits.shape == (1, K, 16, 16)
+    with pytest.raises(UserError, match="segnet_small has no ImageNet weights; use model.weights=none"):
+        build_model("segnet_small", K, 3, weights="imagenet")
 
 
 @pytest.mark.parametrize("name", NETS)
@@ -87,9 +94,10 @@ def test_small_net_is_channels_last_and_bn_momentum_everywhere() -> None:
     assert conv.weight.is_contiguous(memory_format=torch.channels_last)
 
 
+@pytest.mark.parametrize("name", ["deeplabv3plus_r50", "deeplabv3plus_r50_deepstem"])
 @pytest.mark.parametrize("output_stride", [8, 16])
-def test_deeplab_output_stride_and_bn_momentum(output_stride: int) -> None:
-    model = build_model("deeplabv3plus_r50", K, 3, bn_momentum=0.02, output_stride=output_stride).eval()
+def test_deeplab_output_stride_and_bn_momentum(name: str, output_stride: int) -> None:
+    model = build_model(name, K, 3, bn_momentum=0.02, output_stride=output_stride).eval()
     with torch.no_grad():
         features = model.encoder(torch.randn(1, 3, 64, 64))
         assert features[-1].shape[-1] == 64 // output_stride
@@ -101,7 +109,7 @@ def test_deeplab_output_stride_and_bn_momentum(output_stride: int) -> None:
     assert dilations == ({6, 12, 18} if output_stride == 16 else {12, 24, 36})
     assert all(d.p == 0 for d in model.head.modules() if isinstance(d, nn.Dropout))
     with pytest.raises(ValueError, match="output_stride"):
-        build_model("deeplabv3plus_r50", K, 3, output_stride=32)
+        build_model(name, K, 3, output_stride=32)
 
 
 def test_deeplab_r101_builds_and_runs() -> None:
@@ -114,28 +122,22 @@ def _fail_fetch(*args: object, **kwargs: object) -> str:
     raise OSError("no network in this test")
 
 
-def test_pretrained_fetch_failure_falls_back_to_random_init(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_imagenet_fetch_failure_is_one_line_not_random_init(monkeypatch: pytest.MonkeyPatch) -> None:
     import segmentation_models_pytorch.encoders as smp_encoders
 
     monkeypatch.setattr(smp_encoders, "hf_hub_download", _fail_fetch)
-    model = build_model("deeplabv3plus_r50", K, 3, pretrained=True)
-    captured = capsys.readouterr()
-    lines = captured.err.strip().splitlines()
-    assert len(lines) == 1 and "resnet50" in lines[0] and "random init" in lines[0]
-    assert captured.out == ""
-    assert model(torch.randn(2, 3, 32, 32)).logits.shape == (2, K, 32, 32)
+    with pytest.raises(UserError, match="ImageNet weights of smp encoder 'resnet50' are not in the Hugging Face cache"):
+        build_model("deeplabv3plus_r50", K, 3, weights="imagenet")
 
 
-def test_pretrained_weights_are_loaded_when_fetched(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+def test_imagenet_weights_are_loaded_when_fetched(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
     import segmentation_models_pytorch.encoders as smp_encoders
 
     reference = smp_encoders.get_encoder("resnet50", weights=None)
     weights = tmp_path / "model.safetensors"
     save_file({k: v.contiguous() for k, v in reference.state_dict().items()}, str(weights))
     monkeypatch.setattr(smp_encoders, "hf_hub_download", lambda *args, **kwargs: str(weights))
-    model = build_model("deeplabv3plus_r50", K, 3, pretrained=True)
+    model = build_model("deeplabv3plus_r50", K, 3, weights="imagenet")
     torch.testing.assert_close(model.encoder.conv1.weight, reference.conv1.weight)
     torch.testing.assert_close(model.encoder.layer4[0].conv2.weight, reference.layer4[0].conv2.weight)
 

@@ -65,7 +65,17 @@ def _all_keys(cls: type = Config, prefix: str = "") -> list[str]:
     return keys
 
 
+#: keys replaced since runs saved them: a user's config naming one is refused with its replacement; a saved
+#: run's config is read under the new key (``from_saved``)
+REPLACED_KEYS = {
+    "model.pretrained": "model.weights: imagenet (ImageNet weights, an error where they cannot be had, never a "
+    "silent random init), none, or a weights file path",
+}
+
+
 def _unknown_key(key: str) -> UserError:
+    if key in REPLACED_KEYS:
+        return UserError(f"config key {key!r} was replaced by {REPLACED_KEYS[key]}")
     close = difflib.get_close_matches(key, _all_keys(), n=1, cutoff=0.5)
     hint = f"; did you mean {close[0]!r}?" if close else ""
     return UserError(f"unknown config key {key!r}{hint} (see `trustmatch list --keys`)")
@@ -209,6 +219,11 @@ def _validate(cfg: Config, given: set[str]) -> None:
             "memory or auto here: digits is embedded (always in memory) and segmentation decodes per batch",
         ),
         (cfg.model.output_stride in (8, 16), "model.output_stride", "8 or 16"),
+        (
+            not cfg.model.weights_prefix or cfg.model.weights not in ("none", "imagenet"),
+            "model.weights_prefix",
+            "empty unless model.weights is a file (it selects that file's keys)",
+        ),
         *cfg.calibratemix.checks(cfg.task, method, cfg.train.batch_size),
         (
             cfg.eval.pixel_temperature in PIXEL_TEMPERATURES,
@@ -423,13 +438,19 @@ def from_dict(values: dict[str, Any]) -> Config:
 
 def from_saved(values: dict[str, Any]) -> Config:
     """A run's saved config (config.yaml, a checkpoint's), method values renamed since it was written
-    (``MethodConfig.renamed``) read under their new names, and keys added since then at the value that
-    reproduces the run (``calibratemix.second_pass_stats``: false), so that older runs resume as they ran."""
+    (``MethodConfig.renamed``) read under their new names, replaced keys under theirs (``model.pretrained``:
+    true as ``model.weights=imagenet``, which a resume never fetches: the checkpoint's weights replace them), and
+    keys added since then at the value that reproduces the run (``calibratemix.second_pass_stats``: false), so
+    that older runs resume as they ran."""
     section = values.get("method")
     if isinstance(section, dict) and section.get("name") in METHODS:
         renamed = METHODS.get(section["name"]).Config.renamed
         section = {k: renamed[k].get(v, v) if k in renamed and isinstance(v, str) else v for k, v in section.items()}
         values = {**values, "method": section}
+    model = values.get("model")
+    if isinstance(model, dict) and "pretrained" in model:  # before model.weights: a failed fetch started at random
+        model = {k: v for k, v in model.items() if k != "pretrained"}
+        values = {**values, "model": {**model, "weights": "imagenet" if values["model"]["pretrained"] else "none"}}
     mix = values.get("calibratemix")
     if isinstance(mix, dict) and "second_pass_stats" not in mix:  # saved before the key: updated once a step
         values = {**values, "calibratemix": {**mix, "second_pass_stats": False}}

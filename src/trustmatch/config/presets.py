@@ -246,7 +246,9 @@ def _unimatch(
     return {
         "task": "segmentation",
         "data": {"name": dataset, "crop_size": crop, "workers": 8, **data},
-        "model": {"name": model, "pretrained": True, "output_stride": 16, "bn_momentum": 0.1},
+        # ImageNet weights as released: for the deep-stem ResNet only the release's resnet101.pth has them, so
+        # a run without model.weights=/path/to/resnet101.pth stops at once saying so (none: random init, if meant)
+        "model": {"name": model, "weights": "imagenet", "output_stride": 16, "bn_momentum": 0.1},
         "method": {"tau": 0.95} if method is None else method,
         "train": {
             "batch_size": 8,
@@ -281,20 +283,23 @@ def _fraction_splits(total: int, denominators: tuple[int, ...]) -> dict[str, tup
 #: crops, so 100,000 per labeled image here, whatever the processes); CSL trains its Cityscapes with OHEM too
 CITYSCAPES_METHOD = {"tau": 0.0, "labeled_loss": "ohem", "ohem_thresh": 0.7, "ohem_min_kept": 100_000}
 
+#: UniMatch's DeepLabV3+ as released (deep-stem ResNet-101, its decoder), which CSL's release builds too
+RELEASE_NET = "deeplabv3plus_r101_deepstem"
+
 SEG_FAMILIES = (
     SegFamily(
         "pascal-{method}-{split}", "Pascal VOC 2012 (+SBD)", _pascal_splits(), 80,
-        _unimatch("pascal", 321, 0.001, 10.0, "deeplabv3plus_r101"), "DeepLabV3+ R101, crop 321 (UniMatch setting)",
+        _unimatch("pascal", 321, 0.001, 10.0, RELEASE_NET), "DeepLabV3+ R101, crop 321 (UniMatch setting)",
     ),
     SegFamily(
         "cityscapes-{method}-{split}", "Cityscapes", _fraction_splits(2975, (16, 8, 4, 2)), 240,
-        _unimatch("cityscapes", 801, 0.005, 1.0, "deeplabv3plus_r101", CITYSCAPES_METHOD, sliding_window=True),
+        _unimatch("cityscapes", 801, 0.005, 1.0, RELEASE_NET, CITYSCAPES_METHOD, sliding_window=True),
         "DeepLabV3+ R101 at stride 16, crop 801, threshold 0, OHEM labeled loss, sliding-window evaluation "
         "(UniMatch's current release)",
     ),
     SegFamily(
         "coco-{method}-{split}", "COCO (81 classes)", _fraction_splits(118287, (512, 256, 128, 64, 32)), 30,
-        _unimatch("coco", 513, 0.004, 10.0, "deeplabv3plus_r101"),
+        _unimatch("coco", 513, 0.004, 10.0, RELEASE_NET),
         "DeepLabV3+ R101, crop 513 (UniMatch setting, which uses Xception-65)",
     ),
 )  # fmt: skip

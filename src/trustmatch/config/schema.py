@@ -85,16 +85,21 @@ class ModelConfig:
     name: str = opt(
         "cnn",
         "network: cnn, wrn_28_2, wrn_28_8, wrn_37_2, USB's vit_tiny_patch2_32, vit_small_patch2_32, "
-        "vit_base_patch16_96, or timm:<any timm model> (timm:resnet50, timm:vit_small_patch16_224); "
-        "segmentation: segnet_small, deeplabv3plus_r50, _r101",
+        "vit_base_patch16_96, or timm:<any timm model> (timm:resnet50, timm:vit_small_patch16_224); segmentation: "
+        "segnet_small, deeplabv3plus_r50, _r101 (smp's ResNet), deeplabv3plus_r50_deepstem, _r101_deepstem "
+        "(UniMatch's network as released), smp:<encoder> (DeepLabV3+ on any segmentation-models-pytorch encoder: "
+        "smp:resnet34, smp:efficientnet-b0, smp:tu-<timm>)",
     )
     weights: str = opt(
         "none",
-        "initial weights: none (random), imagenet (timm's pretrained weights through its cache, HF_HOME and "
-        "HF_HUB_OFFLINE honoured; an error when they cannot be had) or a weights file",
+        "initial weights: none (random init), imagenet (the library's download, timm's or smp's, from its cache: "
+        "HF_HOME, HF_HUB_OFFLINE=1 offline; an error if they cannot be had), or a .pth/.pt/.safetensors/.bin file "
+        "or a trustmatch run's best.pt/last.pt (a new run from a trained model); only the head may differ: a "
+        "classifier's head of another size starts fresh, a segmentation head of another size is an error",
     )
-    weights_prefix: str = opt("", "a key prefix of the weights file to load from (and strip)")
-    pretrained: bool = opt(False, "segmentation: ImageNet encoder weights (fetched; random init if they cannot be)")
+    weights_prefix: str = opt(
+        "", "load only the weights file's keys under this prefix, stripped (module., backbone. ... go by themselves)"
+    )
     output_stride: int = opt(16, "DeepLabV3+ encoder output stride: 16 (UniMatch) or 8 (CSL)")
     bn_momentum: float = opt(
         0.001, "BatchNorm momentum (PyTorch convention); 0.001 as USB for 2^20-step runs, ~0.1 for short ones"

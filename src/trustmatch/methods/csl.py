@@ -151,7 +151,7 @@ class CSL(SSLMethod):
     Config = CSLConfig
     cfg: CSLConfig
     records_selection = True
-    published_backbone = ("deeplabv3plus_r101", 8, "CSL's backbone: DeepLabV3+ R101 at stride 8")
+    published_backbone = ("deeplabv3plus_r101_deepstem", 8, "CSL's backbone: DeepLabV3+ R101 at stride 8")
 
     def selector(self, num_classes: int, num_unlabeled: int) -> Selector:
         cfg = self.cfg

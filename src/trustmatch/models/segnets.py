@@ -1,4 +1,5 @@
-"""Segmentation networks: DeepLabV3+ (ResNet-50/101 through segmentation-models-pytorch) and a small CPU net.
+"""Segmentation networks: DeepLabV3+ through segmentation-models-pytorch (ResNet-50/101, or any smp encoder as
+``smp:<encoder>``) and a small CPU net. UniMatch's own DeepLabV3+ is ``deeplab_deepstem``.
 
 Contract (UniMatch's feature perturbation in one decoder pass): ``forward(x, perturb=False)`` returns
 ``Output(logits, features)`` with float32 logits [N, K, H, W] at the input's size; ``perturb=True``
@@ -11,7 +12,7 @@ encoder) are attributes, so ``train.head_lr_scale`` gives the decoder its own le
 
 from __future__ import annotations
 
-import sys
+import difflib
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -19,12 +20,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from trustmatch.core.errors import UserError
 from trustmatch.models.output import Output
 
 if TYPE_CHECKING:
     import segmentation_models_pytorch as smp
 
-__all__ = ["DeepLabV3Plus", "SegNetSmall", "deeplabv3plus_r50", "deeplabv3plus_r101", "segnet_small"]
+__all__ = ["DeepLabV3Plus", "SegNetSmall", "deeplabv3plus_r50", "deeplabv3plus_r101", "segnet_small", "smp_deeplab"]
 
 
 def _perturb(features: Tensor, dropout: nn.Module) -> Tensor:
@@ -77,13 +79,13 @@ class DeepLabV3Plus(nn.Module):
         in_channels: int,
         bn_momentum: float,
         dropout: float,
-        pretrained: bool,
+        imagenet: bool,
         output_stride: int,
     ) -> None:
         super().__init__()
         if output_stride not in (8, 16):
             raise ValueError(f"output_stride must be 8 or 16, got {output_stride!r}")
-        net = _build_smp(encoder_name, num_classes, in_channels, pretrained, output_stride)
+        net = _build_smp(encoder_name, num_classes, in_channels, imagenet, output_stride)
         self.encoder = net.encoder
         self.head = _DeepLabHead(net.decoder, net.segmentation_head[0], dropout)
         self.perturbation = nn.Dropout2d(0.5)
@@ -109,15 +111,19 @@ ASPP_RATES = {16: (6, 12, 18), 8: (12, 24, 36)}
 
 
 def _build_smp(
-    encoder_name: str, num_classes: int, in_channels: int, pretrained: bool, output_stride: int
+    encoder_name: str, num_classes: int, in_channels: int, imagenet: bool, output_stride: int
 ) -> smp.DeepLabV3Plus:
-    """smp's model; ImageNet weights when asked and reachable, else random init with one line on stderr.
+    """smp's model, with its ImageNet encoder weights (through huggingface_hub's cache) when asked: a
+    failure to get them is one line naming the cache, never a silent random init.
 
     smp is imported here: its import (timm) costs ~1 s that runs not needing a DeepLabV3+ should not pay.
     """
     import segmentation_models_pytorch as smp
 
-    def build(weights: str | None) -> smp.DeepLabV3Plus:
+    from trustmatch.models.weights import hub_failure
+
+    weights = _imagenet_tag(encoder_name) if imagenet else None
+    try:
         return smp.DeepLabV3Plus(
             encoder_name=encoder_name,
             encoder_weights=weights,
@@ -131,17 +137,35 @@ def _build_smp(
             decoder_aspp_separable=False,
             decoder_aspp_dropout=0.0,
         )
+    except ValueError as e:
+        if "dilat" in str(e):  # an encoder that cannot trade stride for dilation (smp: VGG, MobileOne ...)
+            raise UserError(
+                f"smp encoder {encoder_name!r} cannot run at output stride {output_stride} (smp: {e}): choose "
+                "another encoder"
+            ) from None
+        if weights is None:
+            raise
+        raise hub_failure(f"smp encoder {encoder_name!r}", e) from None
+    except Exception as e:  # fetching or reading the weights: the hub's OSErrors, a damaged cached file
+        if weights is None:
+            raise
+        raise hub_failure(f"smp encoder {encoder_name!r}", e) from None
 
-    if pretrained:
-        try:
-            return build("imagenet")
-        except OSError as exc:  # huggingface_hub's network and cache errors are all OSErrors
-            print(
-                f"warning: ImageNet weights for {encoder_name} could not be fetched "
-                f"({type(exc).__name__}); the encoder starts from random init",
-                file=sys.stderr,
-            )
-    return build(None)
+
+def _imagenet_tag(encoder_name: str) -> str | bool:
+    """smp's name for an encoder's ImageNet weights: ``imagenet``, or True for timm's (``tu-``) encoders,
+    whose pretrained tag is part of the name; one line for an encoder smp has no ImageNet weights for."""
+    if encoder_name.startswith("tu-"):
+        return True
+    from segmentation_models_pytorch.encoders import encoders
+
+    available = list(encoders[encoder_name]["pretrained_settings"])
+    if "imagenet" not in available:
+        raise UserError(
+            f"model.weights=imagenet: smp has no ImageNet weights for encoder {encoder_name!r} (its weights: "
+            f"{', '.join(available) or 'none'}): pass a weights file, or model.weights=none"
+        )
+    return "imagenet"
 
 
 def _deeplab(encoder: str) -> Callable[..., DeepLabV3Plus]:
@@ -153,16 +177,40 @@ def _deeplab(encoder: str) -> Callable[..., DeepLabV3Plus]:
         in_channels: int = 3,
         bn_momentum: float = 0.1,
         dropout: float = 0.0,
-        pretrained: bool = False,
+        imagenet: bool = False,
         output_stride: int = 16,
     ) -> DeepLabV3Plus:
-        return DeepLabV3Plus(encoder, num_classes, in_channels, bn_momentum, dropout, pretrained, output_stride)
+        return DeepLabV3Plus(encoder, num_classes, in_channels, bn_momentum, dropout, imagenet, output_stride)
 
     return factory
 
 
 deeplabv3plus_r50 = _deeplab("resnet50")
 deeplabv3plus_r101 = _deeplab("resnet101")
+
+
+def smp_deeplab(encoder: str) -> Callable[..., DeepLabV3Plus]:
+    """``model.name=smp:<encoder>``: DeepLabV3+ on any encoder smp knows (its own names, or ``tu-<timm
+    model>``); an unknown name is one line with the closest ones."""
+    from segmentation_models_pytorch.encoders import get_encoder_names
+
+    known = get_encoder_names()
+    if encoder.startswith("tu-"):
+        import timm
+
+        found = timm.is_model(encoder.removeprefix("tu-").split(".")[0])
+        close = difflib.get_close_matches(encoder.removeprefix("tu-"), timm.list_models(), n=3)
+        close = [f"tu-{c}" for c in close]
+    else:
+        found = encoder in known
+        close = difflib.get_close_matches(encoder, known, n=3)
+    if not found:
+        hint = f"; did you mean {', '.join('smp:' + c for c in close)}?" if close else ""
+        raise UserError(
+            f"model.name=smp:{encoder}: segmentation-models-pytorch has no encoder {encoder!r}{hint} (its encoders: "
+            "smp.encoders.get_encoder_names(), or tu-<any timm model>)"
+        )
+    return _deeplab(encoder)
 
 
 # SegNetSmall's stage widths. 32-64-128 (0.67 M parameters) reached val mIoU 0.18 on (a draft of) digitscenes with
@@ -250,16 +298,8 @@ class SegNetSmall(nn.Module):
 
 
 def segnet_small(
-    num_classes: int,
-    in_channels: int = 3,
-    bn_momentum: float = 0.1,
-    dropout: float = 0.0,
-    pretrained: bool = False,
-    output_stride: int = 8,
+    num_classes: int, in_channels: int = 3, bn_momentum: float = 0.1, dropout: float = 0.0, output_stride: int = 8
 ) -> SegNetSmall:
-    """The segmentation factories' signature; this net has no ImageNet weights (``pretrained`` says so in
-    one line and starts from random init, as a failed fetch does) and a fixed output stride of 8
-    (``output_stride`` is a DeepLabV3+ setting)."""
-    if pretrained:
-        print("warning: segnet_small has no ImageNet weights; it starts from random init", file=sys.stderr)
+    """The segmentation factories' signature; a fixed output stride of 8 (``output_stride`` is a DeepLabV3+
+    setting). No ImageNet weights: ``build_model`` refuses ``imagenet`` for it."""
     return SegNetSmall(num_classes, in_channels, bn_momentum, dropout)

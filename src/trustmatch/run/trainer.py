@@ -30,6 +30,7 @@ from trustmatch.core.errors import UserError
 from trustmatch.core.precision import Precision, resolve_device
 from trustmatch.evaluation.metrics import NonFiniteLogits
 from trustmatch.evaluation.temperature import Temperature
+from trustmatch.models.weights import check_source
 from trustmatch.run.artefacts import write_diagram, write_final_plots
 from trustmatch.run.checkpoint import CHECKPOINT_VERSION, load_checkpoint, save_checkpoint
 from trustmatch.run.ema import ModelEMA
@@ -59,6 +60,7 @@ class Trainer:
         dist.init_from_env(self.device)
         if not resume:
             dist.on_main(self.directory.check)  # before the data load: a clash is reported at once
+            check_source(cfg.model.weights)  # a missing weights file too (a resume never reads it)
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
         self.precision = Precision.resolve(self.device, cfg.train.amp, cfg.train.channels_last)
@@ -72,7 +74,7 @@ class Trainer:
             regularizer.to(self.device)
 
         torch.manual_seed(cfg.seed)  # the same initial weights on every process ...
-        self.model = self.precision.prepare(self.task.build_model().to(self.device))
+        self.model = self.precision.prepare(self.task.build_model(initial_weights=not resume).to(self.device))
         dist.broadcast_module(self.model)  # ... guaranteed, before the EMA copies them
         self.ema = ModelEMA(self.model, cfg.train.ema)
         self.optimizer = build_optimizer(self.model, cfg.train)

@@ -20,7 +20,7 @@ from trustmatch.evaluation.forward import iter_logits
 from trustmatch.evaluation.metrics import ClassificationMeter
 from trustmatch.evaluation.temperature import Temperature, fit_temperature, scale_logits
 from trustmatch.methods.weak_to_strong import Batch
-from trustmatch.models import MODELS, SEGMENTATION_MODELS
+from trustmatch.models import MODELS, is_segmentation_model
 from trustmatch.tasks.task import Evaluation, SSLTask, StepOutput
 
 SPLITS = ("val", "test")
@@ -28,18 +28,14 @@ SPLITS = ("val", "test")
 
 def check_model_options(cfg: Config) -> None:
     """``model.*`` and ``train.freeze`` against the network, before the data load: an unknown ``timm:`` name
-    (with the closest names), weights it cannot have, a backbone it cannot freeze."""
+    (with the closest names), ImageNet weights it cannot have, a backbone it cannot freeze. A weights file is
+    checked by the trainer (``weights.check_source``) and read when the model is built."""
     name, weights = cfg.model.name, cfg.model.weights
     models.is_classifier(name)  # a timm name is checked here (else build_model names the closest model)
-    if weights not in ("none", "imagenet"):
-        raise UserError(
-            f"model.weights={weights}: loading a weights file is not available in this build; "
-            f"use model.weights=none or imagenet"
-        )
     if weights == "imagenet" and not models.takes_input(name):
         raise UserError(
             f"model.weights=imagenet: {name} has no ImageNet weights (it is trained from scratch); "
-            f"use timm:<name> (timm:resnet50, timm:vit_small_patch16_224) or model.weights=none"
+            f"use timm:<name> (timm:resnet50, timm:vit_small_patch16_224), a weights file or model.weights=none"
         )
     models.check_weights(name, weights)
     if cfg.train.layer_decay != 1.0 and not models.takes_input(name):
@@ -79,7 +75,7 @@ class ClassificationTask(SSLTask):
 
     def __init__(self, cfg: Config, precision: Precision) -> None:
         super().__init__(cfg, precision)
-        if cfg.model.name in SEGMENTATION_MODELS:
+        if is_segmentation_model(cfg.model.name):
             raise UserError(
                 f"model.name={cfg.model.name!r} is a segmentation network: classification needs one of "
                 f"{', '.join(sorted(MODELS.where(task='classification')))}, timm:<name> (or task=segmentation)"
@@ -103,17 +99,14 @@ class ClassificationTask(SSLTask):
         self.start(len(d.labeled), len(d.unlabeled), d.num_classes)
 
     @classmethod
-    def model_for(cls, meta: dict[str, Any], weights: str = "none") -> nn.Module:  # type: ignore[override]
-        """timm classifiers and USB's ViTs are built at the data's side (a ViT's position embeddings) with
-        ``weights``; inference builds with none, the checkpoint then giving every weight."""
-        name = meta["config"]["model"]["name"]
-        if not models.takes_input(name):
-            return super().model_for(meta)
-        return super().model_for(meta, image_size=meta["image_size"], weights=weights)
+    def model_for(cls, meta: dict[str, Any], **options: Any) -> nn.Module:
+        """timm classifiers and USB's ViTs are built at the data's side (a ViT's position embeddings)."""
+        if models.takes_input(meta["config"]["model"]["name"]):
+            options["image_size"] = meta["image_size"]
+        return super().model_for(meta, **options)
 
-    def build_model(self) -> nn.Module:
-        weights = self.cfg.model.weights
-        model = self.model_for(self.meta(), weights=weights if models.takes_input(self.cfg.model.name) else "none")
+    def build_model(self, initial_weights: bool = True) -> nn.Module:
+        model = super().build_model(initial_weights)
         if self.cfg.train.freeze:
             model.freeze_body()
         return model

@@ -30,7 +30,7 @@ from trustmatch.evaluation.metrics import SegmentationMeter
 from trustmatch.evaluation.pixel_pool import PixelPool
 from trustmatch.evaluation.temperature import Temperature, fit_class_temperatures, fit_temperature, scale_logits
 from trustmatch.methods.unimatch_step import SegBatch
-from trustmatch.models import SEGMENTATION_MODELS
+from trustmatch.models import SEGMENTATION_MODELS, is_segmentation_model
 from trustmatch.reporting.plots import segmentation_overlays
 from trustmatch.tasks.task import Evaluation, SSLTask, StepOutput
 
@@ -48,10 +48,10 @@ class SegmentationTask(SSLTask):
     def __init__(self, cfg: Config, precision: Precision) -> None:
         super().__init__(cfg, precision)
         self.fits_temperature = cfg.eval.pixel_temperature != "off"
-        if cfg.model.name not in SEGMENTATION_MODELS:
+        if not is_segmentation_model(cfg.model.name):
             raise UserError(
                 f"model.name={cfg.model.name!r} is a classifier: segmentation needs one of "
-                f"{', '.join(SEGMENTATION_MODELS)}"
+                f"{', '.join(SEGMENTATION_MODELS)} or smp:<encoder>"
             )
         self.share_batch()
         self.data = d = load_segmentation_data(cfg.data, cfg.seed)
@@ -73,13 +73,8 @@ class SegmentationTask(SSLTask):
         self.start(len(d.labeled), num_unlabeled, len(d.classes), unlabeled_streams=2)  # + the CutMix partners
 
     @classmethod
-    def model_for(cls, meta: dict[str, Any], pretrained: bool = False) -> nn.Module:  # type: ignore[override]
-        """Inference builds it without a download: the checkpoint's weights replace any."""
-        stride = meta["config"]["model"]["output_stride"]
-        return super().model_for(meta, pretrained=pretrained, output_stride=stride)
-
-    def build_model(self) -> nn.Module:
-        return self.model_for(self.meta(), pretrained=self.cfg.model.pretrained)
+    def model_for(cls, meta: dict[str, Any], **options: Any) -> nn.Module:
+        return super().model_for(meta, output_stride=meta["config"]["model"]["output_stride"], **options)
 
     def _crops(
         self, dataset: SegmentationSet, stream: str, generator: torch.Generator

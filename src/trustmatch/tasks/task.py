@@ -78,7 +78,8 @@ class Task(ABC):
     @classmethod
     def model_for(cls, meta: dict[str, Any], **options: Any) -> nn.Module:
         """The network a checkpoint's ``meta`` describes: training and inference build the same.
-        ``options``: what this task's networks take besides the common keys (segmentation's stride)."""
+        ``options``: ``weights`` / ``weights_prefix`` (``build_model``'s; inference gives none: the checkpoint's
+        weights replace any) and what this task's networks take besides the common keys (segmentation's stride)."""
         model = meta["config"]["model"]
         return models.build_model(
             model["name"],
@@ -89,9 +90,12 @@ class Task(ABC):
             **options,
         )
 
-    def build_model(self) -> nn.Module:
-        """A fresh network for this task's data (the trainer seeds, places and wraps it)."""
-        return self.model_for(self.meta())
+    def build_model(self, initial_weights: bool = True) -> nn.Module:
+        """A fresh network for this task's data (the trainer seeds, places and wraps it), with ``model.weights``
+        loaded; without ``initial_weights`` (a resume, whose checkpoint replaces them) none are read or fetched."""
+        model = self.cfg.model
+        weights = model.weights if initial_weights else "none"
+        return self.model_for(self.meta(), weights=weights, weights_prefix=model.weights_prefix)
 
     @abstractmethod
     def state_parts(self) -> dict[str, Stateful]:
