@@ -79,15 +79,17 @@ def test_usb_vits_have_usbs_sizes() -> None:
 
 
 def test_weights_saved_as_safetensors_load_into_a_fresh_model(tmp_path: Path) -> None:
+    """The wrapper's own state dict (``body.`` and ``head.`` keys) through model.weights: the same network."""
     torch.manual_seed(0)
     model = build_model("timm:test_vit", 5, 3, image_size=32).eval()
     save_file(model.state_dict(), tmp_path / "model.safetensors")
     torch.manual_seed(1)
-    fresh = build_model("timm:test_vit", 5, 3, image_size=32).eval()
+    other = build_model("timm:test_vit", 5, 3, image_size=32).eval()
     x = torch.randn(2, 3, 32, 32)
-    assert not torch.equal(fresh(x).logits, model(x).logits)
-    fresh.load_state_dict(load_file(tmp_path / "model.safetensors"))
+    assert not torch.equal(other(x).logits, model(x).logits)
+    fresh = build_model("timm:test_vit", 5, 3, image_size=32, weights=str(tmp_path / "model.safetensors")).eval()
     assert torch.equal(fresh(x).logits, model(x).logits) and torch.equal(fresh(x).features, model(x).features)
+    assert load_file(tmp_path / "model.safetensors").keys() == model.state_dict().keys()
 
 
 def _hub_cache(root: Path, state: dict[str, torch.Tensor]) -> Path:
