@@ -14,3 +14,15 @@ def _deterministic_threads() -> None:
 def _no_shared_storage(monkeypatch: pytest.MonkeyPatch) -> None:
     """A developer's TRUSTMATCH_STORAGE never sends a test's study to their shared server."""
     monkeypatch.delenv("TRUSTMATCH_STORAGE", raising=False)
+
+
+SMALL_TEST_SCENES = 60
+
+
+@pytest.fixture(autouse=True)
+def _fewer_digitscenes_test_scenes(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """In-process runs evaluate on 60 of digitscenes' 300 fixed test scenes: rendering and evaluating
+    the 300 took a quarter of each short segmentation run's time, and no test here measures quality.
+    Tests that check the split itself are marked ``all_test_scenes``; subprocess runs see all 300."""
+    if request.node.get_closest_marker("all_test_scenes") is None:
+        monkeypatch.setattr("trustmatch.data.digitscenes.TEST_SCENES", SMALL_TEST_SCENES)

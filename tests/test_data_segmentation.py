@@ -38,6 +38,7 @@ def _stack(dataset) -> tuple[torch.Tensor, torch.Tensor | None]:
     return torch.stack([x for x, _ in pairs]), torch.stack(masks) if masks[0] is not None else None
 
 
+@pytest.mark.all_test_scenes
 def test_digitscenes_splits_ranges_and_stats() -> None:
     data = _scenes()
     assert (len(data.labeled), len(data.unlabeled), len(data.val), len(data.test)) == (5, 55, 10, 300)

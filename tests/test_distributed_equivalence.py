@@ -121,7 +121,6 @@ import torch.distributed as td
 
 from trustmatch.core import distributed as dist
 from trustmatch.config import load_config
-from trustmatch.data import sampler
 from trustmatch.run.trainer import Trainer
 
 out, modes, name, overrides = Path(sys.argv[1]), sys.argv[2].split(","), sys.argv[3], sys.argv[4:]
@@ -185,14 +184,8 @@ if "globalnorm" in modes and cfg.task == "segmentation":  # UniMatch's pixel nor
     seg.F = SimpleNamespace(**{**vars(functional), "cross_entropy": cross_entropy})
     seg.pixel_loss = pixel_loss
 # deliberate breakages, so that the tolerance is seen to catch them (never in a real run)
-if "sum" in modes:  # gradients summed over the processes, not averaged
-    def allreduce_sum(state, bucket):
-        return td.all_reduce(bucket.buffer(), async_op=True).get_future().then(lambda f: f.value()[0])
-    trainer.train_model.register_comm_hook(None, allreduce_sum)
 if "nosync" in modes:  # no gradient exchange at all
     trainer.train_model = trainer.model
-if "sameslice" in modes:  # every process takes rank 0's slice of each global batch
-    sampler.dist = SimpleNamespace(world_size=dist.world_size, rank=lambda: 0)
 for mode in modes:
     if mode.startswith("aug="):  # another augmentation stream: the noise floor of one process
         trainer.aug_rng.manual_seed(int(mode[4:]))
@@ -341,8 +334,6 @@ def test_two_processes_train_what_one_process_does(
     "task, breakage",
     [
         ("classification", "perprocess"),
-        ("classification", "sum"),
-        ("classification", "sameslice"),
         ("classification", "nosync"),
         ("segmentation", "perprocess"),
     ],
@@ -351,8 +342,9 @@ def test_the_tolerance_catches_broken_batch_semantics(
     task: str, breakage: str, tmp_path: Path, exact_one_process: Callable[[str], dict]
 ) -> None:
     """The previous test fails, by 10x its tolerance or more, when 2 processes take train.batch_size
-    each (``perprocess``: the old semantics), sum gradients instead of averaging them, both take
-    the same slice of every global batch, or exchange no gradients (then they also disagree)."""
+    each (``perprocess``: the old semantics) or exchange no gradients (then they also disagree).
+    Summed gradients and one slice for both processes measured >= 0.22 too (seeds 0-2, when this
+    harness had them); they are not rerun: each breakage costs a 2-process launch of the full suite's time."""
     batch = next(int(o.split("=")[1]) for o in CONFIGS[task][1] if o.startswith("train.batch_size="))
     overrides = [*EXACT, f"train.batch_size={2 * batch}"] if breakage == "perprocess" else EXACT
     two = launch(tmp_path, 2, task, overrides, f"{EXACT_MODES},{breakage}")

@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import trustmatch
 
 PACKAGE = Path(trustmatch.__file__).parent
@@ -45,6 +47,7 @@ for module in sys.argv[1:]:
 """
 
 
+@pytest.mark.slow
 def test_every_module_imports_first() -> None:
     """Each module imported before any other trustmatch module: a circular import shows up here."""
     done = subprocess.run([sys.executable, "-c", FRESH_IMPORTS, *_modules()], capture_output=True, text=True)

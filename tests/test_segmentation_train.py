@@ -250,6 +250,7 @@ def test_digitscenes_run_directory(tmp_path: Path, method: str) -> None:
         assert diagnostics <= set(log[0]) and all(0 <= log[-1][k] <= 1 for k in diagnostics)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("config", ["digitscenes-unimatch", "digitscenes-csl"])
 def test_digitscenes_resume_is_bit_exact(tmp_path: Path, config: str) -> None:
     """CSL adds its selection snapshots and a varying number of draws per batch (mild vs strong).
