@@ -226,9 +226,11 @@ def test_bad_inputs_exit_2_with_one_line(tmp_path: Path, capsys: pytest.CaptureF
 
 @pytest.mark.slow
 def test_fixmatch_far_above_supervised_on_digits(tmp_path: Path) -> None:
-    """The headline claim: with 4 labels per class, FixMatch beats the supervised baseline by far."""
-    supervised = Trainer(load_config("digits-supervised"), tmp_path / "sup", progress=False).fit()
-    fixmatch = Trainer(load_config("digits-fixmatch"), tmp_path / "fix", progress=False).fit()
+    """The headline claim: with 4 labels per class, FixMatch beats the supervised baseline by far.
+    Half the shipped 1,500 steps (the schedule follows): 0.936 vs 0.847 when written (0.955 at 1,500)."""
+    half = ["train.steps=750"]
+    supervised = Trainer(load_config("digits-supervised", half), tmp_path / "sup", progress=False).fit()
+    fixmatch = Trainer(load_config("digits-fixmatch", half), tmp_path / "fix", progress=False).fit()
     assert fixmatch["final"]["accuracy"] > 0.9
     assert fixmatch["final"]["accuracy"] > supervised["final"]["accuracy"] + 0.05
 
