@@ -23,9 +23,7 @@ __all__ = ["PAGE", "write_html_report"]
 PAGE = "report.html"
 
 
-def write_html_report(
-    paths: Sequence[Path], out: Path, labels: Sequence[str] | None = None, checkpoint: bool = True
-) -> Path:
+def write_html_report(paths: Sequence[Path], out: Path, labels: Sequence[str] | None = None) -> Path:
     """``out/report.html`` for the runs at ``paths`` (``labels``: one name each, default the directory names)."""
     if labels is not None and len(labels) != len(paths):
         raise UserError(f"--labels gave {len(labels)} names for {len(paths)} run directories: give one per run")
@@ -34,7 +32,7 @@ def write_html_report(
         raise UserError(f"--out {out} is a file: name a directory for {PAGE}")
     for p in paths:  # every run checked before the slow part, so a typo in the last one fails at once
         load_material(p, checkpoint=False)
-    runs = [load_material(p, None if labels is None else labels[i], checkpoint) for i, p in enumerate(paths)]
+    runs = [load_material(p, None if labels is None else labels[i]) for i, p in enumerate(paths)]
     sections = [build(runs) for build in SECTIONS]
     names = ", ".join(run.label for run in runs)
     subtitle = f"{len(runs)} run{'s' * (len(runs) > 1)}: {names}. Written by trustmatch report --html."

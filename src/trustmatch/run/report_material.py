@@ -63,7 +63,7 @@ def load_material(path: Path, label: str | None = None, checkpoint: bool = True)
         )
     material = RunMaterial(label or path.name, path, metrics, _train_log(path / TRAIN_LOG), None)
     if not checkpoint:
-        material.findings_note = "not computed (the report was asked without the checkpoint pass)"
+        material.findings_note = "not computed"
     elif not (path / "last.pt").is_file():
         material.findings_note = "no last.pt in the run directory: they need the final checkpoint"
     else:

@@ -333,7 +333,7 @@ def overlays(runs: Sequence[RunMaterial]) -> Section:
         o = found.overlays
         title = f"{found.checkpoint}, {found.split} images"
         fig = overlays_figure(o.images, o.masks, o.predictions, o.palette, title, o.names, o.confidences)
-        caption = f"prediction and confidence with the {describe_scaling(found)}, as trustmatch predict writes them"
+        caption = f"prediction and confidence as trustmatch predict computes them: {describe_scaling(found)}"
         return [_png(fig, f"segmentation overlays of {run.label}", caption)]
 
     intro = "The first images of the report split: the image, its ground truth, the prediction and its confidence."
