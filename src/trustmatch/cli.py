@@ -79,10 +79,20 @@ def _parser() -> argparse.ArgumentParser:
         "temperatures can change a pixel's class, so --raw gives the unscaled masks too)",
     )
 
-    rp = sub.add_parser("report", help="compare the calibration of finished classification runs")
+    rp = sub.add_parser(
+        "report", help="compare the calibration of finished runs (--html: one page, classification and segmentation)"
+    )
     rp.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR")
-    rp.add_argument("--out", type=Path, default=Path("report"), help="directory for report.md and report.png")
+    rp.add_argument(
+        "--out", type=Path, default=Path("report"), help="directory for report.md and report.png (--html: report.html)"
+    )
     rp.add_argument("--labels", nargs="+", metavar="NAME", help="one name per RUN_DIR (default: directory names)")
+    rp.add_argument(
+        "--html",
+        action="store_true",
+        help="write one self-contained page instead: metrics, reliability, risk-coverage, pseudo-labels over "
+        "training, per-class values (from one pass of each run's last.pt over its report split), data map, overlays",
+    )
 
     ls = sub.add_parser("list", help="list the shipped configs, or print one resolved")
     ls.add_argument("name", nargs="?", help="a shipped config (or YAML file): print its resolved config as YAML")
@@ -226,6 +236,16 @@ def _predict(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
+    if args.html:
+        import time
+
+        from trustmatch.run.html_report import write_html_report
+
+        start = time.perf_counter()
+        page = write_html_report(args.run_dirs, args.out, args.labels)
+        size = page.stat().st_size / 1e6
+        print(f"wrote {page} ({size:.2f} MB, {time.perf_counter() - start:.1f} s)")
+        return 0
     from trustmatch.reporting.run_comparison import load_runs, markdown_report, write_report
 
     runs = load_runs(args.run_dirs, args.labels)

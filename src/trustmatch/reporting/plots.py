@@ -3,11 +3,14 @@
 Figures are built with ``matplotlib.figure.Figure`` on an Agg canvas, never through
 pyplot, so nothing touches global backend state or pyplot's figure registry (no
 display is needed and nothing leaks). Files are written atomically, so a reader
-never sees a half-written PNG.
+never sees a half-written PNG; ``png_bytes`` renders a figure in memory instead (the
+HTML report embeds its figures). Where a figure is both written and embedded, a
+``*_figure`` function builds it and the file writer saves that.
 """
 
 from __future__ import annotations
 
+import io
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,8 +34,11 @@ __all__ = [
     "csl_selection_scatter",
     "data_map",
     "draw_history",
+    "curves_figure",
     "draw_reliability",
     "optimisation_history",
+    "overlays_figure",
+    "png_bytes",
     "reliability_comparison",
     "reliability_diagram",
     "segmentation_overlays",
@@ -51,6 +57,16 @@ def _save_png(fig: Figure, path: Path) -> Path:
     finally:
         fig.clear()
     return path
+
+
+def png_bytes(fig: Figure) -> bytes:
+    """``fig`` rendered to PNG in memory (then cleared, as ``_save_png`` clears it)."""
+    buffer = io.BytesIO()
+    try:
+        FigureCanvasAgg(fig).print_png(buffer)
+    finally:
+        fig.clear()
+    return buffer.getvalue()
 
 
 def draw_reliability(top: Axes, bottom: Axes, bins: dict, title: str, ece: float | None = None) -> None:
@@ -175,6 +191,11 @@ def draw_history(
 def training_curves(history: list[dict], path: Path, panels: Sequence[tuple[str, str]] = CLASSIFICATION_CURVES) -> Path:
     """Plot val/test metrics (accuracy and ECE-15; segmentation: mIoU and pixel ECE-15) against step,
     one panel per (key, label), to spot calibration drifting as the headline metric rises."""
+    return _save_png(curves_figure(history, panels), path)
+
+
+def curves_figure(history: list[dict], panels: Sequence[tuple[str, str]] = CLASSIFICATION_CURVES) -> Figure:
+    """:func:`training_curves`' figure."""
     if not history:
         raise ValueError("training_curves needs at least one history entry")
     fig = Figure(figsize=(5 * len(panels), 4), dpi=_DPI)
@@ -190,7 +211,7 @@ def training_curves(history: list[dict], path: Path, panels: Sequence[tuple[str,
         ax.set(xlabel="step", ylabel=label, title=label)
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    return _save_png(fig, path)
+    return fig
 
 
 @dataclass
@@ -265,13 +286,32 @@ def segmentation_overlays(
     Per image (sizes may differ, as Pascal's do): uint8 [3, H, W]; masks uint8 [H, W] (a row's mask may
     be None); predictions integer [H, W]. A stacked batch [N, ...] works as the sequence it is.
     """
+    return _save_png(overlays_figure(images, masks, predictions, palette, title, names), path)
+
+
+def overlays_figure(
+    images: Sequence[torch.Tensor],
+    masks: Sequence[torch.Tensor | None] | None,
+    predictions: Sequence[torch.Tensor],
+    palette: Sequence[tuple[int, int, int]],
+    title: str,
+    names: Sequence[str] | None = None,
+    confidences: Sequence[torch.Tensor] | None = None,
+) -> Figure:
+    """:func:`segmentation_overlays`' figure; with ``confidences`` (the top-class probability [H, W] per
+    image) a last column shows them in grey, 0 black to 1 white, where an over-confident wrong region
+    shows up white under a wrong colour."""
     n = len(images)
     if n == 0 or len(predictions) != n or (masks is not None and len(masks) != n):
         raise ValueError(f"segmentation_overlays needs one prediction (and mask) per image, got {n} images")
+    if confidences is not None and len(confidences) != n:
+        raise ValueError(f"segmentation_overlays needs one confidence map per image, got {len(confidences)} for {n}")
     for i in range(n):
         sizes = {tuple(images[i].shape[1:]), tuple(predictions[i].shape)}
         if masks is not None and masks[i] is not None:
             sizes.add(tuple(masks[i].shape))
+        if confidences is not None:
+            sizes.add(tuple(confidences[i].shape))
         if images[i].ndim != 3 or len(sizes) > 1:
             raise ValueError(
                 f"image {i}: expected [3, H, W] with masks and predictions [H, W], got "
@@ -283,6 +323,7 @@ def segmentation_overlays(
     lut = np.full((256, 3), _NEUTRAL, dtype=np.float64)
     lut[: len(palette)] = np.asarray(palette, dtype=np.float64).reshape(-1, 3)
     columns = ["image", *([] if masks is None else ["ground truth"]), "prediction"]
+    columns += [] if confidences is None else ["confidence"]
     fig = Figure(figsize=(2.6 * len(columns), 2.6 * n + 0.4), dpi=_DPI, layout="constrained")
     axes = fig.subplots(n, len(columns), squeeze=False)
     for i in range(n):
@@ -292,8 +333,11 @@ def segmentation_overlays(
             mask = masks[i]
             panels.append(image.astype(np.uint8) if mask is None else _overlay(image, mask.cpu().long().numpy(), lut))
         panels.append(_overlay(image, predictions[i].cpu().long().numpy(), lut))
+        if confidences is not None:
+            panels.append(confidences[i].detach().float().cpu().numpy())
         for ax, panel in zip(axes[i], panels):
-            ax.imshow(panel, interpolation="nearest")
+            grey = {"cmap": "gray", "vmin": 0.0, "vmax": 1.0} if panel.ndim == 2 else {}
+            ax.imshow(panel, interpolation="nearest", **grey)
             ax.set_xticks([])
             ax.set_yticks([])
         if names is not None:
@@ -301,7 +345,7 @@ def segmentation_overlays(
     for ax, name in zip(axes[0], columns):
         ax.set_title(name)
     fig.suptitle(title)
-    return _save_png(fig, path)
+    return fig
 
 
 @dataclass

@@ -17,7 +17,16 @@ from trustmatch.core.errors import UserError
 from trustmatch.core.fileio import atomic_write_text
 from trustmatch.reporting.plots import ReliabilityPanel, reliability_comparison
 
-__all__ = ["HEADER", "RunSummary", "load_run", "load_runs", "markdown_report", "table_rows", "write_report"]
+__all__ = [
+    "HEADER",
+    "RunSummary",
+    "load_run",
+    "load_runs",
+    "markdown_report",
+    "read_metrics",
+    "table_rows",
+    "write_report",
+]
 
 HEADER = ("run", "method", "seed", "accuracy", "ECE-15", "ECE-10", "NLL", "Brier")
 
@@ -42,7 +51,7 @@ class RunSummary:
         return self.temperature is not None and self.calibrated is not None
 
 
-def _read_metrics(path: Path) -> dict[str, Any]:
+def read_metrics(path: Path) -> dict[str, Any]:
     """``metrics.json`` of a run directory, refusing anything ``trustmatch train`` did not write."""
     hint = "pass the directories that `trustmatch train` wrote"
     if not path.is_dir():
@@ -67,7 +76,7 @@ def _bins15(tables: dict | None) -> dict | None:
 def load_run(path: Path, label: str | None = None) -> RunSummary:
     """Summarise a finished classification run; ``label`` defaults to the directory name."""
     path = Path(path)
-    metrics = _read_metrics(path)
+    metrics = read_metrics(path)
     task = metrics.get("task", "classification")  # runs from before the task interface were classification
     if task != "classification":
         raise UserError(f"{path} is a {task} run: `trustmatch report` compares classification runs only")

@@ -143,16 +143,19 @@ class ClassificationTask(SSLTask):
     def has_split(self, split: str) -> bool:
         return split in SPLITS and len(getattr(self.data, split)) > 0
 
-    def _logits(self, model: nn.Module, split: str) -> Iterator[tuple[Tensor, Tensor]]:
+    def _logits(self, model: nn.Module, split: str, shard: bool = True) -> Iterator[tuple[Tensor, Tensor]]:
         images = self.split_data(split)
         batches = iter_logits(
-            model, images.images, self.views.plain, self.precision, self.cfg.train.eval_batch_size, shard=True
+            model, images.images, self.views.plain, self.precision, self.cfg.train.eval_batch_size, shard=shard
         )
         for index, logits in batches:
             yield logits, images.labels[index].to(self.device)
 
     def evaluate(self, model: nn.Module, split: str, temperature: Temperature | None = None) -> Evaluation:
         return self._score(self._logits(model, split), temperature)
+
+    def split_logits(self, model: nn.Module, split: str) -> Iterator[tuple[Tensor, Tensor]]:
+        return self._logits(model, split, shard=False)
 
     def _score(self, batches: Iterable[tuple[Tensor, Tensor]], temperature: Temperature | None) -> Evaluation:
         """``evaluate``'s metrics of this process's (logits, labels) batches, reduced over processes."""

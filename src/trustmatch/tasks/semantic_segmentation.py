@@ -140,6 +140,11 @@ class SegmentationTask(SSLTask):
     def evaluate(self, model: nn.Module, split: str, temperature: Temperature | None = None) -> Evaluation:
         return self._evaluate(model, split, temperature)
 
+    def split_logits(self, model: nn.Module, split: str) -> Iterator[tuple[Tensor, Tensor]]:
+        dataset = self.split_data(split)
+        for logits, masks, _ in self._predict(model, dataset, list(range(len(dataset)))):
+            yield logits, masks
+
     def _shard(self, dataset: SegmentationSet) -> list[int]:
         """This process's images of ``dataset``: every world_size-th."""
         return list(range(dist.rank(), len(dataset), dist.world_size()))

@@ -13,7 +13,7 @@ part of training: the run layer draws from ``Evaluation`` and the task's metric 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -113,6 +113,11 @@ class Task(ABC):
     def evaluate(self, model: nn.Module, split: str, temperature: Temperature | None = None) -> Evaluation:
         """Streaming, sharded evaluation of ``split`` ("val" or "test"), reduced over processes;
         with a ``temperature`` (one T, or T_c per class), the temperature-scaled metrics too, from the same pass."""
+
+    @abstractmethod
+    def split_logits(self, model: nn.Module, split: str) -> Iterator[tuple[Tensor, Tensor]]:
+        """(float32 logits, targets) on the device of every sample of ``split`` in order, batch by batch, in this
+        process alone (no sharding): for statistics of a finished run's own (the report's per-class calibration)."""
 
     def validate(self, model: nn.Module) -> tuple[dict[str, float], Temperature | None]:
         """Validation metrics and, from the same pass, the post-hoc temperature fitted on them (never
