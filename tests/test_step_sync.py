@@ -97,8 +97,8 @@ def test_updates_never_wait_for_the_gpu(tmp_path: Path, name: str) -> None:
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("name", ["fixmatch", "flexmatch", "softmatch", "csl"])
 def test_cuda_graphs_replay_the_step(tmp_path: Path, name: str) -> None:
-    """train.cuda_graphs=true: the compiled step is captured (inductor counts every step it could not
-    capture) and trains as the eager step does, to bf16 rounding."""
+    """train.cuda_graphs=true: the compiled step is captured (inductor counts each graph it could not
+    capture in ``cudagraph_skips``) and the run trains to the end."""
     from torch._dynamo.utils import counters
 
     preset, overrides = STEPS[name]
