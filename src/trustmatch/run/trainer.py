@@ -177,8 +177,10 @@ class Trainer:
     def optimize(self, batch: Any) -> StepOutput:
         """Forward, backward and update on a prepared batch (the part the speed benchmark isolates).
 
-        Between forward and backward every process learns whether any loss was non-finite and
-        whether any process was asked to stop (one small collective under torchrun)."""
+        Under torchrun, between forward and backward every process learns whether any loss was
+        non-finite and whether any process was asked to stop (one small collective); skip mode learns
+        it there too. In one process in stop mode nothing is read: the verdict stays on the device
+        until the next log, save or evaluation (``NonFinitePolicy.watch``)."""
         self.train_model.train()
         snapshot = self.nonfinite.snapshot()
         step_function = self.compiled_step or self.task.step_with_regularizers
