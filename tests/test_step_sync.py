@@ -4,8 +4,9 @@ On the CPU, each method's step (forward, selection, losses, its regularizer) com
 ``torch.compile(fullgraph=True)``: a ``.item()``, a ``bool(tensor)``, a Python branch on a value or a
 shape taken from one would be a graph break, and ``fullgraph`` turns a break into an error. The
 "eager" backend runs what dynamo captured without generating code: the test checks capture (graph
-breaks), not code generation, in seconds. On CUDA, whole updates (forward to EMA) run under
-``torch.cuda.set_sync_debug_mode("error")``, which raises on any synchronising call (marked ``cuda``:
+breaks), not code generation, in seconds. Whole updates (forward to EMA, which dynamo does not see)
+run under a dispatch mode that records every operator that would wait for a GPU. On CUDA, whole
+updates run under ``torch.cuda.set_sync_debug_mode("error")``, which raises on any synchronising call (marked ``cuda``:
 ``pytest -m cuda`` on a GPU machine).
 """
 
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from trustmatch.config import load_config
 from trustmatch.core.errors import UserError
@@ -69,6 +71,51 @@ def test_every_step_compiles_to_one_graph(tmp_path: Path, name: str) -> None:
         assert torch.isfinite(out.loss) and out.logs
         if name == "calibratemix-efficient":  # its mixes join the next forward: that forward compiles too
             assert "calibratemix" in out.logits or step == 1
+
+
+class HostReads(TorchDispatchMode):
+    """Records every operator that would make the host wait for a GPU: a value read (``.item()``,
+    ``bool``, ``float``, ``int`` all reach ``_local_scalar_dense``) or a shape taken from values."""
+
+    WAITING = {"_local_scalar_dense", "nonzero", "masked_select", "bincount", "repeat_interleave", "_unique2"}
+    WAITING |= {"unique_dim", "unique_consecutive", "unique_dim_consecutive", "masked_scatter"}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        name = func.overloadpacket.__name__
+        indices = args[1] if name in ("index", "index_put", "index_put_") else []
+        if name in self.WAITING or any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in indices):
+            self.seen.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+def test_host_reads_are_seen() -> None:
+    """What FlexMatch's and the APM tracker's updates and the trainer's checks did before."""
+    t = torch.tensor([1, -1, 2])
+    with HostReads() as reads:
+        torch.bincount(t[t >= 0]), float(t.sum()), bool(t.any()), torch.unique(t)
+        t[torch.tensor([0, 2])]  # an index tensor of integers waits for nothing
+    assert reads.seen == ["index", "bincount", "_local_scalar_dense", "_local_scalar_dense", "_unique2"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(STEPS))
+def test_updates_read_nothing_on_the_host(tmp_path: Path, name: str) -> None:
+    """The CPU's view of the CUDA test below: forward to EMA and the logged sums, on the CPU, call no
+    operator that would wait for a GPU (the batches are made before)."""
+    trainer = _trainer(tmp_path, name, "cpu")
+    trainer.optimize(trainer.next_batch())  # CalibrateMix's efficient mixes join from the second step
+    batches = [trainer.next_batch() for _ in range(2)]
+    sums: dict[str, torch.Tensor] = {}
+    with HostReads() as reads:
+        for batch in batches:
+            for k, v in trainer.optimize(batch).logs.items():
+                sums[k] = sums.get(k, 0.0) + v.detach().float()
+    assert reads.seen == []
+    assert trainer.step == 3 and sums
 
 
 @pytest.mark.cuda
