@@ -682,6 +682,26 @@ def test_bad_value(tmp_path: Path, capsys: pytest.CaptureFixture[str], override:
     assert_no_run(out)
 
 
+@pytest.mark.parametrize(
+    "preset, overrides, setting",
+    [
+        ("digits-fixmatch", ["train.device=cpu"], "train.device=cpu"),
+        ("digits-fixmatch", ["train.nonfinite=skip"], "train.nonfinite=skip"),
+        ("digits-softmatch", ["calibratemix.mode=efficient"], "calibratemix.mode=efficient"),
+        ("digitscenes-unimatch", [], "task segmentation"),
+    ],
+    ids=["cpu", "skip", "calibratemix", "segmentation"],
+)
+def test_cuda_graphs_that_cannot_capture_the_step(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], preset: str, overrides: list[str], setting: str
+) -> None:
+    out = tmp_path / "run"
+    line = fails(capsys, "train", preset, "train.cuda_graphs=true", *overrides, "--out", str(out), "--quiet")
+    assert f"train.cuda_graphs=true cannot capture the step with {setting} (" in line, line
+    assert line.endswith("set train.cuda_graphs=false")
+    assert_no_run(out)
+
+
 # ---------------------------------------------------------------- backbones: timm names, weights, freezing
 
 

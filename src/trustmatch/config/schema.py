@@ -153,7 +153,10 @@ class TrainConfig:
         "false keeps float32",
     )
     channels_last: bool = opt(True, "channels-last memory format (CUDA, and the CPU when amp applies)")
-    compile: bool = opt(False, "torch.compile the training model")
+    compile: bool = opt(False, "torch.compile the whole training step (forward, selection, losses and their backward)")
+    cuda_graphs: bool = opt(
+        False, "CUDA: compile the step and replay it as CUDA graphs (refused where a setting keeps it from capture)"
+    )
     threads: int | None = opt(None, "torch intra-op threads on CPU (None: torch's default)")
 
 

@@ -157,6 +157,8 @@ class CalibrateMix(Regularizer):
         self.aum = AUMTracker(num_labeled)
         self.apm = APMTracker(num_unlabeled, num_classes, cfg.apm_delta, cfg.apm_dtype)
         self.pending: tuple[Tensor, Tensor, Tensor] | None = None  # efficient: (images, targets, groups)
+        # the mixing weight's law, drawn from torch's CPU generator; checked here once, not at each draw
+        self.beta = torch.distributions.Beta(cfg.alpha, cfg.alpha, validate_args=False)
 
     def warm(self, step: int, total_steps: int) -> bool:
         return step < int(self.cfg.warmup * total_steps)
@@ -213,7 +215,7 @@ class CalibrateMix(Regularizer):
         images, targets, groups = [], [], []
         for group, (anchors, candidates) in enumerate(((lb_easy, ulb_hard), (lb_hard, ulb_easy))):
             partners = candidates[least_similar_partners(lb_keys[anchors], ulb_keys[candidates], self.cfg.k)]
-            lam = float(torch.distributions.Beta(self.cfg.alpha, self.cfg.alpha).sample())
+            lam = self.beta.sample()  # a CPU scalar tensor: read by no one, so the step never waits
             images.append(lam * batch.x_lb[anchors] + (1 - lam) * batch.u_weak[partners])
             targets.append(lam * eye[batch.y_lb[anchors]] + (1 - lam) * eye[pseudo[partners]])
             groups.append(torch.full((len(anchors),), group, device=pseudo.device))

@@ -24,12 +24,14 @@ def flexmatch_class_thresholds(stored: Tensor, num_classes: int, tau: float, war
     ``stored`` holds every unlabeled sample's last confident prediction (-1 = none yet).
     sigma_c counts samples stored as c; beta_c = sigma_c / max(max_c sigma_c, N_unused) with
     threshold warm-up, sigma_c / max_c sigma_c without. Counts are exact in float32 up to 2^24
-    samples (MPS has no float64).
+    samples (MPS has no float64). Counted by ``index_add_`` with 0/1 weights, not ``bincount`` of the
+    stored entries: a shape that depends on the values makes the host wait for the device.
     """
-    sigma = torch.bincount(stored[stored >= 0], minlength=num_classes).float()
+    seen = (stored >= 0).float()
+    sigma = torch.zeros(num_classes, device=stored.device).index_add_(0, stored.clamp_min(0), seen)
     denom = sigma.max()
     if warmup:
-        denom = torch.maximum(denom, (stored < 0).sum().float())
+        denom = torch.maximum(denom, len(stored) - seen.sum())
     beta = sigma / denom.clamp_min(1.0)
     return beta / (2.0 - beta) * tau
 

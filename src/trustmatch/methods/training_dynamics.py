@@ -37,10 +37,11 @@ def pseudo_margins(logits: Tensor) -> Tensor:
 
 
 def _last_occurrence(indices: Tensor) -> Tensor:
-    """Positions of each index's last occurrence: a sample twice in one batch is updated once."""
-    unique, inverse = torch.unique(indices, return_inverse=True)
+    """For each position, the position of its index's last occurrence in ``indices``: every copy of a
+    sample twice in one batch then writes the last one's value, once. A batch-square comparison, not
+    ``torch.unique``, whose value-dependent length makes the host wait for the device."""
     positions = torch.arange(len(indices), device=indices.device)
-    return torch.full_like(unique, -1).scatter_reduce_(0, inverse, positions, "amax")
+    return torch.where(indices[:, None] == indices[None, :], positions, -1).amax(dim=1)
 
 
 class AUMTracker(nn.Module):
@@ -81,8 +82,7 @@ class APMTracker(nn.Module):
     def update(self, logits: Tensor, indices: Tensor) -> None:
         """Fold this step's pseudo-margins (every process's) into each sample's average, in float32."""
         idx, margins = dist.all_gather_cat(indices), dist.all_gather_cat(pseudo_margins(logits))
-        keep = _last_occurrence(idx)
-        idx, margins = idx[keep], margins[keep]
+        margins = margins[_last_occurrence(idx)]  # repeats write the same value: one update each
         rate = (self.delta / (1.0 + self.visits[idx].float()))[:, None]
         self.apm[idx] = (rate * margins + (1.0 - rate) * self.apm[idx].float()).to(self.apm.dtype)
         self.visits[idx] += 1

@@ -63,7 +63,7 @@ def ohem_keep(logits: Tensor, target: Tensor, thresh: float, min_kept: int) -> T
         return valid
     prob = logits.detach().float().softmax(dim=1).gather(1, torch.where(valid, target, 0).unsqueeze(1)).squeeze(1)
     prob = torch.where(valid, prob, 1.0)  # ignored pixels sort last, as the releases fill them with 1
-    threshold = torch.tensor(thresh, device=prob.device)
+    threshold = prob.new_full((), thresh)  # filled on the device: no copy from the host
     if min_kept > 0:
         kth = prob.flatten().sort().values[min(min_kept, prob.numel()) - 1]  # sort: on every device (kthvalue: not MPS)
         threshold = torch.maximum(threshold, kth)

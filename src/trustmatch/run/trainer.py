@@ -33,6 +33,7 @@ from trustmatch.evaluation.temperature import Temperature
 from trustmatch.models.weights import check_source
 from trustmatch.run.artefacts import write_diagram, write_final_plots
 from trustmatch.run.checkpoint import CHECKPOINT_VERSION, load_checkpoint, save_checkpoint
+from trustmatch.run.compiled_step import check_cuda_graphs, compile_step
 from trustmatch.run.ema import ModelEMA
 from trustmatch.run.nonfinite import NonFiniteLoss, NonFinitePolicy
 from trustmatch.run.optim import build_optimizer, build_scheduler
@@ -58,6 +59,7 @@ class Trainer:
         task_cls = TASKS.get(cfg.task)
         self.device = resolve_device(cfg.train.device)
         dist.init_from_env(self.device)
+        check_cuda_graphs(cfg, self.device)
         if not resume:
             dist.on_main(self.directory.check)  # before the data load: a clash is reported at once
             check_source(cfg.model.weights)  # a missing weights file too (a resume never reads it)
@@ -83,8 +85,7 @@ class Trainer:
         if dist.is_distributed():
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.train_model = DistributedDataParallel(self.model, device_ids=ids)
-        if cfg.train.compile:
-            self.train_model = torch.compile(self.train_model)
+        self.compiled_step = compile_step(cfg, self.task.step_with_regularizers)
         torch.manual_seed(cfg.seed + dist.rank())  # per-process streams (dropout) from here on
         self.aug_rng = torch.Generator().manual_seed(cfg.seed * 7919 + dist.rank())
         self.parts: dict[str, Stateful] = {
@@ -176,13 +177,21 @@ class Trainer:
     def optimize(self, batch: Any) -> StepOutput:
         """Forward, backward and update on a prepared batch (the part the speed benchmark isolates).
 
-        Between forward and backward every process learns whether any loss was non-finite and
-        whether any process was asked to stop (one small collective under torchrun)."""
+        Under torchrun, between forward and backward every process learns whether any loss was
+        non-finite and whether any process was asked to stop (one small collective); skip mode learns
+        it there too. In one process in stop mode nothing is read: the verdict stays on the device
+        until the next log, save or evaluation (``NonFinitePolicy.watch``)."""
         self.train_model.train()
         snapshot = self.nonfinite.snapshot()
+        step_function = self.compiled_step or self.task.step_with_regularizers
         with self.precision.autocast():
-            out = self.task.step_with_regularizers(self.train_model, batch, self.step, self.cfg.train.steps)
-        bad_rank, what = self.signals.agree(out.loss), "the loss is"
+            out = step_function(self.train_model, batch, self.step, self.cfg.train.steps)
+        self.task.record(out, batch)
+        bad_rank, what = None, "the loss is"
+        if snapshot is None and not dist.is_distributed():  # stop mode, one process: no wait here
+            self.nonfinite.watch(out, self.step)
+        else:  # skip mode's restore and torchrun's collective need the verdict now
+            bad_rank = self.signals.agree(out.loss)
         if bad_rank is None and snapshot is not None:  # skip mode: the update must be finite too
             self.optimizer.zero_grad(set_to_none=True)
             out.loss.backward()  # DDP's averaged gradients are the same on every process
@@ -191,7 +200,7 @@ class Trainer:
             what = "the gradient is"
         if bad_rank is not None:
             if snapshot is None:
-                raise self.nonfinite.error(out, bad_rank, self.step, self.saved_step)
+                raise self.nonfinite.error(out.logs, bad_rank, self.step, self.saved_step)
             return self._skip(out, snapshot, bad_rank, what)
         if snapshot is None:
             self.optimizer.zero_grad(set_to_none=True)
@@ -211,7 +220,7 @@ class Trainer:
             warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)`")
             self.scheduler.step()
         self.record.skipped += 1
-        self.nonfinite.count_skip(out, bad_rank, self.step, self.saved_step, what)
+        self.nonfinite.count_skip(out.logs, bad_rank, self.step, self.saved_step, what)
         self.step += 1
         out.logs = {}
         return out
@@ -251,19 +260,26 @@ class Trainer:
         count = 0
         while self.step < end and self.signals.stopping() is None:
             logs = self.train_step().logs  # the step's logits are not kept alive through the next step
-            for k, v in logs.items():
+            for k, v in logs.items():  # summed on the device, read once per log interval
                 sums[k] = sums.get(k, 0.0) + v.detach().float()
             count += bool(logs)
             progress.update(1)
-            if (self.step % t.log_every == 0 or self.step == t.steps) and count:
-                self._log_train({k: float(v) / count for k, v in sums.items()}, progress)
+            log = self.step % t.log_every == 0 or self.step == t.steps
+            evaluate = self.step % t.eval_every == 0 or self.step == t.steps
+            save = bool(t.save_every) and self.step % t.save_every == 0
+            if log or evaluate or save:  # where the host reads anyway: a bad step stops the run here
+                self.nonfinite.check(self.saved_step)
+            if log and count:
+                values = torch.stack(list(sums.values())).tolist()  # one read for every average
+                self._log_train({k: v / count for k, v in zip(sums, values)}, progress)
                 sums, count = {}, 0
-            if self.step % t.eval_every == 0 or self.step == t.steps:
+            if evaluate:
                 self.record.elapsed = time.perf_counter() - start
                 self._evaluate_and_save(progress)
-            elif t.save_every and self.step % t.save_every == 0:
+            elif save:
                 self.record.elapsed = time.perf_counter() - start
                 self._save_last()
+        self.nonfinite.check(self.saved_step)  # before a save at a stop
 
     def _save_at_stop(self) -> None:
         """``last.pt`` between evaluations. With ``stop_at`` it keeps a temperature for its model; a

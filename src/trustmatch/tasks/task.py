@@ -107,7 +107,13 @@ class Task(ABC):
 
     @abstractmethod
     def step(self, model: nn.Module, batch: Any, step: int, total_steps: int) -> StepOutput:
-        """Forward and losses of one step (under the trainer's autocast; no backward here)."""
+        """Forward and losses of one step (under the trainer's autocast; no backward here). Nothing in it
+        reads a value on the host, so the step compiles (``train.compile``) and the GPU never waits."""
+
+    def record(self, out: StepOutput, batch: Any) -> None:
+        """After the step, outside what ``train.compile`` compiles: keep what a few steps' plots need (the
+        only host copies in a step, on those few steps)."""
+        return None
 
     @abstractmethod
     def evaluate(self, model: nn.Module, split: str, temperature: Temperature | None = None) -> Evaluation:
@@ -241,10 +247,11 @@ class SSLTask(Task):
         """The batch's true unlabeled labels, where known, and the valid-element mask, for the recorder."""
 
     def step(self, model: nn.Module, batch: Any, step: int, total_steps: int) -> StepOutput:
-        out = self.method_step(model, batch, step, total_steps)
+        return self.method_step(model, batch, step, total_steps)
+
+    def record(self, out: StepOutput, batch: Any) -> None:
         if self.recorder is not None and out.selection is not None:
-            self.recorder.observe(step, total_steps, out.selection, *self.truth(batch))
-        return out
+            self.recorder.observe(out.step, out.total_steps, out.selection, *self.truth(batch))
 
     def split_data(self, split: str) -> Any:
         """The samples of ``split`` ("val", "test", or a training split). Evaluation and prediction read
