@@ -9,7 +9,9 @@
 #
 #   benchmarks/gpu.sh                 # on the GPU machine, from the repository root
 #   benchmarks/gpu.sh --device cpu    # smoke run of the same plumbing on a CPU: one round each, small Pascal
-#                                     # crop, JSON in a temporary folder (nothing under benchmarks/results)
+#                                     # crop, eager only (COMPILE=1 adds the compiled variants), JSON in a
+#                                     # temporary folder (nothing under benchmarks/results)
+# Planned, not yet measured: tests 1.5 min, CIFAR eager 1 min and compiled 2 min, Pascal 1 + 1 + 2 min.
 # Environment: PYTHON (default: python3), TRUSTMATCH_PEERS (the peer bundles; default ../shared/peers, else
 # shared/peers: a device call carries only the checkout, so copy them into shared/peers there),
 # SECTIONS (default "tests step seg"), OUT (the JSON folder).
@@ -30,13 +32,13 @@ if [[ "$DEVICE" == cuda ]]; then
   OUT=${OUT:-benchmarks/results}
   GPU=$("$PY" -c "import torch; print(torch.cuda.get_device_name(0))" | tr 'A-Z' 'a-z' | tr -cs 'a-z0-9' '-' | sed 's/-$//')
   REPEATS=20; WARMUP=5; SEG_REPEATS=10; SEG_WARMUP=3; SEG_SHAPE=(--workers 8)
-  USB=(usb usb-amp); PRECISIONS=(bf16 fp32); CMIX=(off faithful efficient)
+  USB=(usb usb-amp); PRECISIONS=(bf16 fp32); CMIX=(off faithful efficient); COMPILE=${COMPILE:-1}
   nvidia-smi -L || true
 else
   OUT=${OUT:-$(mktemp -d -t gpu-sh-smoke-XXXX)}
   GPU=cpu-smoke
   REPEATS=1; WARMUP=0; SEG_REPEATS=1; SEG_WARMUP=0; SEG_SHAPE=(--crop 65 --batch 2)
-  USB=(usb); PRECISIONS=(bf16); CMIX=(off)
+  USB=(usb); PRECISIONS=(bf16); CMIX=(off); COMPILE=${COMPILE:-0}
 fi
 "$PY" -c "import torch, os; print('torch', torch.__version__, '| threads', torch.get_num_threads(), '| cores', os.cpu_count())"
 echo "gpu.sh: device $DEVICE ($GPU), JSON into $OUT, sections: $SECTIONS"
@@ -62,16 +64,17 @@ if [[ " $SECTIONS " == *" tests "* ]]; then
   fi
 fi
 
-step() {  # step VARIANT EXTRA...: the CIFAR step and USB's, every precision and CalibrateMix mode
-  local variant=$1; shift
+step() {  # step VARIANT MODES EXTRA...: the CIFAR step and USB's, every precision, CalibrateMix in MODES
+  local variant=$1 modes=$2; shift 2
   run "step-$variant" 240 "$PY" benchmarks/step_time.py --device "$DEVICE" --methods fixmatch \
-    --precisions "${PRECISIONS[@]}" --calibratemix "${CMIX[@]}" --peer "${USB[@]}" \
+    --precisions "${PRECISIONS[@]}" --calibratemix $modes --peer "${USB[@]}" \
     --repeats "$REPEATS" --warmup "$WARMUP" --out "$OUT" --tag "$GPU-$variant" "$@"
 }
 if [[ " $SECTIONS " == *" step "* ]]; then
-  step eager
-  step compile --compile
-  if [[ $GRAPHS == 1 ]]; then step graphs --compile --train cuda_graphs=true; else echo "=== no train.cuda_graphs here: graphs not timed"; fi
+  step eager "${CMIX[*]}"
+  if [[ $COMPILE == 1 ]]; then step compile off --compile; fi  # one compile per trainer: the base step only
+  if [[ $GRAPHS == 0 ]]; then echo "=== no train.cuda_graphs in this tree: graphs not timed"
+  elif [[ $DEVICE == cuda ]]; then step graphs off --compile --train cuda_graphs=true; fi
 fi
 
 seg() {  # seg VARIANT EXTRA...: the Pascal UniMatch step and the release's (fp32 as released, and bf16)
@@ -83,7 +86,7 @@ seg() {  # seg VARIANT EXTRA...: the Pascal UniMatch step and the release's (fp3
 if [[ " $SECTIONS " == *" seg "* ]]; then
   seg bf16-eager
   seg fp32-eager --set train.amp=false
-  seg bf16-compile --compile
+  if [[ $COMPILE == 1 ]]; then seg bf16-compile --compile; fi
 fi
 
 echo "gpu.sh: done in $SECONDS s; JSON in $OUT"

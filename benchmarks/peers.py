@@ -124,7 +124,7 @@ class InterleavedPeer:
     def start(self) -> None:
         """Import the peer and run its set-up (model, optimizer, batch), up to its first step."""
         self._module = _load(self.script)
-        self._module.time = SimpleNamespace(perf_counter=self._perf_counter)
+        self._module.time = SimpleNamespace(**{**vars(time), "perf_counter": self._perf_counter})
         self._module.print = lambda *a, **k: print(*a, **{**k, "file": self._printed})
         self._mine = _settings()
         argv, stdout = sys.argv, sys.stdout
