@@ -37,7 +37,7 @@ if [[ "$DEVICE" == cuda ]]; then
 else
   OUT=${OUT:-$(mktemp -d -t gpu-sh-smoke-XXXX)}
   GPU=cpu-smoke
-  REPEATS=1; WARMUP=0; SEG_REPEATS=1; SEG_WARMUP=0; SEG_SHAPE=(--crop 65 --batch 2)
+  REPEATS=1; WARMUP=0; SEG_REPEATS=1; SEG_WARMUP=0; SEG_SHAPE=(--crop 33 --batch 2)
   USB=(usb); PRECISIONS=(bf16); CMIX=(off); COMPILE=${COMPILE:-0}
 fi
 "$PY" -c "import torch, os; print('torch', torch.__version__, '| threads', torch.get_num_threads(), '| cores', os.cpu_count())"
