@@ -32,13 +32,13 @@ if [[ "$DEVICE" == cuda ]]; then
   OUT=${OUT:-benchmarks/results}
   GPU=$("$PY" -c "import torch; print(torch.cuda.get_device_name(0))" | tr 'A-Z' 'a-z' | tr -cs 'a-z0-9' '-' | sed 's/-$//')
   REPEATS=20; WARMUP=5; SEG_REPEATS=10; SEG_WARMUP=3; SEG_SHAPE=(--workers 8)
-  USB=(usb usb-amp); PRECISIONS=(bf16 fp32); CMIX=(off faithful efficient); COMPILE=${COMPILE:-1}
+  USB=(usb usb-amp); PRECISIONS=(bf16 fp32); CMIX=(off faithful efficient); COMPILE=${COMPILE:-1}; SLOW=1
   nvidia-smi -L || true
 else
   OUT=${OUT:-$(mktemp -d -t gpu-sh-smoke-XXXX)}
   GPU=cpu-smoke
   REPEATS=1; WARMUP=0; SEG_REPEATS=1; SEG_WARMUP=0; SEG_SHAPE=(--crop 33 --batch 2)
-  USB=(usb); PRECISIONS=(bf16); CMIX=(off); COMPILE=${COMPILE:-0}
+  USB=(usb); PRECISIONS=(bf16); CMIX=(off); COMPILE=${COMPILE:-0}; SLOW=${SLOW:-10}  # a CPU step takes seconds
 fi
 "$PY" -c "import torch, os; print('torch', torch.__version__, '| threads', torch.get_num_threads(), '| cores', os.cpu_count())"
 echo "gpu.sh: device $DEVICE ($GPU), JSON into $OUT, sections: $SECTIONS"
@@ -46,7 +46,7 @@ GRAPHS=$("$PY" -c "from trustmatch.config import TrainConfig; print(int('cuda_gr
 
 FAILED=()
 run() {  # run NAME LIMIT_S COMMAND...: time one part; a failure is recorded and the rest still runs
-  local name=$1 limit=$2; shift 2
+  local name=$1 limit=$(($2 * SLOW)); shift 2
   local start=$SECONDS
   echo "=== $name: $*"
   timeout "$limit" "$@"
