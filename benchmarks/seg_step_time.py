@@ -4,6 +4,8 @@
     python benchmarks/seg_step_time.py --shape pascal --device cuda --workers 8 --repeats 20   # on a GPU
     python benchmarks/seg_step_time.py --shape pascal --methods unimatch --crop 97 --batch 2 \
         --models deeplabv3plus_r101 deeplabv3plus_r101_deepstem          # smp's R101 beside UniMatch's network
+    python benchmarks/seg_step_time.py --shape pascal --methods unimatch --crop 97 --batch 2 \
+        --peer unimatch unimatch-bf16 --tag peer-unimatch                  # the release's step beside
 
 Shapes: ``digitscenes`` (the shipped digitscenes-<method> config: segnet_small, 8 + 8 at 64 px) and
 ``pascal`` (UniMatch's Pascal step: DeepLabV3+ R101, 8 labeled + 8 unlabeled at crop 321, read from
@@ -15,6 +17,11 @@ times every method once, interleaved; min and median are reported, and the pipel
 median of per-round batch / step ratios. ``--models`` times each method on each network (default: the
 preset's); ``--crop`` and ``--batch`` shrink the Pascal shape for a CPU. ``peak_rss_mib`` is the process's
 peak resident memory, so compare networks' memory from runs with one ``--models`` each.
+``--peer unimatch`` (fp32, as the release trains; ``unimatch-bf16``: the peer script's bf16 autocast)
+runs the UniMatch release's Pascal iteration (``../shared/peers/unimatch/unimatch_step.py``: its
+DeepLabV3+ R101, its losses and SGD, synthetic batch on the device: model only) at the same crop and
+batch in this process, one step per round after the project's (``peers.py``); each row gets the
+per-round ratio release step / project step.
 """
 
 from __future__ import annotations
@@ -27,9 +34,11 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 
-from step_time import machine, time_ms, write_json
+from peers import InterleavedPeer, peer_args
+from step_time import machine, print_peers, side_by_side, time_ms, write_json
 from trustmatch.config import load_config
 from trustmatch.run.trainer import Trainer
 
@@ -67,6 +76,7 @@ def build_trainer(method: str, model: str | None, args: argparse.Namespace, tmp:
     overrides += [f"model.name={model}"] if model else []
     overrides += [f"data.crop_size={args.crop}"] if args.crop else []
     overrides += [f"train.batch_size={args.batch}"] if args.batch else []
+    overrides += args.set
     return Trainer(load_config(config, overrides), tmp / f"run-{method}-{model}", progress=False)
 
 
@@ -96,9 +106,14 @@ def main() -> int:
     p.add_argument("--models", nargs="+", default=[None], help="model.name for each method (default: the preset's)")
     p.add_argument("--crop", type=int, default=0, help="data.crop_size (0: the preset's)")
     p.add_argument("--batch", type=int, default=0, help="train.batch_size, labeled = unlabeled (0: the preset's)")
+    p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="more config overrides")
+    p.add_argument("--peer", nargs="+", default=[], choices=["unimatch", "unimatch-bf16"], help="Pascal shape only")
+    p.add_argument("--peers-dir", type=Path, default=None, help="the peer bundles (default: ../shared/peers)")
     p.add_argument("--tag", default="")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = p.parse_args()
+    if args.peer and args.shape != "pascal":
+        p.error("--peer times the UniMatch release's Pascal step: add --shape pascal")
 
     with tempfile.TemporaryDirectory() as tmp:
         runs = [(method, model) for method in args.methods for model in args.models]
@@ -106,6 +121,17 @@ def main() -> int:
         device = next(iter(trainers.values())).device
         batches = {m: t.next_batch() for m, t in trainers.items()}
         times = {m: {"step": [], "model_only": [], "batch": []} for m in trainers}
+        first = next(iter(trainers.values()))
+        shape = ["--crop", str(first.cfg.data.crop_size), "--batch", str(first.cfg.train.batch_size)]
+        peers = {
+            n: InterleavedPeer(
+                n, [*peer_args(n, device, torch.get_num_threads()), *shape], args.warmup, args.repeats, args.peers_dir
+            )
+            for n in args.peer
+        }
+        for peer in peers.values():
+            peer.start()
+        peer_times: dict[str, list[float]] = {n: [] for n in peers}
         for round_ in range(args.warmup + args.repeats):
             for method, trainer in trainers.items():
                 t = {
@@ -116,8 +142,13 @@ def main() -> int:
                 if round_ >= args.warmup:
                     for name, value in t.items():
                         times[method][name].append(value)
+            for n, peer in peers.items():
+                ms = peer.turn()
+                if round_ >= args.warmup:
+                    peer_times[n].append(ms)
             print(f"round {round_ + 1}/{args.warmup + args.repeats}", flush=True)
-        precision = next(iter(trainers.values())).precision.describe()
+        precision = first.precision.describe()
+        peer_json = {n: peer.finish() for n, peer in peers.items()}
 
     rows = []
     for method, t in times.items():
@@ -133,6 +164,11 @@ def main() -> int:
             "of the step (median of per-round ratios)",
             flush=True,
         )
+        row["name"] = method
+        row["peers"] = [
+            {"peer": n, **{k: side_by_side(pt, t[k]) for k in ("step", "model_only")}} for n, pt in peer_times.items()
+        ]
+    print_peers(peer_times, rows, ("model_only", "step"))
     payload = {
         "benchmark": "seg_step_time",
         "shape": args.shape,
@@ -140,6 +176,7 @@ def main() -> int:
         "precision": precision,
         "workers": args.workers,
         "compile": args.compile,
+        "overrides": args.set,
         "warmup": args.warmup,
         "repeats": args.repeats,
         "crop": args.crop or None,
@@ -147,6 +184,18 @@ def main() -> int:
         "order": "interleaved: each round times every method: whole step, model only, batch alone",
         "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "results": rows,
+        "peers": [
+            {
+                "peer": n,
+                "step_ms_median": round(statistics.median(t), 1),
+                "step_ms_min": round(min(t), 1),
+                "step_ms_all": [round(x, 1) for x in t],
+                "script_json": peer_json[n],
+            }
+            for n, t in peer_times.items()
+        ],
+        "peer_ratio": "peer step / project step, per round (same process, same crop and batch); the release's "
+        "step is model only (synthetic batch on the device): model_only is the like-for-like ratio",
     }
     write_json(args.out, f"seg_step_time-{args.shape}-{device.type}", args.tag, payload)
     return 0

@@ -4,6 +4,7 @@
     python benchmarks/step_time.py --device cuda --repeats 20 --compile
     python benchmarks/step_time.py --methods fixmatch softmatch --precisions bf16 \
         --calibratemix off faithful efficient --tag calibratemix
+    python benchmarks/step_time.py --methods fixmatch --precisions bf16 --peer usb --tag peer-usb
 
 Shape: 64 labeled + 7 x 64 unlabeled images, 32 px, weak and strong views (960 images through the
 network per step). "with data" times the whole step: gathering indices from the in-memory uint8 set,
@@ -13,11 +14,16 @@ every round times every (method, precision) once, interleaved, so that machine n
 them alike; min and median are reported, and the bf16/fp32 speed-up as the median of per-round ratios.
 With ``--calibratemix``, each method also runs with CalibrateMix in the modes named (mixing from the
 first step), and the cost of each mode is the median of per-round ratios to its base method's step.
+With ``--peer usb`` (``usb-amp``: USB's own ``--amp``, fp16 + GradScaler, CUDA only), USB 0.3.2's FixMatch
+step (``../shared/peers/usb/fixmatch_step.py``: its WRN-28-2, SGD, scheduler and EMA update, the batch
+already on the device) runs in this process too, one step per round after the project's (``peers.py``),
+and each project row gets the per-round ratio USB step / project step.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -30,7 +36,8 @@ from pathlib import Path
 
 import torch
 
-from trustmatch.config import CalibrateMixConfig, Config, DataConfig, ModelConfig, TrainConfig
+from peers import InterleavedPeer, peer_args
+from trustmatch.config import CalibrateMixConfig, Config, DataConfig, ModelConfig, TrainConfig, parse_overrides
 from trustmatch.data.image_sets import DATASETS, ImageSet, SourceData
 from trustmatch.methods import METHODS, method_config
 from trustmatch.run.trainer import Trainer
@@ -73,13 +80,50 @@ def _build(method: str, precision: str, mode: str, args: argparse.Namespace, roo
             channels_last=not args.no_channels_last,
         ),
     )
+    extra = parse_overrides([f"train.{item}" for item in args.train]).get("train", {})
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **extra))
     return Trainer(cfg, root / f"{method}-{precision}-{mode}", progress=False)
 
 
+def cpu_name() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), else what ``platform`` knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "cpu"
+
+
 def machine(device: torch.device) -> dict[str, object]:
-    """Where a benchmark ran, for its JSON: the device's name, torch, intra-op threads and cores."""
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
-    return {"device": name, "torch": torch.__version__, "threads": torch.get_num_threads(), "cpu_count": os.cpu_count()}
+    """Where a benchmark ran, for its JSON: the device's name, the CPU's, torch, intra-op threads and cores."""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
+    return {
+        "device": name,
+        "cpu": cpu_name(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+    }
+
+
+def side_by_side(peer: list[float], ours: list[float]) -> dict[str, float]:
+    """Peer over project from steps timed in the same rounds: median of per-round ratios, and min over min."""
+    return {
+        "median_of_ratios": round(statistics.median(a / b for a, b in zip(peer, ours)), 2),
+        "min_over_min": round(min(peer) / min(ours), 2),
+    }
+
+
+def print_peers(peers: dict[str, list[float]], rows: list[dict[str, object]], versus: tuple[str, ...]) -> None:
+    """The readable table: each peer's step, then its ratio to each of the project's rows."""
+    for name, t in peers.items():
+        print(f"peer {name:<14} step {statistics.median(t):9.1f} ms (min {min(t):.1f})", flush=True)
+    for row in rows:
+        for entry in row["peers"]:  # type: ignore[attr-defined]
+            parts = [f"{entry[k]['median_of_ratios']}x {k.replace('_ms', '')}" for k in versus]  # type: ignore[index]
+            print(f"{entry['peer']} step / {row['name']}: " + ", ".join(parts) + " (median of per-round ratios)")
 
 
 def write_json(out_dir: Path, stem: str, tag: str, payload: dict[str, object]) -> Path:
@@ -113,9 +157,16 @@ def main() -> int:
     p.add_argument("--compile", action="store_true")
     p.add_argument("--no-channels-last", action="store_true")
     p.add_argument("--calibratemix", nargs="+", default=["off"], choices=["off", "faithful", "efficient"])
+    p.add_argument("--train", nargs="+", default=[], metavar="KEY=VALUE", help="more train.* settings")
+    p.add_argument("--peer", nargs="+", default=[], choices=["usb", "usb-amp"], help="time USB's step beside")
+    p.add_argument("--peers-dir", type=Path, default=None, help="the peer bundles (default: ../shared/peers)")
     p.add_argument("--tag", default="", help="suffix of the JSON file name (step_time-<device>[-<tag>].json)")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = p.parse_args()
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    for item in args.train:
+        if item.split("=", 1)[0] not in known:
+            p.error(f"--train {item}: train has no key {item.split('=', 1)[0]!r} (one of {', '.join(sorted(known))})")
 
     with tempfile.TemporaryDirectory() as tmp:
         keys = [(m, pr, c) for m in args.methods for pr in args.precisions for c in args.calibratemix]
@@ -125,6 +176,14 @@ def main() -> int:
         times: dict[tuple[str, str, str], dict[str, list[float]]] = {
             k: {"with_data": [], "model_only": [], "views": []} for k in keys
         }
+        threads = torch.get_num_threads()
+        peers = {
+            n: InterleavedPeer(n, peer_args(n, device, threads), args.warmup, args.repeats, args.peers_dir)
+            for n in args.peer
+        }
+        for peer in peers.values():
+            peer.start()
+        peer_times: dict[str, list[float]] = {n: [] for n in peers}
         for round_ in range(args.warmup + args.repeats):
             for key, trainer in trainers.items():
                 t = {
@@ -135,15 +194,20 @@ def main() -> int:
                 if round_ >= args.warmup:
                     for name, value in t.items():
                         times[key][name].append(value)
+            for n, peer in peers.items():
+                ms = peer.turn()
+                if round_ >= args.warmup:
+                    peer_times[n].append(ms)
             print(
                 f"round {round_ + 1}/{args.warmup + args.repeats}" + (" (warm-up)" if round_ < args.warmup else ""),
                 flush=True,
             )
         precisions = {key: trainer.precision.describe() for key, trainer in trainers.items()}
+        peer_json = {n: peer.finish() for n, peer in peers.items()}
 
     rows = []
     for (method, precision, mode), t in times.items():
-        row = {"method": method, "precision": precision, "calibratemix": mode}
+        row: dict[str, object] = {"method": method, "precision": precision, "calibratemix": mode}
         row["resolved"] = precisions[(method, precision, mode)]
         for name, label in (
             ("with_data", "with_data_ms"),
@@ -160,6 +224,12 @@ def main() -> int:
             f" | batch + views {row['batch_and_views_ms']:7.1f} ms",
             flush=True,
         )
+        row["name"] = f"{method} {precision}" + ("" if mode == "off" else f" calibratemix {mode}")
+        row["peers"] = [
+            {"peer": n, **{k: side_by_side(pt, t[k]) for k in ("with_data", "model_only")}}
+            for n, pt in peer_times.items()
+        ]
+    print_peers(peer_times, rows, ("with_data", "model_only"))
     speedups = []
     if {"bf16", "fp32"} <= set(args.precisions) and "off" in args.calibratemix:
         for method in args.methods:
@@ -192,6 +262,7 @@ def main() -> int:
         "shape": "64 labeled + 448 unlabeled x 2 views, 32 px",
         **machine(device),
         "compile": args.compile,
+        "train_settings": args.train,
         "channels_last": not args.no_channels_last,
         "strong_ops": args.strong_ops,
         "warmup": args.warmup,
@@ -200,6 +271,18 @@ def main() -> int:
         "results": rows,
         "speedups": speedups,
         "calibratemix_cost": costs,
+        "peers": [
+            {
+                "peer": n,
+                "step_ms_median": round(statistics.median(t), 1),
+                "step_ms_min": round(min(t), 1),
+                "step_ms_all": [round(x, 1) for x in t],
+                "script_json": peer_json[n],
+            }
+            for n, t in peer_times.items()
+        ],
+        "peer_ratio": "peer step / project step, per round (both timed in the same round, same process); "
+        "the peer's step has its batch on the device already: compare with model_only, with_data is conservative",
     }
     write_json(args.out, f"step_time-{device.type}", args.tag, payload)
     return 0

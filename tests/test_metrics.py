@@ -218,6 +218,7 @@ def test_binning_rejects_bad_input() -> None:
         reliability_bins(torch.zeros(0, 3), torch.zeros(0, dtype=torch.long))
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_matches_cpu() -> None:
     logits, labels = _random_case(1, "calibrated")

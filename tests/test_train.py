@@ -1,6 +1,7 @@
 """Training runs end to end on the embedded digits: run directory, resume, evaluate, predict, bad input."""
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -291,6 +292,12 @@ def test_torchrun_processes_agree_and_resume_is_bit_exact(tmp_path: Path, extra:
     assert (state["parts"]["lb_stream"]["position"], state["parts"]["ulb_stream"]["position"]) == (6 * 8, 6 * 16)
 
 
+def first_errors(stderr: str) -> str:
+    """The first line of each worker's exception (torchrun's tail names only the first failure's rank)."""
+    lines = [line for line in stderr.splitlines() if re.match(r"(\[\w+\]:)?\s*\w+(Error|Exception|Expired)\b", line)]
+    return "".join(f"{line}\n" for line in dict.fromkeys(lines)) + "...\n"
+
+
 def check_torchrun_resume(tmp_path: Path, config: str, overrides: list[str]) -> None:
     """2 gloo processes: both agree, and stop-at-4-then-resume equals the uninterrupted run exactly."""
     import os
@@ -306,7 +313,8 @@ def check_torchrun_resume(tmp_path: Path, config: str, overrides: list[str]) -> 
         config,
     ]
     done = subprocess.run([*cmd, *overrides], env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
+    (tmp_path / "torchrun.stderr").write_text(done.stderr)  # whole, for when a CI log cuts the message
+    assert done.returncode == 0, first_errors(done.stderr) + done.stderr[-2000:]
     for name in ("straight", "resumed"):
         rank0, rank1 = (torch.load(tmp_path / f"{name}-rank{r}.pt", weights_only=True) for r in (0, 1))
         assert_same_state(rank0, rank1)

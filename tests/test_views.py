@@ -247,6 +247,7 @@ def test_rejects_wrong_images() -> None:
         v.weak(_images(c=1), _gen())
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_views_follow_the_cpu_draws_without_syncs() -> None:
     x, v = _images(n=64, size=32), _views()
