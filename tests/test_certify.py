@@ -44,6 +44,7 @@ def test_violation_rate_is_at_most_delta() -> None:
     bad, done = _violations(lambda s, loss: certify(s, loss, precision, delta).threshold, precision)
     assert done > 0.8 * DRAWS  # the target is reachable: the test is not vacuous
     assert bad <= binom.ppf(0.999, done, delta)  # at most delta, within its binomial noise
+
     # the simulation can see a violation: choosing the threshold by the validation precision alone breaks it
     def naive(s: np.ndarray, loss: np.ndarray) -> float:
         order = np.argsort(-s)

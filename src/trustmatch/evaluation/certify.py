@@ -53,7 +53,7 @@ class Certificate:
     delta: float
     threshold: float  # accept a unit when its confidence is > this
     risk_bound: float  # upper bound (at 1 - delta) on the selective risk: 1 - the certified precision
-    accepted: int  # validation units at or above the threshold
+    accepted: int  # validation units above the threshold
     units: int  # validation units
     validation_precision: float  # mean 1 - loss of the accepted validation units
     tests: int  # candidate thresholds, each tested at delta / tests

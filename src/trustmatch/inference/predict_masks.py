@@ -25,11 +25,19 @@ from trustmatch.evaluation.temperature import Temperature, scale_logits
 from trustmatch.inference.export import Exporter
 from trustmatch.inference.predict_classes import collect_images
 
+IGNORE_COLOUR = (224, 224, 192)
 LARGE = 4  # an image whose longer side exceeds this many crops is predicted in sliding windows
 
 
 def _write_png(path: Path, image: Image.Image) -> None:
     atomic_write_bytes(path, lambda f: image.save(f, format="PNG"))
+
+
+def palette_with_ignore(colours: list[list[int]]) -> list[int]:
+    """The classes' colours padded to 256 entries, ignore (255) in VOC's boundary colour: a palette that stops
+    at the last class lets Pillow drop index 255 when it saves (an abstained mask would read back as a class)."""
+    padded = [list(c) for c in colours] + [[0, 0, 0]] * (IGNORE - len(colours)) + [list(IGNORE_COLOUR)]
+    return [value for colour in padded for value in colour]
 
 
 def write_masks(
@@ -72,7 +80,7 @@ def write_masks(
     accepted = 0
     views = SegViews(tuple(meta["mean"]), tuple(meta["std"]), meta["crop_size"])
     window = meta["crop_size"]
-    palette = [value for colour in meta["palette"] for value in colour]
+    palette = palette_with_ignore(meta["palette"])
     images = FileSegSet([(path, None) for path in files], len(meta["classes"]))
     for i, path in enumerate(files):
         image, _ = images.load(i)

@@ -56,8 +56,9 @@ def evaluate_run(
             **certified.describe(certificate, certify_temperature, task.certify_unit),
             "uncertified_rule": f"accept when confidence > {precision:g}, as if confidence were precision",
             split: certified.kept(task, run, split, thresholds, certify_temperature),
-            "val": certified.kept(task, run, "val", {"uncertified": precision}, certify_temperature),
         }
+        if split != "val":  # the uncertified rule in-sample, beside the certificate's own validation figures
+            result["certified"]["val"] = certified.kept(task, run, "val", {"uncertified": precision}, certify_temperature)
         pool = certified.kept(task, run, "unlabeled", thresholds, certify_temperature)
         if pool is not None:
             result["certified"]["unlabeled"] = {**pool, "note": UNLABELED_NOTE}
