@@ -23,6 +23,7 @@ from trustmatch.run.loaded_run import checkpoint_path, load_run_model
 
 # two validation images certify little: a low target at a lenient delta is what they can hold
 LENIENT = ["--precision", "0.1", "--delta", "0.5"]
+SEG_LENIENT = ["--precision", "0.05", "--delta", "0.9"]  # random masks: the tiny network's pixels are 2/3 wrong
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +91,7 @@ def test_classification_abstains_below_the_threshold(tmp_path: Path, classifier:
 def test_segmentation_certified_export_round_trip(tmp_path: Path, segmenter: Path) -> None:
     photos, out, export = _photos(tmp_path / "photos", (24, 20)), tmp_path / "masks", tmp_path / "next"
     assert (
-        main(["predict", str(segmenter), str(photos), "--out", str(out), *LENIENT, "--export-labeled", str(export)])
+        main(["predict", str(segmenter), str(photos), "--out", str(out), *SEG_LENIENT, "--export-labeled", str(export)])
         == 0
     )
     record = json.loads((out / "certified.json").read_text())
