@@ -58,7 +58,9 @@ def evaluate_run(
             split: certified.kept(task, run, split, thresholds, certify_temperature),
         }
         if split != "val":  # the uncertified rule in-sample, beside the certificate's own validation figures
-            result["certified"]["val"] = certified.kept(task, run, "val", {"uncertified": precision}, certify_temperature)
+            result["certified"]["val"] = certified.kept(
+                task, run, "val", {"uncertified": precision}, certify_temperature
+            )
         pool = certified.kept(task, run, "unlabeled", thresholds, certify_temperature)
         if pool is not None:
             result["certified"]["unlabeled"] = {**pool, "note": UNLABELED_NOTE}
