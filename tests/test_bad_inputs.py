@@ -9,6 +9,7 @@ import builtins
 import errno
 import io
 import os
+import shutil
 import struct
 import zlib
 from collections.abc import Callable
@@ -279,6 +280,71 @@ def test_predict_missing_input(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert f"folder {tmp_path / 'empty'} holds no images" in fails(
         capsys, "predict", str(classifier), str(tmp_path / "empty")
     )
+
+
+# ---------------------------------------------------------------- certified precision (predict / evaluate --precision)
+
+
+@pytest.mark.parametrize(
+    ("option", "value"), [("--precision", "1.5"), ("--precision", "0"), ("--delta", "0"), ("--delta", "1")]
+)
+def test_certify_options_out_of_range(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], classifier: Path, option: str, value: str
+) -> None:
+    save(tmp_path / "photos" / "a.png")
+    out = tmp_path / "p.csv"
+    extra = ["--precision", "0.9"] if option == "--delta" else []
+    line = fails(capsys, "predict", str(classifier), str(tmp_path / "photos"), "--out", str(out), option, value, *extra)
+    assert f"{option} {float(value):g} must lie strictly between 0 and 1" in line and not out.exists()
+    assert f"{option} {float(value):g} must lie" in fails(capsys, "evaluate", str(classifier), option, value, *extra)
+
+
+def test_certify_too_few_validation_images(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], classifier: Path
+) -> None:
+    """Two validation images cannot certify 0.95: the line says the best precision they can."""
+    save(tmp_path / "photos" / "a.png")
+    out = tmp_path / "p.csv"
+    line = fails(capsys, "predict", str(classifier), str(tmp_path / "photos"), "--out", str(out), "--precision", "0.95")
+    assert "precision 0.95 cannot be certified at delta 0.05" in line and "(2 images)" in line
+    assert "the best certifiable there is 0." in line and not out.exists()
+    assert "cannot be certified" in fails(capsys, "evaluate", str(classifier), "--precision", "0.95")
+
+
+def test_certify_without_validation_split_or_temperature(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], classifier: Path
+) -> None:
+    save(tmp_path / "photos" / "a.png")
+    no_val = tmp_path / "no_val"
+    assert main(train_folder(pets(tmp_path / "pets"), no_val, "data.val_per_class=0")) == 0
+    capsys.readouterr()
+    line = fails(capsys, "evaluate", str(no_val), "--precision", "0.9", "--raw")
+    assert f"run {no_val} has no validation split" in line
+    no_temperature = tmp_path / "no_temperature"  # a checkpoint saved between evaluations carries no T
+    shutil.copytree(classifier, no_temperature)
+    state = torch.load(no_temperature / "best.pt", weights_only=False)
+    state.pop("temperature", None)
+    torch.save(state, no_temperature / "best.pt")
+    line = fails(capsys, "predict", str(no_temperature), str(tmp_path / "photos"), "--precision", "0.9")
+    assert "has no saved temperature" in line and "pass --raw" in line
+
+
+def test_export_labeled_needs_precision_and_an_empty_folder(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], classifier: Path
+) -> None:
+    save(tmp_path / "photos" / "a.png")
+    photos, out, export = str(tmp_path / "photos"), str(tmp_path / "p.csv"), tmp_path / "next"
+    assert "--export-labeled needs --precision" in fails(
+        capsys, "predict", str(classifier), photos, "--out", out, "--export-labeled", str(export)
+    )
+    export.mkdir()
+    (export / "old.png").write_text("x")
+    line = fails(
+        capsys, "predict", str(classifier), photos, "--out", out, "--precision", "0.1", "--delta", "0.5",
+        "--export-labeled", str(export),
+    )  # fmt: skip
+    assert f"--export-labeled {export} exists and is not an empty folder" in line
+    assert listing(export) == ["old.png"]
 
 
 # ---------------------------------------------------------------- modes: converted, not refused

@@ -34,6 +34,7 @@ import numpy as np
 import pytest
 import torch
 
+from trustmatch.evaluation import selective
 from trustmatch.evaluation.metrics import (
     ClassificationMeter,
     calibration_bins,
@@ -44,6 +45,7 @@ from trustmatch.evaluation.metrics import (
 )
 
 N, K = 1000, 10
+SELECTIVE = ("aurc", "eaurc", *(f"accuracy_at_coverage_{p}" for p in selective.COVERAGES))
 SEEDS = [0, 1, 2, 3]
 
 
@@ -262,8 +264,8 @@ def test_meter_state_does_not_grow_with_n() -> None:
     meter = ClassificationMeter(K, bins=(7,))
     for seed in range(3):
         meter.update(*_random_case(seed, "calibrated"))
-    assert meter.state.shape == (5 + 3 * 7 + K * K,)
-    keys = {"accuracy", "balanced_accuracy", "ece_7", "mce_7", "nll", "brier", "mean_confidence", "n"}
+    assert meter.state.shape == (5 + 3 * 7 + K * K + 2 * selective.BINS,)
+    keys = {"accuracy", "balanced_accuracy", "ece_7", "mce_7", "nll", "brier", "mean_confidence", "n", *SELECTIVE}
     assert set(meter.compute()) == keys
     assert meter.compute()["n"] == 3 * N
 

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from trustmatch.evaluation import selective
 from trustmatch.evaluation.metrics import SegmentationMeter, expected_calibration_error
 from trustmatch.reporting.plots import _NEUTRAL, _overlay, segmentation_overlays
 
@@ -140,7 +141,7 @@ def test_int64_masks_and_device_state() -> None:
     logits, masks = _case(3)
     meter = _meter(logits, masks.long())
     torch.testing.assert_close(meter.state, _meter(logits, masks).state)
-    assert meter.state.dtype == torch.float64 and meter.state.numel() == K * K + 3 * 15 + 2
+    assert meter.state.dtype == torch.float64 and meter.state.numel() == K * K + 3 * 15 + 2 + 2 * selective.BINS
 
 
 @pytest.mark.parametrize(

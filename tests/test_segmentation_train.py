@@ -242,6 +242,9 @@ def test_digitscenes_run_directory(tmp_path: Path, method: str) -> None:
     assert set(final["per_class_iou"]) == {"background", *map(str, range(10))}
     assert saved["best"]["val"]["miou"] >= 0 and "temperature_note" not in saved
     assert 0.01 <= saved["temperature"] <= 100 and set(saved["final_calibrated"]) == set(final)
+    assert 0 <= final["eaurc"] <= final["aurc"] <= 1  # per pixel, over the valid ones
+    curve, calibrated = saved["final_calibrated_risk_coverage"], saved["final_calibrated"]
+    assert curve["risk"][-1] == pytest.approx(1 - calibrated["pixel_accuracy"], abs=1e-12)
     assert metrics["final"] == final and [h["step"] for h in saved["history"]] == [3, 6]
     log = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
     assert [entry["step"] for entry in log] == [2, 4, 6] and all(0 <= e["loss_sup"] for e in log)

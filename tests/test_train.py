@@ -42,7 +42,7 @@ def assert_same_state(a: object, b: object, path: str = "") -> None:
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 TORCHRUN_TRAIN = [*TORCHRUN, "-m", "trustmatch", "train"]
 TINY = ["train.steps=6", "train.eval_every=3", "train.log_every=2", "train.batch_size=8", "train.uratio=2"]
-METRIC_KEYS = {"accuracy", "ece_15", "ece_10", "mce_15", "nll", "brier"}
+METRIC_KEYS = {"accuracy", "ece_15", "ece_10", "mce_15", "nll", "brier", "aurc", "eaurc", "accuracy_at_coverage_80"}
 
 
 def _trainer(method: str, out: Path, *extra: str) -> Trainer:
@@ -69,6 +69,9 @@ def test_every_method_writes_a_complete_run_directory(tmp_path: Path, method: st
     assert all(0.0 <= saved["final"][k] <= 1.0 for k in ["accuracy", "ece_15", "ece_10", "mce_15"])
     assert saved["best"]["step"] in (3, 6) and saved["best"]["val"]["accuracy"] >= 0
     assert metrics["final"] == saved["final"]
+    curve = saved["final_risk_coverage"]  # beside final_bins, for a plot: 100 coverages up to all of test
+    assert len(curve["coverage"]) == len(curve["risk"]) == 100 and curve["coverage"][-1] == 1.0
+    assert curve["risk"][-1] == pytest.approx(1 - saved["final"]["accuracy"], abs=1e-12)
     state = load_checkpoint(run / "last.pt")  # weights_only=True
     assert state["step"] == 6 and state["classes"][0] == "0"
     assert not list(run.glob(".*.tmp"))

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from trustmatch.core.errors import UserError
+from trustmatch.core.fileio import atomic_write_text
 
 EXIT_USER_ERROR = 2
 
@@ -61,6 +62,12 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("run_dir", type=Path)
     e.add_argument("--checkpoint", default="auto", choices=["auto", "best", "last"], help="auto: best, else last")
     e.add_argument("--split", default="test", choices=["test", "val"])
+    _certify_options(
+        e,
+        "also certify a confidence threshold on validation and report the split's precision and "
+        "coverage at it (and at the uncertified rule confidence > P)",
+    )
+    e.add_argument("--raw", action="store_true", help="with --precision: certify on the raw, unscaled confidences")
 
     pr = sub.add_parser(
         "predict", help="predict images or folders: a CSV of classes, or a directory of PNG masks (segmentation)"
@@ -77,6 +84,18 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="uncalibrated confidences (default: the run's temperature, where fitted; segmentation: per-class "
         "temperatures can change a pixel's class, so --raw gives the unscaled masks too)",
+    )
+    _certify_options(
+        pr,
+        "accept only predictions above a threshold certified on the run's validation split "
+        "(CSV column accepted; abstained masks are 255); writes <out>.certified.json",
+    )
+    pr.add_argument(
+        "--export-labeled",
+        type=Path,
+        metavar="DIR",
+        help="with --precision: write the accepted images as a labeled folder (class folders; segmentation: "
+        "images/, masks/, classes.txt) to train on next",
     )
 
     rp = sub.add_parser(
@@ -99,6 +118,17 @@ def _parser() -> argparse.ArgumentParser:
     ls.add_argument("--keys", action="store_true", help="list every config key instead")
     ls.add_argument("--spaces", action="store_true", help="list the shipped search spaces (with NAME: print one)")
     return p
+
+
+def _certify_options(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument("--precision", type=float, metavar="P", help=f"target precision in (0, 1): {what}")
+    parser.add_argument(
+        "--delta",
+        type=float,
+        default=0.05,
+        metavar="D",
+        help="with --precision: the guarantee fails with probability at most D over the validation draw (default 0.05)",
+    )
 
 
 def run_name(config: str, overrides: list[str], seed: int) -> str:
@@ -194,7 +224,7 @@ def _tune(args: argparse.Namespace) -> int:
 def _evaluate(args: argparse.Namespace) -> int:
     from trustmatch.run.checkpoint_evaluation import evaluate_run
 
-    result = evaluate_run(args.run_dir, args.checkpoint, args.split)
+    result = evaluate_run(args.run_dir, args.checkpoint, args.split, args.precision, args.delta, args.raw)
     print(json.dumps(result, indent=2))
     return 0
 
@@ -202,9 +232,13 @@ def _evaluate(args: argparse.Namespace) -> int:
 def _predict(args: argparse.Namespace) -> int:
     from trustmatch.config import read_yaml
     from trustmatch.evaluation.temperature import describe_temperature
+    from trustmatch.run import certified_threshold as certified
     from trustmatch.run.loaded_run import checkpoint_path, load_run_model
     from trustmatch.tasks import TASKS
 
+    certified.check_request(args.precision, args.delta)
+    if args.export_labeled is not None and args.precision is None:
+        raise UserError("--export-labeled needs --precision P: only predictions certified at a precision are exported")
     path = checkpoint_path(args.run_dir, args.checkpoint)
     config = args.run_dir / "config.yaml"
     segmentation = config.is_file() and read_yaml(config).get("task") == "segmentation"  # checked before loading
@@ -225,13 +259,33 @@ def _predict(args: argparse.Namespace) -> int:
     predict = TASKS.metadata(run.cfg.task).get("predict")
     if predict is None:
         raise UserError(f"task {run.cfg.task!r} has no predictor: register one with TASKS.register(..., predict=...)")
-    n = predict(run.model, run.meta, args.inputs, args.out, run.precision, temperature, **options)
+    certificate = None
+    if args.precision is not None:
+        certified.certification_temperature(run, args.raw, str(path))  # refuses a checkpoint without T
+        task = run.task(run.cfg, run.precision)
+        certificate = certified.certify_run(run, task, args.precision, args.delta, temperature, str(args.run_dir))
+        print(certified.summary_line(certificate))
+        options.update(threshold=certificate.threshold, export=args.export_labeled)
+    n, accepted = predict(run.model, run.meta, args.inputs, args.out, run.precision, temperature, **options)
     how = (
         "raw confidences"
         if temperature is None
         else f"confidences at temperature {describe_temperature(temperature)} (fitted on validation)"
     )
     print(f"wrote {n} predictions to {args.out} ({how})")
+    if certificate is not None:
+        record = {
+            **certified.describe(certificate, temperature, task.certify_unit),
+            "checkpoint": str(path),
+            "predicted": n,
+            "accepted": accepted,
+            "coverage": accepted / n,
+            **({"export_labeled": str(args.export_labeled)} if args.export_labeled is not None else {}),
+        }
+        where = args.out / "certified.json" if segmentation else args.out.with_name(f"{args.out.stem}.certified.json")
+        atomic_write_text(where, json.dumps(record, indent=2))
+        exported = f"; exported to {args.export_labeled}" if args.export_labeled is not None else ""
+        print(f"accepted {accepted} of {n} ({accepted / n:.3f}), abstained on the rest{exported}; wrote {where}")
     return 0
 
 

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from trustmatch.core.distributed import all_reduce_sum_
+from trustmatch.evaluation import selective
 
 __all__ = [
     "ClassificationMeter",
@@ -140,9 +141,10 @@ def max_calibration_error(confidences: Tensor, correct: Tensor, n_bins: int) -> 
 class ClassificationMeter:
     """:func:`classification_metrics` accumulated batch by batch, and across processes.
 
-    ``state`` is one float64 tensor of ``5 + 3 * sum(bins)`` sums, whatever N: samples, correct
+    ``state`` is one float64 tensor of sums whose size does not depend on N: samples, correct
     predictions, NLL, Brier and top-label confidence, then per bin count its :func:`_bin_sums`, then
-    the K x K confusion counts (rows: true class, columns: prediction; K = 1,000 costs 8 MB).
+    the K x K confusion counts (rows: true class, columns: prediction; K = 1,000 costs 8 MB), then the
+    selective-risk histogram (:func:`selective.histogram`, 512 KiB).
     Sums add over batches and processes, so any split of the data gives the whole set's metrics,
     and a single tensor makes :meth:`all_reduce` a single collective. Give it the logits' device:
     updates then never wait on a copy, and NCCL can reduce the state where it lies.
@@ -156,15 +158,17 @@ class ClassificationMeter:
         self.num_classes = num_classes
         self.device = float64_device(torch.device(device))
         self.bin_counts = tuple(sorted(set(bins), reverse=True))  # ece_15 before ece_10, as always
-        size = 5 + 3 * sum(self.bin_counts) + num_classes**2
+        size = 5 + 3 * sum(self.bin_counts) + num_classes**2 + 2 * selective.BINS
         self.state = torch.zeros(size, dtype=torch.float64, device=self.device)
-        self._totals, self._bins, self._confusion = self._unpack(self.state)
+        self._totals, self._bins, self._confusion, self._selective = self._unpack(self.state)
 
-    def _unpack(self, state: Tensor) -> tuple[Tensor, dict[int, Tensor], Tensor]:
-        """Views of ``state``: the 5 totals, the [3, b] bin sums for each bin count b, the confusion."""
-        totals, *parts, confusion = state.split([5, *(3 * b for b in self.bin_counts), self.num_classes**2])
+    def _unpack(self, state: Tensor) -> tuple[Tensor, dict[int, Tensor], Tensor, Tensor]:
+        """Views of ``state``: the 5 totals, the [3, b] bin sums for each bin count b, the confusion, the
+        [2, selective.BINS] selective-risk histogram."""
+        sizes = [5, *(3 * b for b in self.bin_counts), self.num_classes**2, 2 * selective.BINS]
+        totals, *parts, confusion, hist = state.split(sizes)
         bins = {b: part.view(3, b) for b, part in zip(self.bin_counts, parts)}
-        return totals, bins, confusion.view(self.num_classes, self.num_classes)
+        return totals, bins, confusion.view(self.num_classes, self.num_classes), hist.view(2, selective.BINS)
 
     def update(self, logits: Tensor, labels: Tensor) -> None:
         """Add a batch of logits [N, K] and integer labels [N].
@@ -185,8 +189,8 @@ class ClassificationMeter:
             raise NonFiniteLogits("logits contain NaN or infinity")
         log_probs = F.log_softmax(logits.detach().to(device=self.device, dtype=torch.float64), dim=1)
         labels = labels.detach().to(device=self.device, dtype=torch.long)
-        probs = log_probs.exp()
-        confidence, prediction = probs.max(dim=1)  # ties: lowest index
+        top_log_prob, prediction = log_probs.max(dim=1)  # ties: lowest index
+        probs, confidence = log_probs.exp(), top_log_prob.exp()
         correct = (prediction == labels).to(torch.float64)
         nll = -log_probs.gather(1, labels[:, None]).sum()
         brier = (probs - F.one_hot(labels, self.num_classes)).pow(2).sum()
@@ -195,24 +199,25 @@ class ClassificationMeter:
         for n_bins, sums in self._bins.items():
             sums += _bin_sums(confidence, correct, n_bins)
         self._confusion.view(-1).index_add_(0, labels * self.num_classes + prediction, torch.ones_like(correct))
+        self._selective += selective.histogram(top_log_prob, correct)
 
     def all_reduce(self) -> None:
         """Sum the state over all processes (identity in one); call once, after the last update."""
         all_reduce_sum_(self.state)
 
-    def _host_sums(self) -> tuple[Tensor, dict[int, Tensor], Tensor]:
+    def _host_sums(self) -> tuple[Tensor, dict[int, Tensor], Tensor, Tensor]:
         """The unpacked state on the CPU (one transfer), refusing an empty meter."""
-        totals, bins, confusion = self._unpack(self.state.cpu())
+        totals, bins, confusion, hist = self._unpack(self.state.cpu())
         if totals[0] == 0:
             raise ValueError("metrics need at least one sample, got N=0")
-        return totals, bins, confusion
+        return totals, bins, confusion, hist
 
     def compute(self) -> dict[str, float]:
         """The :func:`classification_metrics` keys, with ``ece_<b>`` and ``mce_<b>`` for each bin count.
 
         Covers this process's batches, or every process's once :meth:`all_reduce` has run.
         """
-        totals, bins, confusion = self._host_sums()
+        totals, bins, confusion, hist = self._host_sums()
         n, correct, nll, brier, confidence = totals.tolist()
         return {
             "accuracy": correct / n,
@@ -222,6 +227,7 @@ class ClassificationMeter:
             "nll": nll / n,
             "brier": brier / n,
             "mean_confidence": confidence / n,
+            **selective.selective_metrics(hist),
             "n": int(n),
         }
 
@@ -234,6 +240,10 @@ class ClassificationMeter:
     def confusion(self) -> Tensor:
         """Counts [K, K] (int64, CPU): row = true class, column = predicted class."""
         return self._host_sums()[2].round().long()
+
+    def risk_coverage(self) -> dict[str, list[float]]:
+        """The top-label risk-coverage curve (:func:`selective.risk_coverage`), for a plot."""
+        return selective.risk_coverage(self._host_sums()[3])
 
 
 def _whole_set_meter(logits: Tensor, labels: Tensor, bins: tuple[int, ...]) -> ClassificationMeter:
@@ -248,7 +258,8 @@ def classification_metrics(logits: Tensor, labels: Tensor) -> dict[str, float]:
     """Accuracy and calibration of a classifier, all as fractions.
 
     Keys: ``accuracy``, ``ece_15``, ``ece_10``, ``mce_15``, ``mce_10``, ``nll`` (mean
-    cross-entropy, natural log), ``brier``, ``mean_confidence`` and ``n`` (an int).
+    cross-entropy, natural log), ``brier``, ``mean_confidence``, the selective-risk metrics ``aurc``,
+    ``eaurc``, ``accuracy_at_coverage_<50|80|90>`` (:mod:`trustmatch.evaluation.selective`) and ``n`` (an int).
 
     ``brier`` is the multi-class Brier score, mean over samples of
     sum_k (p_k - onehot_k)^2, so it lies in [0, 2] and is *not* halved; this is
@@ -267,9 +278,9 @@ class SegmentationMeter:
 
     ``state`` is one float64 tensor on the device: the K x K confusion counts (rows: true class, columns:
     prediction), the ``n_bins`` :func:`_bin_sums` of the per-pixel top-class softmax confidence, the NLL
-    sum and the pixel count. Pixels whose mask is ``ignore_index`` enter none of them. Sums add over
-    batches and processes, so any split of the pixels gives the whole set's metrics, and
-    :meth:`all_reduce` is a single collective.
+    sum and the pixel count, and the pixels' selective-risk histogram (:func:`selective.histogram`).
+    Pixels whose mask is ``ignore_index`` enter none of them. Sums add over batches and processes, so any
+    split of the pixels gives the whole set's metrics, and :meth:`all_reduce` is a single collective.
     """
 
     # float64 elements of one piece of logits converted at once (32 MB): a 21 x 1024 x 2048 image is
@@ -284,13 +295,17 @@ class SegmentationMeter:
         _check_n_bins(n_bins)
         self.num_classes, self.ignore_index, self.n_bins = num_classes, ignore_index, n_bins
         self.device = float64_device(torch.device(device))
-        self.state = torch.zeros(num_classes**2 + 3 * n_bins + 2, dtype=torch.float64, device=self.device)
-        self._confusion, self._bins, self._totals = self._unpack(self.state)
+        size = num_classes**2 + 3 * n_bins + 2 + 2 * selective.BINS
+        self.state = torch.zeros(size, dtype=torch.float64, device=self.device)
+        self._confusion, self._bins, self._totals, self._selective = self._unpack(self.state)
 
-    def _unpack(self, state: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Views of ``state``: the [K, K] confusion, the [3, n_bins] bin sums, (NLL sum, pixel count)."""
-        confusion, bins, totals = state.split([self.num_classes**2, 3 * self.n_bins, 2])
-        return confusion.view(self.num_classes, self.num_classes), bins.view(3, self.n_bins), totals
+    def _unpack(self, state: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Views of ``state``: the [K, K] confusion, the [3, n_bins] bin sums, (NLL sum, pixel count), the
+        [2, selective.BINS] selective-risk histogram."""
+        sizes = [self.num_classes**2, 3 * self.n_bins, 2, 2 * selective.BINS]
+        confusion, bins, totals, hist = state.split(sizes)
+        k = self.num_classes
+        return confusion.view(k, k), bins.view(3, self.n_bins), totals, hist.view(2, selective.BINS)
 
     def update(self, logits: Tensor, masks: Tensor) -> None:
         """Add logits [B, K, H, W] and masks [B, H, W] (uint8 or int64 class ids, or ``ignore_index``).
@@ -338,17 +353,18 @@ class SegmentationMeter:
         self._confusion.view(-1).index_add_(0, (target * self.num_classes + prediction).flatten(), weight)
         self._bins += _bin_sums(top_log_prob.exp().flatten(), correct, self.n_bins, weight)
         self._totals += torch.stack([(nll * weight).sum(), weight.sum()])
+        self._selective += selective.histogram(top_log_prob, correct, weight)
 
     def all_reduce(self) -> None:
         """Sum the state over all processes (identity in one); call once, after the last update."""
         all_reduce_sum_(self.state)
 
-    def _host_sums(self) -> tuple[Tensor, Tensor, Tensor]:
+    def _host_sums(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """The unpacked state on the CPU (one transfer), refusing a meter that saw no valid pixel."""
-        confusion, bins, totals = self._unpack(self.state.cpu())
+        confusion, bins, totals, hist = self._unpack(self.state.cpu())
         if totals[1] == 0:
             raise ValueError("segmentation metrics need at least one pixel that is not ignored, got none")
-        return confusion, bins, totals
+        return confusion, bins, totals, hist
 
     @staticmethod
     def _iou(confusion: Tensor) -> tuple[Tensor, Tensor]:
@@ -363,9 +379,11 @@ class SegmentationMeter:
         ``miou`` averages intersection / union over the classes with a non-empty union: a class absent
         from both the ground truth and the predictions has no defined IoU and is left out of the mean
         (:meth:`per_class_iou` reports it as None), as is a class absent from the ground truth from
-        ``mean_class_accuracy``. Covers this process's pixels, or every process's after :meth:`all_reduce`.
+        ``mean_class_accuracy``. With them the per-pixel selective-risk metrics (``aurc``, ``eaurc``,
+        ``accuracy_at_coverage_<50|80|90>`` over valid pixels). Covers this process's pixels, or every
+        process's after :meth:`all_reduce`.
         """
-        confusion, bins, (nll, n) = self._host_sums()
+        confusion, bins, (nll, n), hist = self._host_sums()
         iou, defined = self._iou(confusion)
         return {
             "miou": float(iou[defined].mean()),
@@ -373,6 +391,7 @@ class SegmentationMeter:
             "mean_class_accuracy": _mean_recall(confusion),
             f"pixel_ece_{self.n_bins}": _ece(bins),
             "pixel_nll": float(nll / n),
+            **selective.selective_metrics(hist),
             "n_pixels": int(n),
         }
 
@@ -388,3 +407,7 @@ class SegmentationMeter:
     def confusion(self) -> Tensor:
         """Pixel counts [K, K] (int64, CPU): row = true class, column = predicted class."""
         return self._host_sums()[0].round().long()
+
+    def risk_coverage(self) -> dict[str, list[float]]:
+        """The per-pixel risk-coverage curve (:func:`selective.risk_coverage`), for a plot."""
+        return selective.risk_coverage(self._host_sums()[3])

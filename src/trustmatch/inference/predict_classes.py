@@ -1,4 +1,5 @@
-"""Classification predictions for a user's images: one CSV row per image with class, confidence and top-3."""
+"""Classification predictions for a user's images: one CSV row per image with class, confidence and top-3;
+with a certified threshold, whether each is accepted, and the accepted images exported as class folders."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from trustmatch.core.precision import Precision
 from trustmatch.data.folders import decode_batch, image_files
 from trustmatch.data.views import Views
 from trustmatch.evaluation.forward import predict_logits
+from trustmatch.inference.export import Exporter
 
 
 def collect_images(inputs: list[Path]) -> list[Path]:
@@ -43,11 +45,16 @@ def write_predictions(
     precision: Precision,
     temperature: float | None = None,
     batch_size: int = 256,
-) -> int:
-    """Write a CSV row per image found in ``inputs`` to ``out``; returns the number of rows.
-    Confidences are softmax(logits / temperature) when a temperature is given. Images are decoded a
-    batch at a time, so any number of them fits in memory (only the per-image top-k is kept)."""
+    threshold: float | None = None,
+    export: Path | None = None,
+) -> tuple[int, int]:
+    """Write a CSV row per image found in ``inputs`` to ``out``; returns the number of rows and of accepted
+    ones. Confidences are softmax(logits / temperature) when a temperature is given. Images are decoded a
+    batch at a time, so any number of them fits in memory (only the per-image top-k is kept). With a
+    ``threshold`` an ``accepted`` column (1: confidence > threshold, the class stands; 0: abstained), and with
+    ``export`` the accepted image files copied into ``export/<class>/``, a labeled folder for the next round."""
     files = collect_images(inputs)
+    exporter = Exporter.start(export) if export is not None else None
     mode = "L" if meta["channels"] == 1 else "RGB"
     interpolation = meta["config"]["data"].get("interpolation")  # the training decoder's filter (older runs: none)
     views = Views(tuple(meta["mean"]), tuple(meta["std"]), hflip=False)
@@ -63,14 +70,19 @@ def write_predictions(
     top_values, top_indices = torch.cat([c.values for c in chunks]), torch.cat([c.indices for c in chunks])
     buffer = io.StringIO()
     writer = csv.writer(buffer)
-    header = ["path", "class", "confidence"]
+    header = ["path", "class", "confidence", *(["accepted"] if threshold is not None else [])]
     for k in range(top_indices.shape[1]):
         header += [f"top{k + 1}_class", f"top{k + 1}_confidence"]
     writer.writerow(header)
-    for path, values, indices in zip(files, top_values.tolist(), top_indices.tolist()):
-        row = [str(path), classes[indices[0]], f"{values[0]:.6f}"]
+    accepted = (
+        top_values[:, 0].double() > threshold if threshold is not None else torch.ones(len(files), dtype=torch.bool)
+    )
+    for path, values, indices, keep in zip(files, top_values.tolist(), top_indices.tolist(), accepted.tolist()):
+        row = [str(path), classes[indices[0]], f"{values[0]:.6f}", *([int(keep)] if threshold is not None else [])]
         for v, i in zip(values, indices):
             row += [classes[i], f"{v:.6f}"]
         writer.writerow(row)
+        if exporter is not None and keep:
+            exporter.copy(path, Path(classes[indices[0]]) / path.name)
     atomic_write_text(out, buffer.getvalue())
-    return len(files)
+    return len(files), int(accepted.sum())

@@ -1,4 +1,4 @@
-"""``trustmatch report``: the calibration of finished classification runs, side by side.
+"""``trustmatch report``: the calibration and selective risk of finished classification runs, side by side.
 
 Reads only what ``trustmatch train`` wrote into each run directory (``metrics.json``), so comparing
 runs needs neither torch nor the data. Each run gives one table row for its final EMA model and, where
@@ -28,7 +28,19 @@ __all__ = [
     "write_report",
 ]
 
-HEADER = ("run", "method", "seed", "accuracy", "ECE-15", "ECE-10", "NLL", "Brier")
+HEADER = (
+    "run",
+    "method",
+    "seed",
+    "accuracy",
+    "ECE-15",
+    "ECE-10",
+    "NLL",
+    "Brier",
+    "AURC",
+    "e-AURC",
+    "acc@50/80/90% cov.",
+)
 
 
 @dataclass(frozen=True)
@@ -115,9 +127,17 @@ def _percent(x: float) -> str:
     return f"{100 * x:.2f}%"
 
 
+def _selective(m: dict[str, float]) -> list[str]:
+    """AURC, e-AURC and accuracy at 50/80/90 % coverage; a dash for a run written before they were measured."""
+    if "aurc" not in m:
+        return ["-", "-", "-"]
+    at = " / ".join(_percent(m[f"accuracy_at_coverage_{p}"]) for p in (50, 80, 90))
+    return [f"{m['aurc']:.4f}", f"{m['eaurc']:.4f}", at]
+
+
 def _row(label: str, run: RunSummary, m: dict[str, float]) -> list[str]:
     numbers = (_percent(m["accuracy"]), _percent(m["ece_15"]), _percent(m["ece_10"]), f"{m['nll']:.4f}")
-    return [label, run.method, run.seed, *numbers, f"{m['brier']:.4f}"]
+    return [label, run.method, run.seed, *numbers, f"{m['brier']:.4f}", *_selective(m)]
 
 
 def _scaled_label(run: RunSummary) -> str:

@@ -8,15 +8,33 @@ from typing import Any
 
 from trustmatch.core.errors import UserError
 from trustmatch.core.fileio import atomic_write_text
+from trustmatch.run import certified_threshold as certified
 from trustmatch.run.artefacts import write_diagram
 from trustmatch.run.loaded_run import checkpoint_path, load_run_model
 
+UNLABELED_NOTE = (
+    "the unlabeled training images, where their truth is known: not fresh data (the model fitted its own "
+    "pseudo-labels on them), so the guarantee is not claimed there"
+)
 
-def evaluate_run(run_dir: Path, checkpoint: str = "auto", split: str = "test") -> dict[str, Any]:
-    """Metrics of the checkpoint on ``split``; writes a JSON file and the task's plots beside it."""
+
+def evaluate_run(
+    run_dir: Path,
+    checkpoint: str = "auto",
+    split: str = "test",
+    precision: float | None = None,
+    delta: float = certified.DEFAULT_DELTA,
+    raw: bool = False,
+) -> dict[str, Any]:
+    """Metrics of the checkpoint on ``split``; writes a JSON file and the task's plots beside it. With a
+    ``precision``, also the threshold certified on validation and what it keeps of ``split`` (and of the
+    unlabeled training images, where their truth is known), beside the uncertified rule "confidence >
+    precision"."""
+    certified.check_request(precision, delta)
     run_dir = Path(run_dir)
     path = checkpoint_path(run_dir, checkpoint)
     run = load_run_model(path)
+    certify_temperature = certified.certification_temperature(run, raw, str(path)) if precision else None
     meta = run.meta
     if split == "val" and run.cfg.data.val_per_class == 0:  # said before the data load
         raise UserError(f"run {run_dir} has no val split (data.val_per_class=0): use --split test")
@@ -31,6 +49,21 @@ def evaluate_run(run_dir: Path, checkpoint: str = "auto", split: str = "test") -
     result = {"checkpoint": which, "step": int(meta["step"]), "split": split, **evaluation.metrics}
     if evaluation.calibrated is not None:
         result.update(temperature=temperature, calibrated=evaluation.calibrated)
+    if precision is not None:
+        certificate = certified.certify_run(run, task, precision, delta, certify_temperature, str(run_dir))
+        thresholds = {"certified": certificate.threshold, "uncertified": precision}
+        result["certified"] = {
+            **certified.describe(certificate, certify_temperature, task.certify_unit),
+            "uncertified_rule": f"accept when confidence > {precision:g}, as if confidence were precision",
+            split: certified.kept(task, run, split, thresholds, certify_temperature),
+        }
+        if split != "val":  # the uncertified rule in-sample, beside the certificate's own validation figures
+            result["certified"]["val"] = certified.kept(
+                task, run, "val", {"uncertified": precision}, certify_temperature
+            )
+        pool = certified.kept(task, run, "unlabeled", thresholds, certify_temperature)
+        if pool is not None:
+            result["certified"]["unlabeled"] = {**pool, "note": UNLABELED_NOTE}
     stem = run_dir / f"evaluation-{which}-{split}"
     atomic_write_text(stem.with_suffix(".json"), json.dumps(result, indent=2))
     write_diagram(task, evaluation, stem, f"{which} checkpoint (step {meta['step']}), {split} split")

@@ -93,6 +93,10 @@ class RunRecord:
             "final_calibrated_bins": {"15": test.calibrated_detail}
             if final is not None and test is not None and test.calibrated is not None
             else None,
+            "final_risk_coverage": test.risk_coverage if final is not None and test is not None else None,
+            "final_calibrated_risk_coverage": test.calibrated_risk_coverage
+            if final is not None and test is not None and test.calibrated is not None
+            else None,
         }
         optimistic = max(self.history, key=lambda e: e["test"][key], default=None)
         return {

@@ -166,10 +166,27 @@ class ClassificationTask(SSLTask):
                 meters[1].update(scale_logits(logits, temperature), labels)
         for meter in meters:
             meter.all_reduce()
-        evaluation = Evaluation(meters[0].compute(), meters[0].bins(15))
+        evaluation = Evaluation(meters[0].compute(), meters[0].bins(15), risk_coverage=meters[0].risk_coverage())
         if temperature is not None:
             evaluation.calibrated, evaluation.calibrated_detail = meters[1].compute(), meters[1].bins(15)
+            evaluation.calibrated_risk_coverage = meters[1].risk_coverage()
         return evaluation
+
+    def selective_units(
+        self, model: nn.Module, split: str, temperature: Temperature | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """Top-class confidence (softmax(z / T) in float32, as ``predict`` writes it) and 0/1 error per image
+        with a known label (an unlabeled split keeps its labels where known, for diagnostics)."""
+        images, scores, losses = self.split_data(split), [], []
+        size = self.cfg.train.eval_batch_size
+        for index, logits in iter_logits(model, images.images, self.views.plain, self.precision, size):
+            probs = (logits if temperature is None else scale_logits(logits, temperature)).softmax(dim=1)
+            confidence, prediction = probs.max(dim=1)
+            labels = images.labels[index].to(self.device)
+            known = labels >= 0
+            scores.append(confidence[known].double().cpu())
+            losses.append((prediction != labels)[known].double().cpu())
+        return torch.cat(scores), torch.cat(losses)
 
     def validate(self, model: nn.Module) -> tuple[dict[str, float], float | None]:
         metrics, temperature, _ = self._validate(model, report=False)

@@ -44,6 +44,8 @@ class SegmentationTask(SSLTask):
     nll_metric = "pixel_nll"
     diagram_unit = ", per pixel"  # every labeled pixel of the split is one sample
     curves = (("miou", "mIoU"), ("pixel_ece_15", "pixel ECE (15 bins)"))
+    certify_bound = "betting"  # an image's pixel error rate lies in [0, 1]: not a binomial count
+    certify_unit = "image (its mean confidence; precision: its pixel accuracy, averaged over accepted images)"
 
     def __init__(self, cfg: Config, precision: Precision) -> None:
         super().__init__(cfg, precision)
@@ -158,12 +160,14 @@ class SegmentationTask(SSLTask):
             yield self._logits(model, images), masks.to(self.device), indices[done : done + len(images)]
             done += len(images)
 
-    def _scores(self, meter: SegmentationMeter) -> tuple[dict[str, Any], dict[str, list[float]]]:
-        """A meter's metrics over every process, with the per-class IoU, and its bins."""
+    def _scores(
+        self, meter: SegmentationMeter
+    ) -> tuple[dict[str, Any], dict[str, list[float]], dict[str, list[float]]]:
+        """A meter's metrics over every process, with the per-class IoU, its bins and its risk-coverage curve."""
         meter.all_reduce()
         metrics: dict[str, Any] = meter.compute()
         metrics["per_class_iou"] = dict(zip(self.data.classes, meter.per_class_iou()))
-        return metrics, meter.bins()
+        return metrics, meter.bins(), meter.risk_coverage()
 
     def _evaluate(
         self,
@@ -185,10 +189,39 @@ class SegmentationTask(SSLTask):
                 pool.add(logits, masks, images)
             if keep is not None:
                 keep.add(logits, masks)
-        evaluation = Evaluation(*self._scores(meters[0]))
+        metrics, bins, curve = self._scores(meters[0])
+        evaluation = Evaluation(metrics, bins, risk_coverage=curve)
         if temperature is not None:
-            evaluation.calibrated, evaluation.calibrated_detail = self._scores(meters[1])
+            evaluation.calibrated, evaluation.calibrated_detail, evaluation.calibrated_risk_coverage = self._scores(
+                meters[1]
+            )
         return evaluation
+
+    def selective_units(
+        self, model: nn.Module, split: str, temperature: Temperature | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """Per image: the mean over all its pixels of the top-class probability (``predict`` sees no mask) and
+        its pixel error rate over its labeled pixels (an unlabeled split's truth masks where it keeps them).
+        Images without a labeled pixel, or without truth, have no loss and are left out."""
+        dataset = self.split_data(split)
+        indices, scores, losses = list(range(len(dataset))), [], []
+        done = 0
+        for images, masks in self._batches(dataset, indices):
+            if masks is None:  # an unlabeled split: its truth, known only for diagnostics (digitscenes)
+                truths = [dataset.truth(i) for i in indices[done : done + len(images)]]
+                shape = (len(images), *images.shape[2:])
+                masks = torch.stack(truths) if None not in truths else torch.full(shape, IGNORE, dtype=torch.uint8)
+            done += len(images)
+            logits = self._logits(model, images)
+            probs = (logits if temperature is None else scale_logits(logits, temperature)).float().softmax(dim=1)
+            confidence, prediction = probs.max(dim=1)
+            masks = masks.to(self.device).long()
+            valid = masks != IGNORE
+            wrong = ((prediction != masks) & valid).sum(dim=(1, 2)).double()
+            count = valid.sum(dim=(1, 2)).double()
+            scores.append(confidence.double().mean(dim=(1, 2))[count > 0].cpu())
+            losses.append((wrong / count.clamp(min=1))[count > 0].cpu())
+        return torch.cat(scores), torch.cat(losses)
 
     def validate(self, model: nn.Module) -> tuple[dict[str, float], Temperature | None]:
         metrics, temperature, _ = self._validate(model, report=False)
@@ -219,12 +252,13 @@ class SegmentationTask(SSLTask):
         fit = fit_class_temperatures if mode == "per_class" else fit_temperature
         temperature = fit(logits, labels)
         if keep is not None and temperature is not None:
-            evaluation.calibrated, evaluation.calibrated_detail = self._rescored(model, keep, temperature)
+            scored = self._rescored(model, keep, temperature)
+            evaluation.calibrated, evaluation.calibrated_detail, evaluation.calibrated_risk_coverage = scored
         return metrics, temperature, evaluation if report else None
 
     def _rescored(
         self, model: nn.Module, keep: KeptBatches, temperature: Temperature
-    ) -> tuple[dict[str, Any], dict[str, list[float]]]:
+    ) -> tuple[dict[str, Any], dict[str, list[float]], dict[str, list[float]]]:
         """Validation's metrics scaled by ``temperature`` as ``_evaluate`` computes them: the kept batches,
         then the images after them predicted again, in the same batches and order."""
         dataset = self.split_data("val")

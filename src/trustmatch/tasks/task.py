@@ -46,12 +46,15 @@ class Stateful(Protocol):
 
 @dataclass
 class Evaluation:
-    """Metrics of one split (fractions) and the task's small summary for its plots (bins, counts)."""
+    """Metrics of one split (fractions) and the task's small summary for its plots (bins, counts; the
+    risk-coverage curve)."""
 
     metrics: dict[str, float]
     detail: Any = None
     calibrated: dict[str, float] | None = None  # the same metrics after temperature scaling, when asked
     calibrated_detail: Any = None
+    risk_coverage: dict[str, list[float]] | None = None
+    calibrated_risk_coverage: dict[str, list[float]] | None = None
 
 
 class Task(ABC):
@@ -67,6 +70,10 @@ class Task(ABC):
     diagram_unit: ClassVar[str] = ""
     #: (metric, label) panels of the run's curves over its evaluations
     curves: ClassVar[tuple[tuple[str, str], ...]]
+    #: how a certified threshold bounds the risk of what it accepts (``evaluation.certify``: "binomial" for
+    #: 0/1 losses, "betting" for losses in [0, 1]) and what one accepted unit is, in words
+    certify_bound: ClassVar[str] = "binomial"
+    certify_unit: ClassVar[str] = "image"
     #: whether ``validate`` fits a post-hoc temperature (metrics.json explains a missing one only then);
     #: a task may decide per run (segmentation: ``eval.pixel_temperature=off``)
     fits_temperature: bool = True
@@ -136,6 +143,14 @@ class Task(ABC):
         this default reads it twice."""
         metrics, temperature = self.validate(model)
         return metrics, temperature, self.evaluate(model, "val", temperature)
+
+    @abstractmethod
+    def selective_units(
+        self, model: nn.Module, split: str, temperature: Temperature | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """Per unit (image) of ``split`` whose truth is known: the confidence ``predict`` accepts or abstains on
+        (with the ``temperature``, as ``predict`` applies it) and its loss in [0, 1], float64 on the CPU, in
+        the split's order. One process: a certified threshold is chosen outside training."""
 
     @abstractmethod
     def has_split(self, split: str) -> bool:
