@@ -408,6 +408,7 @@ def test_modes_are_converted_alike_for_classification_and_segmentation(tmp_path:
     assert (seg < 255).sum() > 100
 
 
+@pytest.mark.slow
 def test_converted_modes_train_and_predict(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """Class folders and a segmentation folder of mixed modes (16-bit, RGBA, palette, grayscale;
     16-bit masks with ids up to 254 and 255 = ignore) train and predict with exit code 0."""
@@ -642,6 +643,7 @@ def test_imagenet_weights_not_had(
     assert_no_run(out)
 
 
+@pytest.mark.slow
 def test_a_new_run_starts_from_a_trained_run(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], segmenter: Path
 ) -> None:

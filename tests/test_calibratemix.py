@@ -296,6 +296,7 @@ def test_fit_temperature_finds_the_nll_minimum() -> None:
     assert fit_temperature(separable, separable.argmax(dim=1)) is None  # the NLL falls as T -> 0: no T
 
 
+@pytest.mark.slow
 def test_temperature_is_fitted_on_validation_and_used_by_predict(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

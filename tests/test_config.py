@@ -226,6 +226,7 @@ def test_cpu_configs() -> None:
     assert load_config("fashionmnist-softmatch-40").train.steps == 2000
 
 
+@pytest.mark.slow
 def test_saved_config_round_trips() -> None:
     """config.yaml and checkpoints hold to_dict(); resume reads them back with from_dict."""
     for name in SHIPPED:

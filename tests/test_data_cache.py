@@ -157,6 +157,7 @@ folders.load_folder(cfg)
 """
 
 
+@pytest.mark.slow
 def test_crash_mid_build_leaves_no_trusted_cache(tmp_path: Path, decodes: list[Path]) -> None:
     root = _write_folders(tmp_path)
     helper = tmp_path / "tests_helper.py"
@@ -308,6 +309,7 @@ def _without_time(value: object) -> object:
 
 
 @pytest.mark.parametrize("calibratemix", ["off", "efficient"])
+@pytest.mark.slow
 def test_training_on_disk_is_bit_identical_to_memory(tmp_path: Path, calibratemix: str) -> None:
     root = _write_folders(tmp_path)
     data = [

@@ -296,6 +296,7 @@ def test_skip_mode_stops_a_model_that_diverged_anyway(tmp_path: Path, capsys: py
     assert len(err) == 1 and "outputs are not finite at step 3" in err[0], err
 
 
+@pytest.mark.slow
 def test_fit_after_a_signal_trains_again(tmp_path: Path) -> None:
     trainer = Trainer(load_config("digits-fixmatch", TINY), tmp_path / "run", progress=False)
     trainer.signals.requested = signal.SIGTERM  # as if signalled before the first step
@@ -305,6 +306,7 @@ def test_fit_after_a_signal_trains_again(tmp_path: Path) -> None:
     assert trainer.step == 6 and trainer.stop_signal is None
 
 
+@pytest.mark.slow
 def test_skip_mode_without_faults_equals_the_default(tmp_path: Path) -> None:
     """The snapshots skip mode takes change nothing when every loss is finite."""
     runs = {}

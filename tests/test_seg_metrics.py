@@ -180,6 +180,7 @@ def _all_reduce_worker(rank: int, port: int, out: str) -> None:
         torch.distributed.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_all_reduce_over_two_processes_equals_whole_set(tmp_path: Path) -> None:
     if not torch.distributed.is_available():
         pytest.skip("torch.distributed is not available")

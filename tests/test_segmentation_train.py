@@ -221,7 +221,10 @@ def test_ohem_min_kept_counts_per_image_and_ce_is_the_default() -> None:
     assert load_config("digitscenes-unimatch").method.ohem() is None
 
 
-@pytest.mark.parametrize("method", ["supervised", "unimatch", "softmatch"])
+SLOW = pytest.mark.slow
+
+
+@pytest.mark.parametrize("method", ["supervised", *(pytest.param(m, marks=SLOW) for m in ("unimatch", "softmatch"))])
 def test_digitscenes_run_directory(tmp_path: Path, method: str) -> None:
     metrics = Trainer(load_config(f"digitscenes-{method}", SMALL), tmp_path / "run", progress=False).fit()
     run = tmp_path / "run"

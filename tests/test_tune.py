@@ -244,6 +244,7 @@ def test_trainer_without_validation_cannot_hold_test_out(tmp_path: Path) -> None
 # ---------------------------------------------------------------------------------------------- studies
 
 
+@pytest.mark.slow
 def test_classification_study_reads_test_once_after_and_resumes(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -280,6 +281,7 @@ def test_classification_study_reads_test_once_after_and_resumes(
     assert len(list(csv.DictReader((out / "trials.csv").open()))) == 3
 
 
+@pytest.mark.slow
 def test_segmentation_study_end_to_end(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
