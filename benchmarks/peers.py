@@ -19,6 +19,7 @@ import importlib.util
 import io
 import json
 import os
+import statistics
 import sys
 import threading
 import time
@@ -173,3 +174,17 @@ def peer_args(name: str, device: torch.device, threads: int) -> list[str]:
     if base == "usb":
         args += ["--data-batches", "0"]
     return args + (["--amp"] if variant in ("amp", "bf16") else [])
+
+
+def peer_summaries(times: dict[str, list[float]], script_json: dict[str, dict]) -> list[dict]:
+    """Each peer's step times (ms) over the rounds, with the JSON its own script printed."""
+    return [
+        {
+            "peer": name,
+            "step_ms_median": round(statistics.median(t), 1),
+            "step_ms_min": round(min(t), 1),
+            "step_ms_all": [round(x, 1) for x in t],
+            "script_json": script_json[name],
+        }
+        for name, t in times.items()
+    ]

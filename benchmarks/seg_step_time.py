@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from peers import InterleavedPeer, peer_args
+from peers import InterleavedPeer, peer_args, peer_summaries
 from step_time import machine, print_peers, side_by_side, time_ms, write_json
 from trustmatch.config import load_config
 from trustmatch.run.trainer import Trainer
@@ -184,16 +184,7 @@ def main() -> int:
         "order": "interleaved: each round times every method: whole step, model only, batch alone",
         "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "results": rows,
-        "peers": [
-            {
-                "peer": n,
-                "step_ms_median": round(statistics.median(t), 1),
-                "step_ms_min": round(min(t), 1),
-                "step_ms_all": [round(x, 1) for x in t],
-                "script_json": peer_json[n],
-            }
-            for n, t in peer_times.items()
-        ],
+        "peers": peer_summaries(peer_times, peer_json),
         "peer_ratio": "peer step / project step, per round (same process, same crop and batch); the release's "
         "step is model only (synthetic batch on the device): model_only is the like-for-like ratio",
     }

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from peers import InterleavedPeer, peer_args
+from peers import InterleavedPeer, peer_args, peer_summaries
 from trustmatch.config import CalibrateMixConfig, Config, DataConfig, ModelConfig, TrainConfig, parse_overrides
 from trustmatch.data.image_sets import DATASETS, ImageSet, SourceData
 from trustmatch.methods import METHODS, method_config
@@ -271,16 +271,7 @@ def main() -> int:
         "results": rows,
         "speedups": speedups,
         "calibratemix_cost": costs,
-        "peers": [
-            {
-                "peer": n,
-                "step_ms_median": round(statistics.median(t), 1),
-                "step_ms_min": round(min(t), 1),
-                "step_ms_all": [round(x, 1) for x in t],
-                "script_json": peer_json[n],
-            }
-            for n, t in peer_times.items()
-        ],
+        "peers": peer_summaries(peer_times, peer_json),
         "peer_ratio": "peer step / project step, per round (both timed in the same round, same process); "
         "the peer's step has its batch on the device already: compare with model_only, with_data is conservative",
     }
