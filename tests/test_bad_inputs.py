@@ -299,6 +299,17 @@ def test_certify_options_out_of_range(
     assert f"{option} {float(value):g} must lie" in fails(capsys, "evaluate", str(classifier), option, value, *extra)
 
 
+def test_certify_options_need_precision(tmp_path: Path, capsys: pytest.CaptureFixture[str], classifier: Path) -> None:
+    """--delta (predict, evaluate) and evaluate --raw only act on a certificate: without --precision they are
+    refused rather than silently ignored."""
+    save(tmp_path / "photos" / "a.png")
+    out = tmp_path / "p.csv"
+    line = fails(capsys, "predict", str(classifier), str(tmp_path / "photos"), "--out", str(out), "--delta", "0.1")
+    assert "--delta 0.1 only applies with --precision P" in line and not out.exists()
+    assert "--delta 0.1 only applies with --precision P" in fails(capsys, "evaluate", str(classifier), "--delta", "0.1")
+    assert "evaluate --raw only applies with --precision P" in fails(capsys, "evaluate", str(classifier), "--raw")
+
+
 def test_certify_too_few_validation_images(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], classifier: Path
 ) -> None:

@@ -125,7 +125,6 @@ def _certify_options(parser: argparse.ArgumentParser, what: str) -> None:
     parser.add_argument(
         "--delta",
         type=float,
-        default=0.05,
         metavar="D",
         help="with --precision: the guarantee fails with probability at most D over the validation draw (default 0.05)",
     )
@@ -236,7 +235,7 @@ def _predict(args: argparse.Namespace) -> int:
     from trustmatch.run.loaded_run import checkpoint_path, load_run_model
     from trustmatch.tasks import TASKS
 
-    certified.check_request(args.precision, args.delta)
+    delta = certified.check_request(args.precision, args.delta)
     if args.export_labeled is not None and args.precision is None:
         raise UserError("--export-labeled needs --precision P: only predictions certified at a precision are exported")
     path = checkpoint_path(args.run_dir, args.checkpoint)
@@ -263,7 +262,7 @@ def _predict(args: argparse.Namespace) -> int:
     if args.precision is not None:
         certified.certification_temperature(run, args.raw, str(path))  # refuses a checkpoint without T
         task = run.task(run.cfg, run.precision)
-        certificate = certified.certify_run(run, task, args.precision, args.delta, temperature, str(args.run_dir))
+        certificate = certified.certify_run(run, task, args.precision, delta, temperature, str(args.run_dir))
         print(certified.summary_line(certificate))
         options.update(threshold=certificate.threshold, export=args.export_labeled)
     n, accepted = predict(run.model, run.meta, args.inputs, args.out, run.precision, temperature, **options)

@@ -14,12 +14,20 @@ from trustmatch.tasks import Task
 DEFAULT_DELTA = 0.05
 
 
-def check_request(precision: float | None, delta: float) -> None:
-    """Refuse ``--precision`` / ``--delta`` outside (0, 1) before anything is loaded."""
-    if precision is not None and not 0 < precision < 1:
+def check_request(precision: float | None, delta: float | None, raw: bool = False) -> float:
+    """Refuse ``--precision`` / ``--delta`` outside (0, 1), and ``--delta`` or ``evaluate --raw`` (``raw``: what
+    only a certificate reads) without ``--precision``, before anything is loaded; the delta to use."""
+    if precision is None:
+        if delta is not None:
+            raise UserError(f"--delta {delta:g} only applies with --precision P: add e.g. --precision 0.95, or drop it")
+        if raw:
+            raise UserError("evaluate --raw only applies with --precision P: add e.g. --precision 0.95, or drop it")
+    elif not 0 < precision < 1:
         raise UserError(f"--precision {precision:g} must lie strictly between 0 and 1, e.g. --precision 0.95")
+    delta = DEFAULT_DELTA if delta is None else delta
     if not 0 < delta < 1:
         raise UserError(f"--delta {delta:g} must lie strictly between 0 and 1, e.g. --delta 0.05")
+    return delta
 
 
 def certification_temperature(run: LoadedRun, raw: bool, where: str) -> Temperature | None:

@@ -23,14 +23,14 @@ def evaluate_run(
     checkpoint: str = "auto",
     split: str = "test",
     precision: float | None = None,
-    delta: float = certified.DEFAULT_DELTA,
+    delta: float | None = None,
     raw: bool = False,
 ) -> dict[str, Any]:
     """Metrics of the checkpoint on ``split``; writes a JSON file and the task's plots beside it. With a
     ``precision``, also the threshold certified on validation and what it keeps of ``split`` (and of the
     unlabeled training images, where their truth is known), beside the uncertified rule "confidence >
-    precision"."""
-    certified.check_request(precision, delta)
+    precision". ``delta``: ``certified_threshold.DEFAULT_DELTA`` when None."""
+    delta = certified.check_request(precision, delta, raw)
     run_dir = Path(run_dir)
     path = checkpoint_path(run_dir, checkpoint)
     run = load_run_model(path)
