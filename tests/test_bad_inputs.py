@@ -333,11 +333,11 @@ def test_certify_without_validation_split_or_temperature(
     assert f"run {no_val} has no validation split" in line
     no_temperature = tmp_path / "no_temperature"  # a checkpoint saved between evaluations carries no T
     shutil.copytree(classifier, no_temperature)
-    state = torch.load(no_temperature / "best.pt", weights_only=False)
+    state = torch.load(no_temperature / "last.pt", weights_only=False)
     state.pop("temperature", None)
-    torch.save(state, no_temperature / "best.pt")
+    torch.save(state, no_temperature / "last.pt")
     line = fails(capsys, "predict", str(no_temperature), str(tmp_path / "photos"), "--precision", "0.9")
-    assert "has no saved temperature" in line and "pass --raw" in line
+    assert f"checkpoint {no_temperature / 'last.pt'} has no saved temperature" in line and "pass --raw" in line
 
 
 def test_export_labeled_needs_precision_and_an_empty_folder(
