@@ -74,10 +74,10 @@ class Task(ABC):
     #: 0/1 losses, "betting" for losses in [0, 1]) and what one accepted unit is, in words
     certify_bound: ClassVar[str] = "binomial"
     certify_unit: ClassVar[str] = "image"
-    #: whether the score a certified threshold compares is temperature-scaled (classification: one T maps
-    #: confidences monotonically, so it accepts the same images as the raw score would at the matching
-    #: threshold) or raw (segmentation: an image's mean pixel confidence under a T fitted on validation,
-    #: per class perhaps, could reorder the images, so the score would depend on the certifying split)
+    #: whether the score a certified threshold compares is temperature-scaled, the confidence ``predict`` writes
+    #: (classification; a T fitted on the certifying split can reorder confidences with more than two classes,
+    #: so ``run.certified_threshold.caveats`` marks that certificate approximate) or raw (segmentation: an
+    #: image's mean raw pixel confidence, which no temperature fitted on validation reorders)
     certify_scaled: ClassVar[bool] = True
     #: whether ``validate`` fits a post-hoc temperature (metrics.json explains a missing one only then);
     #: a task may decide per run (segmentation: ``eval.pixel_temperature=off``)
