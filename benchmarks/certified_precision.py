@@ -2,12 +2,13 @@
 
     python benchmarks/certified_precision.py RUN [RUN ...] --precision 0.95 0.9 0.8 0.7 [--delta 0.05]
 
-Per run (its ``best.pt``, else ``last.pt``, at the checkpoint's temperature, as ``trustmatch predict``
-applies it): the confidence and loss of every validation, test and, where their truth is known,
-unlabeled training unit, computed once; then per target precision the threshold ``trustmatch evaluate
---precision`` certifies on validation (or its one-line refusal and the best certifiable precision), its
-precision and coverage on test and on the unlabeled training pool, and the same for the uncertified rule
-(on the temperature-scaled confidences, and on the raw ones a user without temperature scaling has).
+Per run (the checkpoint ``trustmatch predict --precision`` certifies: ``last.pt`` unless ``--checkpoint
+best``, at its temperature, as ``trustmatch predict`` applies it): the score and loss of every validation,
+test and, where their truth is known, unlabeled training unit, computed once; then per target precision
+the threshold ``trustmatch evaluate --precision`` certifies on validation (or its one-line refusal and the
+best certifiable precision), its precision and coverage on test and on the unlabeled training pool, and
+the same for the uncertified rule (on the temperature-scaled confidences, and on the raw ones a user
+without temperature scaling has; segmentation's image score is the raw mean pixel confidence either way).
 Writes ``certified_precision.json`` beside the runs' common parent (or ``--out``) and prints a Markdown table.
 """
 
@@ -21,7 +22,8 @@ from typing import Any
 import numpy as np
 
 from trustmatch.evaluation.certify import NotCertifiable, certify
-from trustmatch.run.loaded_run import checkpoint_path, load_run_model
+from trustmatch.run.certified_threshold import checkpoint_for
+from trustmatch.run.loaded_run import load_run_model
 
 NAIVE = 0.95  # "keep everything the model is 95 % sure of"
 
@@ -32,8 +34,9 @@ def _kept(scores: np.ndarray, losses: np.ndarray, threshold: float) -> dict[str,
     return {"precision": precision, "coverage": float(accepted.mean()), "accepted": int(accepted.sum())}
 
 
-def measure(run_dir: Path, targets: list[float], delta: float) -> dict[str, Any]:
-    run = load_run_model(checkpoint_path(run_dir))
+def measure(run_dir: Path, targets: list[float], delta: float, checkpoint: str = "auto") -> dict[str, Any]:
+    path = checkpoint_for(run_dir, checkpoint, targets[0])
+    run = load_run_model(path)
     task = run.task(run.cfg, run.precision)
     temperature = run.meta.get("temperature")
     units = {}
@@ -60,6 +63,7 @@ def measure(run_dir: Path, targets: list[float], delta: float) -> dict[str, Any]
         raw[split] = _kept(scores.numpy(), losses.numpy(), NAIVE)
     return {
         "run": run_dir.name,
+        "checkpoint": path.name,
         "seed": run.cfg.seed,
         "step": int(run.meta["step"]),
         "temperature": temperature,
@@ -112,9 +116,10 @@ def main() -> None:
     parser.add_argument("runs", nargs="+", type=Path)
     parser.add_argument("--precision", nargs="+", type=float, default=[0.95, 0.9, 0.8, 0.7])
     parser.add_argument("--delta", type=float, default=0.05)
+    parser.add_argument("--checkpoint", default="auto", choices=["auto", "best", "last"], help="auto: last.pt")
     parser.add_argument("--out", type=Path, help="JSON file (default: certified_precision.json beside the runs)")
     args = parser.parse_args()
-    results = [measure(run, args.precision, args.delta) for run in args.runs]
+    results = [measure(run, args.precision, args.delta, args.checkpoint) for run in args.runs]
     out = args.out or args.runs[0].parent / "certified_precision.json"
     out.write_text(json.dumps(results, indent=2))
     print(markdown(results), end="")

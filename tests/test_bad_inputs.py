@@ -299,6 +299,17 @@ def test_certify_options_out_of_range(
     assert f"{option} {float(value):g} must lie" in fails(capsys, "evaluate", str(classifier), option, value, *extra)
 
 
+def test_certify_options_need_precision(tmp_path: Path, capsys: pytest.CaptureFixture[str], classifier: Path) -> None:
+    """--delta (predict, evaluate) and evaluate --raw only act on a certificate: without --precision they are
+    refused rather than silently ignored."""
+    save(tmp_path / "photos" / "a.png")
+    out = tmp_path / "p.csv"
+    line = fails(capsys, "predict", str(classifier), str(tmp_path / "photos"), "--out", str(out), "--delta", "0.1")
+    assert "--delta 0.1 only applies with --precision P" in line and not out.exists()
+    assert "--delta 0.1 only applies with --precision P" in fails(capsys, "evaluate", str(classifier), "--delta", "0.1")
+    assert "evaluate --raw only applies with --precision P" in fails(capsys, "evaluate", str(classifier), "--raw")
+
+
 def test_certify_too_few_validation_images(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], classifier: Path
 ) -> None:
@@ -322,11 +333,11 @@ def test_certify_without_validation_split_or_temperature(
     assert f"run {no_val} has no validation split" in line
     no_temperature = tmp_path / "no_temperature"  # a checkpoint saved between evaluations carries no T
     shutil.copytree(classifier, no_temperature)
-    state = torch.load(no_temperature / "best.pt", weights_only=False)
+    state = torch.load(no_temperature / "last.pt", weights_only=False)
     state.pop("temperature", None)
-    torch.save(state, no_temperature / "best.pt")
+    torch.save(state, no_temperature / "last.pt")
     line = fails(capsys, "predict", str(no_temperature), str(tmp_path / "photos"), "--precision", "0.9")
-    assert "has no saved temperature" in line and "pass --raw" in line
+    assert f"checkpoint {no_temperature / 'last.pt'} has no saved temperature" in line and "pass --raw" in line
 
 
 def test_export_labeled_needs_precision_and_an_empty_folder(

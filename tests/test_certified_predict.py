@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from test_bad_inputs import BLUE, RED, pets, save, seg_folders, train_folder, train_seg
@@ -71,9 +72,28 @@ def test_classification_certified_export_round_trip(tmp_path: Path, classifier: 
     assert names == {Path(r["path"]).name: r["class"] for r in accepted}
 
     assert main(["evaluate", str(classifier), "--split", "val", *LENIENT]) == 0
-    result = json.loads((classifier / "evaluation-best-val.json").read_text())["certified"]
+    result = json.loads((classifier / "evaluation-last-val.json").read_text())["certified"]
     assert result["threshold"] == record["threshold"] and result["val"]["units"] == 2
     assert result["val"]["certified"]["coverage"] == pytest.approx(result["validation_coverage"])
+
+
+def test_certificate_names_its_checkpoint_and_what_makes_it_approximate(tmp_path: Path, classifier: Path) -> None:
+    """With --precision, auto is last.pt (validation chose best.pt); best.pt and a temperature fitted on the
+    certifying split are allowed but said to make the guarantee approximate."""
+    photos = _photos(tmp_path / "photos")
+
+    def record(name: str, *options: str) -> dict[str, str]:
+        out = tmp_path / f"{name}.csv"
+        assert main(["predict", str(classifier), str(photos), "--out", str(out), *LENIENT, *options]) == 0
+        return json.loads((tmp_path / f"{name}.certified.json").read_text())
+
+    exact = record("raw", "--raw")
+    assert exact["checkpoint"] == str(classifier / "last.pt") and exact["guarantee"] == "as stated under the assumption"
+    assert "class mix" in exact["assumption"] and "expected (population) precision" in exact["assumption"]
+    scaled = record("scaled")
+    assert scaled["checkpoint"] == str(classifier / "last.pt") and "can reorder" in scaled["guarantee"]
+    best = record("best", "--raw", "--checkpoint", "best")
+    assert best["checkpoint"] == str(classifier / "best.pt") and best["guarantee"].startswith("approximate: best.pt")
 
 
 def test_classification_abstains_below_the_threshold(tmp_path: Path, classifier: Path) -> None:
@@ -105,6 +125,22 @@ def test_segmentation_certified_export_round_trip(tmp_path: Path, segmenter: Pat
         _, mask = labeled.load(i)
         written = np.array(Image.open(out / f"{labeled.name(i)}.png"))
         assert mask is not None and np.array_equal(mask.numpy(), written)
+
+
+@pytest.mark.slow
+def test_segmentation_certifies_the_raw_image_score(tmp_path: Path, segmenter: Path) -> None:
+    """An image's score is its mean raw pixel confidence, which no temperature fitted on validation changes:
+    the units certified and the images predict accepts are the same at any T (one T changes no mask)."""
+    run = load_run_model(checkpoint_path(segmenter, "last"))
+    task = run.task(run.cfg, run.precision)
+    raw, raw_losses = task.selective_units(run.model, "val")
+    scaled, scaled_losses = task.selective_units(run.model, "val", 3.0)
+    assert torch.equal(raw, scaled) and torch.equal(raw_losses, scaled_losses)
+    photos = _photos(tmp_path / "photos", (24, 20))
+    for i, threshold in enumerate([0.0, float(raw.median()), float(raw.max())]):
+        unscaled = write_masks(run.model, run.meta, [photos], tmp_path / f"r{i}", run.precision, threshold=threshold)
+        at_t = write_masks(run.model, run.meta, [photos], tmp_path / f"t{i}", run.precision, 3.0, threshold=threshold)
+        assert unscaled == at_t
 
 
 @pytest.mark.slow

@@ -1,6 +1,7 @@
 """Engine building blocks: precision choice, optimizer groups and schedules."""
 
 import math
+from copy import deepcopy
 
 import pytest
 import torch
@@ -61,6 +62,39 @@ def test_schedules_and_scheduler_keep_head_scale() -> None:
     assert lrs == pytest.approx([0.1 * 0.5**0.9, 1.0 * 0.5**0.9])
     with pytest.raises(UserError, match="did you mean 'poly'"):
         SCHEDULES.get("polly")
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_a_fused_optimizer_state_resumes_on_the_cpu(optimizer: str) -> None:
+    """A CUDA run's state (fused kernels, float32 step counts) loads on the CPU with the CPU's foreach
+    kernels and steps exactly as the optimizer that never left it."""
+    torch.manual_seed(0)
+    model = build_model("cnn", 10, 1)
+    cfg = TrainConfig(optimizer=optimizer, lr=0.1, momentum=0.9, weight_decay=1e-3)
+    x, y = torch.randn(4, 1, 16, 16), torch.tensor([0, 1, 2, 3])
+
+    def step(net: torch.nn.Module, opt: torch.optim.Optimizer) -> None:
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(net(x).logits, y).backward()
+        opt.step()
+
+    original = build_optimizer(model, cfg)
+    step(model, original)
+    copy = build_model("cnn", 10, 1)
+    copy.load_state_dict(model.state_dict())
+    saved = deepcopy(original.state_dict())
+    for group in saved["param_groups"]:  # as a CUDA run writes it
+        group.update(fused=True, foreach=None)
+    for state in saved["state"].values():
+        if "step" in state:
+            state["step"] = state["step"].to(torch.float32)
+    resumed = build_optimizer(copy, cfg)
+    resumed.load_state_dict(saved)
+    assert all(g["fused"] is None and g["foreach"] is True for g in resumed.param_groups)
+    step(model, original)
+    step(copy, resumed)
+    for a, b in zip(model.parameters(), copy.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("name", ["auto", "cuda"])

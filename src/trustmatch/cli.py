@@ -15,6 +15,10 @@ from trustmatch.core.errors import UserError
 from trustmatch.core.fileio import atomic_write_text
 
 EXIT_USER_ERROR = 2
+CHECKPOINT_HELP = (
+    "auto: best, else last; with --precision, last (best was chosen on the validation split that certifies, "
+    "so with best the guarantee is approximate)"
+)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -60,7 +64,7 @@ def _parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("evaluate", help="re-evaluate a run's checkpoint on its test (or validation) split")
     e.add_argument("run_dir", type=Path)
-    e.add_argument("--checkpoint", default="auto", choices=["auto", "best", "last"], help="auto: best, else last")
+    e.add_argument("--checkpoint", default="auto", choices=["auto", "best", "last"], help=CHECKPOINT_HELP)
     e.add_argument("--split", default="test", choices=["test", "val"])
     _certify_options(
         e,
@@ -78,7 +82,7 @@ def _parser() -> argparse.ArgumentParser:
         "--out", type=Path, help="classification: the CSV (predictions.csv); segmentation: a directory (predictions/)"
     )
     pr.add_argument("--confidence-maps", action="store_true", help="segmentation: also <stem>_confidence.png per image")
-    pr.add_argument("--checkpoint", default="auto", choices=["auto", "best", "last"], help="auto: best, else last")
+    pr.add_argument("--checkpoint", default="auto", choices=["auto", "best", "last"], help=CHECKPOINT_HELP)
     pr.add_argument(
         "--raw",
         action="store_true",
@@ -125,7 +129,6 @@ def _certify_options(parser: argparse.ArgumentParser, what: str) -> None:
     parser.add_argument(
         "--delta",
         type=float,
-        default=0.05,
         metavar="D",
         help="with --precision: the guarantee fails with probability at most D over the validation draw (default 0.05)",
     )
@@ -233,13 +236,13 @@ def _predict(args: argparse.Namespace) -> int:
     from trustmatch.config import read_yaml
     from trustmatch.evaluation.temperature import describe_temperature
     from trustmatch.run import certified_threshold as certified
-    from trustmatch.run.loaded_run import checkpoint_path, load_run_model
+    from trustmatch.run.loaded_run import load_run_model
     from trustmatch.tasks import TASKS
 
-    certified.check_request(args.precision, args.delta)
+    delta = certified.check_request(args.precision, args.delta)
     if args.export_labeled is not None and args.precision is None:
         raise UserError("--export-labeled needs --precision P: only predictions certified at a precision are exported")
-    path = checkpoint_path(args.run_dir, args.checkpoint)
+    path = certified.checkpoint_for(args.run_dir, args.checkpoint, args.precision)  # --precision: last.pt
     config = args.run_dir / "config.yaml"
     segmentation = config.is_file() and read_yaml(config).get("task") == "segmentation"  # checked before loading
     options = {}
@@ -263,8 +266,8 @@ def _predict(args: argparse.Namespace) -> int:
     if args.precision is not None:
         certified.certification_temperature(run, args.raw, str(path))  # refuses a checkpoint without T
         task = run.task(run.cfg, run.precision)
-        certificate = certified.certify_run(run, task, args.precision, args.delta, temperature, str(args.run_dir))
-        print(certified.summary_line(certificate))
+        certificate = certified.certify_run(run, task, args.precision, delta, temperature, str(args.run_dir))
+        print(certified.summary_line(certificate, path, temperature, task))
         options.update(threshold=certificate.threshold, export=args.export_labeled)
     n, accepted = predict(run.model, run.meta, args.inputs, args.out, run.precision, temperature, **options)
     how = (
@@ -275,8 +278,7 @@ def _predict(args: argparse.Namespace) -> int:
     print(f"wrote {n} predictions to {args.out} ({how})")
     if certificate is not None:
         record = {
-            **certified.describe(certificate, temperature, task.certify_unit),
-            "checkpoint": str(path),
+            **certified.describe(certificate, temperature, task, path),
             "predicted": n,
             "accepted": accepted,
             "coverage": accepted / n,

@@ -10,11 +10,14 @@ Conditionally on theta_j (continuous scores), the units above it are an i.i.d. s
 with s > theta_j, so an upper confidence bound computed from them bounds the selective risk
 R(theta_j) = E[l | s > theta_j] of new data at level delta / 20, and by the union bound all 20 hold
 at once with probability at least 1 - delta. The lowest theta_j whose bound is at most 1 - precision
-is returned: with probability at least 1 - delta over the validation draw, the precision (mean 1 - loss)
-of what it accepts on new data is at least the target. SGR's binary search over every validation
+is returned: with probability at least 1 - delta over the validation draw, the expected (population)
+precision of what it accepts on new data, E[1 - l | s > theta], is at least the target. That is a
+statement about the distribution, not about any one batch: a finite set of new predictions can fall below
+the target by chance, the more likely the fewer are accepted. SGR's binary search over every validation
 confidence (each test at delta / ceil(log2 m)) was not used: the bound is U-shaped in the threshold
-(loose where few units are kept, high where many wrong ones are), which misleads a binary search,
-and its union bound treats data-chosen thresholds as fixed, which the order-statistic grid makes exact.
+(loose where few units are kept, high where many wrong ones are), which misleads a binary search, and its
+union bound treats data-chosen thresholds as fixed; the order-statistic grid makes the conditional
+argument above hold for each candidate, given a score and a loss that the validation split did not shape.
 
 Bounds: for 0/1 losses the exact binomial (Clopper-Pearson) upper bound, Beta(1 - delta; e + 1, n - e);
 for losses in [0, 1] (an image's pixel error) the betting bound of Waudby-Smith and Ramdas (JRSS-B
@@ -26,7 +29,22 @@ capital grows with m, so the rejected means are an upper interval), found by a 6
 Assumptions: the validation units and the new data are exchangeable (drawn alike from one
 distribution), the threshold is chosen on validation only, the model does not change after, and ties
 between confidences are rare (tied units at a threshold are all left out). It does not hold under
-distribution shift, nor on data the model was trained on.
+distribution shift, nor on data the model was trained on. Exchangeable includes the class mix: a
+validation split of a fixed number of images per class (``data.split.stratified_pick``) is balanced by
+construction, not drawn from the data, so the guarantee is for new data with that class mix; on
+imbalanced deployment data, where the classes the model gets wrong are commoner or rarer, the precision
+can differ. The model and the score must not have been chosen on the same validation units: a checkpoint
+picked by its validation accuracy (``best.pt``) or settings tuned on that split make the guarantee
+approximate (``trustmatch predict --precision`` certifies ``last.pt`` by default). So does a score fitted
+on that split when it reorders the units. One temperature T does not change a classifier's predicted
+class, and with two classes its top-class probability is an increasing function of the raw one, so the
+same units are accepted at the matching threshold; with more classes it is not: two images with the same
+raw top-class probability but differently spread runners-up get different confidences under T (gaps
+z_max - z_j of (1, 1) and of (1 - ln 2, inf) both give 0.576 raw, but 0.452 and 0.538 at T = 2), so a
+T fitted on the certifying split can reorder them, and the guarantee on temperature-scaled confidences is
+approximate (one fitted number); on the raw confidences (``--raw``) it holds as stated. An image's mean
+pixel confidence under a fitted temperature (per class, perhaps) can reorder images likewise, so
+segmentation always certifies the mean of the raw pixel confidences (``SegmentationTask.selective_units``).
 """
 
 from __future__ import annotations

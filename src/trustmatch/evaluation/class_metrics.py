@@ -10,7 +10,7 @@ conditioned on the predicted label, Gupta and Ramdas 2022). The ECEs weighted by
 predictions add up to their top-label ECE, which is at least the plain ECE-15 of the same samples: its bins
 are split further, by class, so over- and under-confident classes no longer cancel in a bin.
 
-Same binning as ``evaluation.metrics``: bin b is [b/n, (b+1)/n), the last bin closed at 1.
+The binning of ``evaluation.metrics.add_bin_sums`` (shared): bin b is [b/n, (b+1)/n), the last bin closed at 1.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from trustmatch.evaluation.metrics import float64_device
+from trustmatch.evaluation.metrics import add_bin_sums, float64_device
 
 __all__ = ["ClassMeter"]
 
@@ -69,10 +69,7 @@ class ClassMeter:
         confidence, prediction = probs.max(dim=1)
         correct = (prediction == labels).to(torch.float64)
         self.confusion.view(-1).index_put_((labels * self.num_classes + prediction,), weight, accumulate=True)
-        inner_edges = torch.arange(1, self.n_bins, device=self.device, dtype=torch.float64) / self.n_bins
-        index = prediction * self.n_bins + torch.bucketize(confidence, inner_edges, right=True)
-        values = torch.stack([weight, confidence * weight, correct * weight], dim=1)
-        self.bins.index_put_((index,), values, accumulate=True)
+        add_bin_sums(self.bins, confidence, correct, self.n_bins, weight, group=prediction)
 
     def rows(self, names: list[str]) -> list[dict[str, Any]]:
         """One dict per class: ``class``, ``support`` (true count), ``predicted`` (count), ``recall``,

@@ -25,6 +25,7 @@ from trustmatch.evaluation import selective
 __all__ = [
     "ClassificationMeter",
     "SegmentationMeter",
+    "add_bin_sums",
     "calibration_bins",
     "expected_calibration_error",
     "max_calibration_error",
@@ -60,8 +61,17 @@ def _check_binning_inputs(confidences: Tensor, correct: Tensor, n_bins: int) -> 
         raise ValueError("confidences must lie in [0, 1] (pass probabilities, not logits)")
 
 
-def _bin_sums(confidences: Tensor, correct: Tensor, n_bins: int, weight: Tensor | None = None) -> Tensor:
-    """Per-bin (count, confidence sum, correct sum) as the rows of a [3, n_bins] tensor.
+def add_bin_sums(
+    sums: Tensor,
+    confidences: Tensor,
+    correct: Tensor,
+    n_bins: int,
+    weight: Tensor | None = None,
+    group: Tensor | None = None,
+) -> Tensor:
+    """Adds each element's (1, confidence, correct) to row ``group * n_bins + bin`` of ``sums``
+    [groups * n_bins, 3] in place and returns it; ``group`` (per element, e.g. its predicted class) keeps
+    separate bins per group (none: one group). The one binning every calibration sum here uses.
 
     Takes float64 inputs on one device. Sums, unlike bin means, add up over batches and processes.
     ``weight`` (0 or 1 per element) leaves elements out without boolean indexing, whose output size
@@ -74,11 +84,18 @@ def _bin_sums(confidences: Tensor, correct: Tensor, n_bins: int, weight: Tensor 
     # upper bin, and 1.0 (above every inner edge) in the last bin.
     inner_edges = torch.arange(1, n_bins, device=confidences.device, dtype=torch.float64) / n_bins
     index = torch.bucketize(confidences, inner_edges, right=True)
+    if group is not None:
+        index = group * n_bins + index
     if weight is None:
         values = torch.stack([torch.ones_like(confidences), confidences, correct])
     else:
         values = torch.stack([weight, confidences * weight, correct * weight])
-    return values.new_zeros(n_bins, 3).index_put_((index,), values.T, accumulate=True).T
+    return sums.index_put_((index,), values.T, accumulate=True)
+
+
+def _bin_sums(confidences: Tensor, correct: Tensor, n_bins: int, weight: Tensor | None = None) -> Tensor:
+    """Per-bin (count, confidence sum, correct sum) as the rows of a [3, n_bins] tensor (:func:`add_bin_sums`)."""
+    return add_bin_sums(confidences.new_zeros(n_bins, 3), confidences, correct, n_bins, weight).T
 
 
 def _checked_bin_sums(confidences: Tensor, correct: Tensor, n_bins: int) -> Tensor:

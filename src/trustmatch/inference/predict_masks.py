@@ -56,10 +56,11 @@ def write_masks(
     the top-class probability per pixel as 8-bit grey (0-255 for 0-1). With a ``temperature`` the
     probabilities are softmax(logits / T) (per class T_c: a pixel's class may change with them, so the
     mask and its confidence come from the same probabilities). With a ``threshold``, an image is accepted
-    when its mean pixel confidence is > threshold (the unit a certified threshold holds for) and an abstained
-    image's mask is all 255 (ignore); with ``export``, each accepted image and its mask go to
-    ``export/images``, ``export/masks`` with ``export/classes.txt``: a labeled segmentation folder. Returns
-    the number of images and of accepted ones."""
+    when its mean raw pixel confidence, before any temperature, is > threshold (the score a certified
+    threshold holds for: ``SegmentationTask.selective_units``) and an abstained image's mask is all 255
+    (ignore); with ``export``, each accepted image and its mask go to ``export/images``, ``export/masks``
+    with ``export/classes.txt``: a labeled segmentation folder. Returns the number of images and of
+    accepted ones."""
     files = collect_images(inputs)
     stems: dict[str, Path] = {}
     for path in files:
@@ -90,7 +91,8 @@ def write_masks(
         logits = segment(model, x, precision, crop)
         probs = (logits if temperature is None else scale_logits(logits, temperature))[0].float().softmax(dim=0)
         confidence, classes = probs.max(dim=0)
-        keep = threshold is None or float(confidence.double().mean()) > threshold
+        raw = confidence if temperature is None else logits[0].float().softmax(dim=0).amax(dim=0)
+        keep = threshold is None or float(raw.double().mean()) > threshold
         accepted += keep
         ids = classes.to(torch.uint8).cpu().numpy()
         mask = Image.fromarray(ids if keep else np.full_like(ids, IGNORE), mode="P")

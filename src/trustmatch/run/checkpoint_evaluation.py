@@ -10,7 +10,7 @@ from trustmatch.core.errors import UserError
 from trustmatch.core.fileio import atomic_write_text
 from trustmatch.run import certified_threshold as certified
 from trustmatch.run.artefacts import write_diagram
-from trustmatch.run.loaded_run import checkpoint_path, load_run_model
+from trustmatch.run.loaded_run import load_run_model
 
 UNLABELED_NOTE = (
     "the unlabeled training images, where their truth is known: not fresh data (the model fitted its own "
@@ -23,16 +23,17 @@ def evaluate_run(
     checkpoint: str = "auto",
     split: str = "test",
     precision: float | None = None,
-    delta: float = certified.DEFAULT_DELTA,
+    delta: float | None = None,
     raw: bool = False,
 ) -> dict[str, Any]:
     """Metrics of the checkpoint on ``split``; writes a JSON file and the task's plots beside it. With a
-    ``precision``, also the threshold certified on validation and what it keeps of ``split`` (and of the
-    unlabeled training images, where their truth is known), beside the uncertified rule "confidence >
-    precision"."""
-    certified.check_request(precision, delta)
+    ``precision`` (``auto`` then means ``last.pt``: ``certified_threshold.checkpoint_for``), also the
+    threshold certified on validation and what it keeps of ``split`` (and of the unlabeled training images,
+    where their truth is known), beside the uncertified rule "confidence > precision". ``delta``:
+    ``certified_threshold.DEFAULT_DELTA`` when None."""
+    delta = certified.check_request(precision, delta, raw)
     run_dir = Path(run_dir)
-    path = checkpoint_path(run_dir, checkpoint)
+    path = certified.checkpoint_for(run_dir, checkpoint, precision)  # with a precision, auto is last.pt
     run = load_run_model(path)
     certify_temperature = certified.certification_temperature(run, raw, str(path)) if precision else None
     meta = run.meta
@@ -53,7 +54,7 @@ def evaluate_run(
         certificate = certified.certify_run(run, task, precision, delta, certify_temperature, str(run_dir))
         thresholds = {"certified": certificate.threshold, "uncertified": precision}
         result["certified"] = {
-            **certified.describe(certificate, certify_temperature, task.certify_unit),
+            **certified.describe(certificate, certify_temperature, task, path),
             "uncertified_rule": f"accept when confidence > {precision:g}, as if confidence were precision",
             split: certified.kept(task, run, split, thresholds, certify_temperature),
         }

@@ -13,6 +13,8 @@ linear warm-up over ``train.warmup`` of the steps.
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 from torch import nn
 
@@ -60,14 +62,30 @@ def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     """Every parameter of a group updated by one kernel per operation: fused on CUDA, foreach elsewhere
-    (the same arithmetic as torch's per-parameter loop, which the CPU would otherwise get)."""
+    (the same arithmetic as torch's per-parameter loop, which the CPU would otherwise get). A loaded state
+    keeps these kernels (:func:`_keep_kernels`), whatever device wrote it."""
     groups = param_groups(model, cfg)
     on_cuda = next(model.parameters()).device.type == "cuda"
-    kernels = {"fused": True} if on_cuda else {"foreach": True}
+    kernels = {"fused": True, "foreach": None} if on_cuda else {"fused": None, "foreach": True}
     if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(groups, lr=cfg.lr, **kernels)
-    nesterov = cfg.nesterov and cfg.momentum > 0
-    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=nesterov, **kernels)
+        optimizer = torch.optim.AdamW(groups, lr=cfg.lr, **kernels)
+    else:
+        nesterov = cfg.nesterov and cfg.momentum > 0
+        optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=nesterov, **kernels)
+    optimizer.register_load_state_dict_post_hook(partial(_keep_kernels, kernels))
+    return optimizer
+
+
+def _keep_kernels(kernels: dict[str, bool | None], optimizer: torch.optim.Optimizer) -> None:
+    """``load_state_dict`` replaces the param groups with the saved ones, ``fused`` and ``foreach`` included:
+    a CUDA run (fused) resumed on a CPU would ask for fused kernels there. Put back this device's; a fused
+    kernel wants each step count as float32 on its parameter's device, where a CPU run kept it on the CPU."""
+    for group in optimizer.param_groups:
+        group.update(kernels)
+        for p in group["params"] if kernels["fused"] else []:
+            state = optimizer.state.get(p, {})
+            if torch.is_tensor(state.get("step")):
+                state["step"] = state["step"].to(dtype=torch.float32, device=p.device)
 
 
 def warmup_steps(cfg: TrainConfig) -> int:

@@ -45,7 +45,11 @@ class SegmentationTask(SSLTask):
     diagram_unit = ", per pixel"  # every labeled pixel of the split is one sample
     curves = (("miou", "mIoU"), ("pixel_ece_15", "pixel ECE (15 bins)"))
     certify_bound = "betting"  # an image's pixel error rate lies in [0, 1]: not a binomial count
-    certify_unit = "image (its mean confidence; precision: its pixel accuracy, averaged over accepted images)"
+    certify_unit = (
+        "image (its mean raw pixel confidence, before any temperature; precision: the pixel accuracy of its "
+        "mask, averaged over accepted images)"
+    )
+    certify_scaled = False  # the image score from the raw probabilities: no fitted temperature reorders images
 
     def __init__(self, cfg: Config, precision: Precision) -> None:
         super().__init__(cfg, precision)
@@ -200,9 +204,11 @@ class SegmentationTask(SSLTask):
     def selective_units(
         self, model: nn.Module, split: str, temperature: Temperature | None = None
     ) -> tuple[Tensor, Tensor]:
-        """Per image: the mean over all its pixels of the top-class probability (``predict`` sees no mask) and
-        its pixel error rate over its labeled pixels (an unlabeled split's truth masks where it keeps them).
-        Images without a labeled pixel, or without truth, have no loss and are left out."""
+        """Per image: the mean over all its pixels of the raw top-class probability (``predict`` sees no mask;
+        no temperature, which was fitted on validation, so the order of the images does not depend on that
+        split) and the pixel error rate over its labeled pixels of the mask predicted with ``temperature``
+        (an unlabeled split's truth masks where it keeps them). Images without a labeled pixel, or without
+        truth, have no loss and are left out."""
         dataset = self.split_data(split)
         indices, scores, losses = list(range(len(dataset))), [], []
         done = 0
@@ -213,8 +219,9 @@ class SegmentationTask(SSLTask):
                 masks = torch.stack(truths) if None not in truths else torch.full(shape, IGNORE, dtype=torch.uint8)
             done += len(images)
             logits = self._logits(model, images)
-            probs = (logits if temperature is None else scale_logits(logits, temperature)).float().softmax(dim=1)
-            confidence, prediction = probs.max(dim=1)
+            confidence, prediction = logits.float().softmax(dim=1).max(dim=1)
+            if temperature is not None:  # the mask predict writes (per-class T can change a pixel's class)
+                prediction = scale_logits(logits, temperature).softmax(dim=1).max(dim=1).indices
             masks = masks.to(self.device).long()
             valid = masks != IGNORE
             wrong = ((prediction != masks) & valid).sum(dim=(1, 2)).double()
