@@ -7,8 +7,9 @@ best``, at its temperature, as ``trustmatch predict`` applies it): the score and
 test and, where their truth is known, unlabeled training unit, computed once; then per target precision
 the threshold ``trustmatch evaluate --precision`` certifies on validation (or its one-line refusal and the
 best certifiable precision), its precision and coverage on test and on the unlabeled training pool, and
-the same for the uncertified rule (on the temperature-scaled confidences, and on the raw ones a user
-without temperature scaling has; segmentation's image score is the raw mean pixel confidence either way).
+the same for the uncertified rule on the same score (the raw one the certificate uses: a classifier's raw
+top-class probability, an image's mean raw pixel confidence). The README's "after T" column of that rule
+was measured when classification certified temperature-scaled confidences.
 Writes ``certified_precision.json`` beside the runs' common parent (or ``--out``) and prints a Markdown table.
 """
 
@@ -57,10 +58,6 @@ def measure(run_dir: Path, targets: list[float], delta: float, checkpoint: str =
             row["certified"].update({split: _kept(*units[split], c.threshold) for split in units if split != "val"})
         rows.append(row)
     naive = {split: _kept(*data, NAIVE) for split, data in units.items()}
-    raw = {}  # the rule as a user without temperature scaling applies it: on the raw softmax
-    for split in [s for s in units if s != "val"] if temperature is not None else []:
-        scores, losses = task.selective_units(run.model, split, None)
-        raw[split] = _kept(scores.numpy(), losses.numpy(), NAIVE)
     return {
         "run": run_dir.name,
         "checkpoint": path.name,
@@ -70,7 +67,6 @@ def measure(run_dir: Path, targets: list[float], delta: float, checkpoint: str =
         "units": {split: len(data[0]) for split, data in units.items()},
         "certified": rows,
         f"confidence>{NAIVE}": naive,
-        f"raw_confidence>{NAIVE}": raw or naive,
     }
 
 
@@ -81,12 +77,12 @@ def _pct(value: float | None) -> str:
 def markdown(results: list[dict[str, Any]]) -> str:
     lines = [
         "| run | seed | target | certified threshold | val cov. | test precision / cov. | unlabeled precision / cov. "
-        f"| conf > {NAIVE}: test precision / cov. | unlabeled prec. / cov. | raw conf > {NAIVE}: test | unlabeled |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        f"| raw conf > {NAIVE}: test precision / cov. | unlabeled prec. / cov. |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
-        naive, raw = r[f"confidence>{NAIVE}"], r[f"raw_confidence>{NAIVE}"]
-        pool, raw_pool = naive.get("unlabeled", {}), raw.get("unlabeled", {})
+        naive = r[f"confidence>{NAIVE}"]
+        pool = naive.get("unlabeled", {})
         for row in r["certified"]:
             if "refused" in row:
                 cells = [f"refused (best {row['refused']['best_certifiable']:.3f})", "-", "-", "-"]
@@ -102,8 +98,6 @@ def markdown(results: list[dict[str, Any]]) -> str:
             naive_cells = [
                 f"{_pct(naive['test']['precision'])} / {_pct(naive['test']['coverage'])}",
                 f"{_pct(pool.get('precision'))} / {_pct(pool.get('coverage'))}",
-                f"{_pct(raw['test']['precision'])} / {_pct(raw['test']['coverage'])}",
-                f"{_pct(raw_pool.get('precision'))} / {_pct(raw_pool.get('coverage'))}",
             ]
             lines.append(
                 "| " + " | ".join([r["run"], str(r["seed"]), f"{row['target']:g}", *cells, *naive_cells]) + " |"

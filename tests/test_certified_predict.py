@@ -63,7 +63,7 @@ def test_classification_certified_export_round_trip(tmp_path: Path, classifier: 
     record = json.loads((tmp_path / "p.certified.json").read_text())
     rows = list(csv.DictReader(out.open()))
     accepted = [r for r in rows if r["accepted"] == "1"]
-    assert all((float(r["confidence"]) > record["threshold"]) == (r["accepted"] == "1") for r in rows)
+    assert all((float(r["raw_confidence"]) > record["threshold"]) == (r["accepted"] == "1") for r in rows)
     assert record["accepted"] == len(accepted) and record["predicted"] == 6 and record["bound"] == "binomial"
     assert record["certified_precision"] >= 0.1 and 0 < record["validation_coverage"] <= 1
 
@@ -90,8 +90,9 @@ def test_certificate_names_its_checkpoint_and_what_makes_it_approximate(tmp_path
     exact = record("raw", "--raw")
     assert exact["checkpoint"] == str(classifier / "last.pt") and exact["guarantee"] == "as stated under the assumption"
     assert "class mix" in exact["assumption"] and "expected (population) precision" in exact["assumption"]
-    scaled = record("scaled")
-    assert scaled["checkpoint"] == str(classifier / "last.pt") and "can reorder" in scaled["guarantee"]
+    scaled = record("scaled")  # the threshold is on the raw score: the temperature reorders nothing it certifies
+    assert scaled["checkpoint"] == str(classifier / "last.pt") and scaled["guarantee"] == exact["guarantee"]
+    assert scaled["threshold"] == exact["threshold"] and scaled["confidence"].startswith("raw (predictions at")
     best = record("best", "--raw", "--checkpoint", "best")
     assert best["checkpoint"] == str(classifier / "best.pt") and best["guarantee"].startswith("approximate: best.pt")
 
@@ -99,11 +100,13 @@ def test_certificate_names_its_checkpoint_and_what_makes_it_approximate(tmp_path
 def test_classification_abstains_below_the_threshold(tmp_path: Path, classifier: Path) -> None:
     run = load_run_model(checkpoint_path(classifier))
     photos, out = _photos(tmp_path / "photos"), tmp_path / "p.csv"
-    write_predictions(run.model, run.meta, [photos], out, run.precision)
+    write_predictions(run.model, run.meta, [photos], out, run.precision)  # no temperature: raw confidences
     confidences = sorted(float(r["confidence"]) for r in csv.DictReader(out.open()))
     middle = (confidences[2] + confidences[3]) / 2
-    n, kept = write_predictions(run.model, run.meta, [photos], out, run.precision, threshold=middle)
-    flags = {float(r["confidence"]) > middle: r["accepted"] for r in csv.DictReader(out.open())}
+    n, kept = write_predictions(run.model, run.meta, [photos], out, run.precision, temperature=2.0, threshold=middle)
+    rows = list(csv.DictReader(out.open()))
+    flags = {float(r["raw_confidence"]) > middle: r["accepted"] for r in rows}  # the threshold is on the raw score
+    assert all(float(r["raw_confidence"]) > float(r["confidence"]) for r in rows)  # T = 2 softens what is written
     assert (n, kept) == (6, 3) and flags == {True: "1", False: "0"}
 
 

@@ -267,7 +267,7 @@ def _predict(args: argparse.Namespace) -> int:
         certified.certification_temperature(run, args.raw, str(path))  # refuses a checkpoint without T
         task = run.task(run.cfg, run.precision)
         certificate = certified.certify_run(run, task, args.precision, delta, temperature, str(args.run_dir))
-        print(certified.summary_line(certificate, path, temperature, task))
+        print(certified.summary_line(certificate, path, temperature))
         options.update(threshold=certificate.threshold, export=args.export_labeled)
     n, accepted = predict(run.model, run.meta, args.inputs, args.out, run.precision, temperature, **options)
     how = (

@@ -41,10 +41,10 @@ class, and with two classes its top-class probability is an increasing function 
 same units are accepted at the matching threshold; with more classes it is not: two images with the same
 raw top-class probability but differently spread runners-up get different confidences under T (gaps
 z_max - z_j of (1, 1) and of (1 - ln 2, inf) both give 0.576 raw, but 0.452 and 0.538 at T = 2), so a
-T fitted on the certifying split can reorder them, and the guarantee on temperature-scaled confidences is
-approximate (one fitted number); on the raw confidences (``--raw``) it holds as stated. An image's mean
-pixel confidence under a fitted temperature (per class, perhaps) can reorder images likewise, so
-segmentation always certifies the mean of the raw pixel confidences (``SegmentationTask.selective_units``).
+T fitted on the certifying split could reorder them. So both tasks certify a score computed from the
+raw probabilities (``Task.selective_units``): a classifier's raw top-class probability (``predict``'s
+``raw_confidence`` column), an image's mean raw pixel confidence; the predictions themselves keep the
+temperature. Per-class temperatures can change a mask's classes, and that certificate is approximate.
 """
 
 from __future__ import annotations

@@ -51,14 +51,16 @@ def write_predictions(
     """Write a CSV row per image found in ``inputs`` to ``out``; returns the number of rows and of accepted
     ones. Confidences are softmax(logits / temperature) when a temperature is given. Images are decoded a
     batch at a time, so any number of them fits in memory (only the per-image top-k is kept). With a
-    ``threshold`` an ``accepted`` column (1: confidence > threshold, the class stands; 0: abstained), and with
-    ``export`` the accepted image files copied into ``export/<class>/``, a labeled folder for the next round."""
+    ``threshold`` a ``raw_confidence`` column (softmax(logits) without the temperature: the score a certified
+    threshold is chosen on, which no validation fit reorders) and an ``accepted`` one (1: raw_confidence >
+    threshold, the class stands; 0: abstained), and with ``export`` the accepted image files copied into
+    ``export/<class>/``, a labeled folder for the next round."""
     files = collect_images(inputs)
     exporter = Exporter.start(export) if export is not None else None
     mode = "L" if meta["channels"] == 1 else "RGB"
     interpolation = meta["config"]["data"].get("interpolation")  # the training decoder's filter (older runs: none)
     views = Views(tuple(meta["mean"]), tuple(meta["std"]), hflip=False)
-    chunks = []
+    chunks, raw = [], []
     for start in range(0, len(files), batch_size):
         images = torch.from_numpy(
             decode_batch(files[start : start + batch_size], meta["image_size"], mode, interpolation)
@@ -66,19 +68,22 @@ def write_predictions(
         logits = predict_logits(model, images, views.plain, precision, batch_size)
         probs = (logits / (temperature or 1.0)).softmax(dim=1)
         chunks.append(probs.topk(min(3, probs.shape[1]), dim=1))
+        raw.append(logits.float().softmax(dim=1).amax(dim=1))
     classes = meta["classes"]
     top_values, top_indices = torch.cat([c.values for c in chunks]), torch.cat([c.indices for c in chunks])
     buffer = io.StringIO()
     writer = csv.writer(buffer)
-    header = ["path", "class", "confidence", *(["accepted"] if threshold is not None else [])]
+    header = ["path", "class", "confidence", *(["raw_confidence", "accepted"] if threshold is not None else [])]
     for k in range(top_indices.shape[1]):
         header += [f"top{k + 1}_class", f"top{k + 1}_confidence"]
     writer.writerow(header)
-    accepted = (
-        top_values[:, 0].double() > threshold if threshold is not None else torch.ones(len(files), dtype=torch.bool)
-    )
-    for path, values, indices, keep in zip(files, top_values.tolist(), top_indices.tolist(), accepted.tolist()):
-        row = [str(path), classes[indices[0]], f"{values[0]:.6f}", *([int(keep)] if threshold is not None else [])]
+    raw_top = torch.cat(raw) if raw else torch.zeros(0)
+    accepted = raw_top.double() > threshold if threshold is not None else torch.ones(len(files), dtype=torch.bool)
+    for path, values, indices, score, keep in zip(
+        files, top_values.tolist(), top_indices.tolist(), raw_top.tolist(), accepted.tolist()
+    ):
+        row = [str(path), classes[indices[0]], f"{values[0]:.6f}"]
+        row += [f"{score:.6f}", int(keep)] if threshold is not None else []
         for v, i in zip(values, indices):
             row += [classes[i], f"{v:.6f}"]
         writer.writerow(row)

@@ -42,7 +42,7 @@ def checkpoint_for(run_dir: Path, which: str, precision: float | None) -> Path:
     return checkpoint_path(run_dir, "last" if precision is not None and which == "auto" else which)
 
 
-def caveats(path: Path, temperature: Temperature | None, task: Task) -> list[str]:
+def caveats(path: Path, temperature: Temperature | None) -> list[str]:
     """Why a certificate computed with this checkpoint and temperature holds only approximately (none: as stated;
     ``evaluation.certify``'s assumptions)."""
     notes = []
@@ -50,11 +50,6 @@ def caveats(path: Path, temperature: Temperature | None, task: Task) -> list[str
         notes.append(
             "best.pt was chosen by its accuracy on this validation split, so the split is not fresh data for it "
             "(--checkpoint auto certifies last.pt)"
-        )
-    if temperature is not None and task.certify_scaled:
-        notes.append(
-            "the temperature was fitted on this validation split and, with more than two classes, can reorder the "
-            "images' confidences (--raw certifies the raw confidences)"
         )
     if isinstance(temperature, list):
         notes.append(
@@ -120,11 +115,11 @@ def describe(certificate: Certificate, temperature: Temperature | None, task: Ta
     """What ``certified.json`` and ``evaluate``'s output say about a certificate computed with the checkpoint
     at ``path``."""
     scale = "raw" if temperature is None else f"temperature {describe_temperature(temperature)}"
-    notes = caveats(path, temperature, task)
+    notes = caveats(path, temperature)
     return {
         **certificate.as_dict(),
         "checkpoint": str(path),
-        "confidence": scale if task.certify_scaled or temperature is None else f"raw (predictions at {scale})",
+        "confidence": scale if temperature is None else f"raw (predictions at {scale})",
         "unit": task.certify_unit,
         "rule": "accept a prediction when its confidence is > threshold, abstain otherwise",
         "procedure": "order-statistic thresholds at 5 %, 10 %, ..., 100 % validation coverage, Bonferroni over "
@@ -139,10 +134,10 @@ def describe(certificate: Certificate, temperature: Temperature | None, task: Ta
     }
 
 
-def summary_line(certificate: Certificate, path: Path, temperature: Temperature | None, task: Task) -> str:
+def summary_line(certificate: Certificate, path: Path, temperature: Temperature | None) -> str:
     """One line for the terminal (and the caveats, where the guarantee is approximate)."""
     c = certificate
-    notes = caveats(path, temperature, task)
+    notes = caveats(path, temperature)
     return (
         f"certified threshold {c.threshold:.6f} on {path.name}: expected precision of what it accepts >= "
         f"{c.precision:g} with probability >= {1 - c.delta:g} (bound {c.certified_precision:.4f}); validation "

@@ -175,13 +175,15 @@ class ClassificationTask(SSLTask):
     def selective_units(
         self, model: nn.Module, split: str, temperature: Temperature | None = None
     ) -> tuple[Tensor, Tensor]:
-        """Top-class confidence (softmax(z / T) in float32, as ``predict`` writes it) and 0/1 error per image
-        with a known label (an unlabeled split keeps its labels where known, for diagnostics)."""
+        """The raw top-class probability softmax(z) (``predict``'s ``raw_confidence``) and the 0/1 error per
+        image with a known label (an unlabeled split keeps its labels where known, for diagnostics). The score
+        leaves the temperature out: fitted on the validation split that certifies, it could reorder images
+        (with more than two classes softmax(z / T)'s maximum is not monotone in softmax(z)'s); a single
+        temperature changes no predicted class, so the error is the same either way."""
         images, scores, losses = self.split_data(split), [], []
         size = self.cfg.train.eval_batch_size
         for index, logits in iter_logits(model, images.images, self.views.plain, self.precision, size):
-            probs = (logits if temperature is None else scale_logits(logits, temperature)).softmax(dim=1)
-            confidence, prediction = probs.max(dim=1)
+            confidence, prediction = logits.float().softmax(dim=1).max(dim=1)
             labels = images.labels[index].to(self.device)
             known = labels >= 0
             scores.append(confidence[known].double().cpu())

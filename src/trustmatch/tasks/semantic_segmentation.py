@@ -49,7 +49,6 @@ class SegmentationTask(SSLTask):
         "image (its mean raw pixel confidence, before any temperature; precision: the pixel accuracy of its "
         "mask, averaged over accepted images)"
     )
-    certify_scaled = False  # the image score from the raw probabilities: no fitted temperature reorders images
 
     def __init__(self, cfg: Config, precision: Precision) -> None:
         super().__init__(cfg, precision)

@@ -74,11 +74,6 @@ class Task(ABC):
     #: 0/1 losses, "betting" for losses in [0, 1]) and what one accepted unit is, in words
     certify_bound: ClassVar[str] = "binomial"
     certify_unit: ClassVar[str] = "image"
-    #: whether the score a certified threshold compares is temperature-scaled, the confidence ``predict`` writes
-    #: (classification; a T fitted on the certifying split can reorder confidences with more than two classes,
-    #: so ``run.certified_threshold.caveats`` marks that certificate approximate) or raw (segmentation: an
-    #: image's mean raw pixel confidence, which no temperature fitted on validation reorders)
-    certify_scaled: ClassVar[bool] = True
     #: whether ``validate`` fits a post-hoc temperature (metrics.json explains a missing one only then);
     #: a task may decide per run (segmentation: ``eval.pixel_temperature=off``)
     fits_temperature: bool = True
@@ -153,10 +148,10 @@ class Task(ABC):
     def selective_units(
         self, model: nn.Module, split: str, temperature: Temperature | None = None
     ) -> tuple[Tensor, Tensor]:
-        """Per unit (image) of ``split`` whose truth is known: the score ``predict`` accepts or abstains on
-        (temperature-scaled or not: ``certify_scaled``) and the loss in [0, 1] of the prediction ``predict``
-        writes with the ``temperature``, float64 on the CPU, in the split's order. One process: a certified
-        threshold is chosen outside training."""
+        """Per unit (image) of ``split`` whose truth is known: the score ``predict`` accepts or abstains on,
+        computed from the raw probabilities (a temperature fitted on the certifying validation split could
+        reorder the units), and the loss in [0, 1] of the prediction ``predict`` writes with the ``temperature``,
+        float64 on the CPU, in the split's order. One process: a certified threshold is chosen outside training."""
 
     @abstractmethod
     def has_split(self, split: str) -> bool:
