@@ -68,7 +68,8 @@ def write_predictions(
         logits = predict_logits(model, images, views.plain, precision, batch_size)
         probs = (logits / (temperature or 1.0)).softmax(dim=1)
         chunks.append(probs.topk(min(3, probs.shape[1]), dim=1))
-        raw.append(logits.float().softmax(dim=1).amax(dim=1))
+        if threshold is not None:  # the score the certified threshold applies to
+            raw.append(logits.float().softmax(dim=1).amax(dim=1))
     classes = meta["classes"]
     top_values, top_indices = torch.cat([c.values for c in chunks]), torch.cat([c.indices for c in chunks])
     buffer = io.StringIO()
@@ -77,10 +78,10 @@ def write_predictions(
     for k in range(top_indices.shape[1]):
         header += [f"top{k + 1}_class", f"top{k + 1}_confidence"]
     writer.writerow(header)
-    raw_top = torch.cat(raw) if raw else torch.zeros(0)
+    raw_top = torch.cat(raw) if threshold is not None else torch.zeros(len(files))
     accepted = raw_top.double() > threshold if threshold is not None else torch.ones(len(files), dtype=torch.bool)
     for path, values, indices, score, keep in zip(
-        files, top_values.tolist(), top_indices.tolist(), raw_top.tolist(), accepted.tolist()
+        files, top_values.tolist(), top_indices.tolist(), raw_top.tolist(), accepted.tolist(), strict=True
     ):
         row = [str(path), classes[indices[0]], f"{values[0]:.6f}"]
         row += [f"{score:.6f}", int(keep)] if threshold is not None else []
