@@ -13,6 +13,7 @@ import io
 import json
 import shutil
 import subprocess
+import sys
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -24,6 +25,8 @@ from PIL import Image
 from trustmatch.cli import main
 from trustmatch.config import load_config
 from trustmatch.evaluation.metrics import ClassificationMeter, SegmentationMeter
+from trustmatch.run.checkpoint_findings import FILE as FINDINGS
+from trustmatch.run.checkpoint_findings import checkpoint_findings, saved_findings
 from trustmatch.run.trainer import Trainer
 
 SECTIONS = [
@@ -289,6 +292,44 @@ def test_page_of_real_runs(real_runs: tuple[Path, Path], real_page: Path) -> Non
     assert len(page.sections["overlays"]["images"]) == 1
     assert len(page.sections["csl-selection"]["images"]) == 1
     assert all(_decoded(src) for section in page.sections.values() for src in section["images"])
+
+
+@pytest.mark.slow
+@pytest.mark.all_test_scenes  # as the module's runs were trained: their fixture starts before the 60-scene patch
+def test_findings_the_run_wrote_equal_a_pass_of_last_pt(real_runs: tuple[Path, Path], tmp_path: Path) -> None:
+    """``findings.pt`` (written at the end of training, from the task and model in memory) holds what a
+    fresh pass of ``last.pt`` finds; a file of another step or a cut one is not used."""
+    for run in real_runs:
+        step = json.loads((run / "metrics.json").read_text())["steps"]
+        saved, fresh = saved_findings(run, step), checkpoint_findings(run)
+        assert saved is not None and saved.checkpoint == fresh.checkpoint == f"last.pt (step {step})"
+        assert (saved.split, saved.classes, saved.temperature) == (fresh.split, fresh.classes, fresh.temperature)
+        assert saved.per_class == fresh.per_class and saved.per_class_scaled == fresh.per_class_scaled
+        assert saved.thumbnails.keys() == fresh.thumbnails.keys()
+        for split, thumbs in fresh.thumbnails.items():
+            assert torch.equal(saved.thumbnails[split].images, thumbs.images)
+            assert saved.thumbnails[split].captions == thumbs.captions
+        assert (saved.overlays is None) == (fresh.overlays is None)
+        if fresh.overlays is not None:
+            for name in ("images", "predictions", "confidences", "masks"):
+                assert all(map(torch.equal, getattr(saved.overlays, name), getattr(fresh.overlays, name))), name
+            assert saved.overlays.names == fresh.overlays.names and saved.overlays.palette == fresh.overlays.palette
+        assert saved_findings(run, step - 1) is None  # a resumed run went on after they were written
+        copy = tmp_path / run.name
+        copy.mkdir()
+        (copy / FINDINGS).write_bytes((run / FINDINGS).read_bytes()[:100])
+        assert saved_findings(copy, step) is None
+
+
+def test_the_page_imports_neither_the_tasks_nor_torchvision() -> None:
+    """Half of a cold report's time was imports (torchvision, the dataset loaders): a run's page reads files."""
+    code = (
+        "import sys, trustmatch.run.html_report; "
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'torchvision', 'sklearn', 'timm'}), "
+        "sorted(m for m in sys.modules if m.startswith(('trustmatch.tasks', 'trustmatch.data'))))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert result.stdout.split() == ["[]", "[]"], result.stdout
 
 
 def _chromium() -> str | None:

@@ -1,29 +1,36 @@
-"""What a finished run's final checkpoint shows beyond ``metrics.json``, for the HTML report: per-class
+"""What a finished run's final model shows beyond ``metrics.json``, for the HTML report: per-class
 accuracy / IoU and calibration, raw and temperature-scaled, from one pass over the report split; for
 segmentation, the first images of that split with truth, prediction and confidence; for a CalibrateMix
 run, the pixels of the hardest images its data map lists.
 
-``last.pt`` holds the final EMA model, the one ``final`` in ``metrics.json`` scores, with the temperature
-fitted on validation for it. The task loads the run's data as training did (same config and seed), so
-the data map's row indices name the same images.
+The trainer collects them at the end of a run, while its task (data) and final EMA model are loaded, and
+writes them to ``findings.pt``: the report then reads one small file and needs neither the data nor the
+model (nor torchvision and the dataset's loader, the larger part of its start-up). For a run without that
+file (an older trustmatch, a run stopped before its end) the report rebuilds the task from ``last.pt``
+(the final EMA model, the one ``final`` in ``metrics.json`` scores, with its temperature) and makes the
+same pass; the task loads the run's data as training did, so the data map's row indices name the same images.
 """
 
 from __future__ import annotations
 
 import csv
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from trustmatch.core.errors import UserError
+from trustmatch.core.fileio import atomic_write_bytes
 from trustmatch.core.labels import IGNORE
 from trustmatch.evaluation.class_metrics import ClassMeter
 from trustmatch.evaluation.temperature import Temperature, describe_temperature, scale_logits
-from trustmatch.run.loaded_run import load_run_model
 
+if TYPE_CHECKING:
+    from trustmatch.tasks import Task
+
+FILE = "findings.pt"
 OVERLAY_IMAGES = 4
 HARDEST = 8  # thumbnails per data-map split
 
@@ -60,23 +67,25 @@ class Findings:
     thumbnails: dict[str, Thumbnails] = field(default_factory=dict)
 
 
-def checkpoint_findings(run_dir: Path, segmentation_images: int = OVERLAY_IMAGES) -> Findings:
-    """One pass of ``last.pt``'s model over the split ``final`` was scored on (test; validation where the
+def collect_findings(
+    task: Task,
+    model: nn.Module,
+    run_dir: Path,
+    step: int,
+    temperature: Temperature | None,
+    segmentation_images: int = OVERLAY_IMAGES,
+) -> Findings:
+    """One pass of the final EMA ``model`` over the split ``final`` was scored on (test; validation where the
     run held test out or has none), and the data map's hardest images where the run wrote one."""
-    path = Path(run_dir) / "last.pt"
-    run = load_run_model(path)
-    task = run.task(run.cfg, run.precision)
-    split = "test" if run.cfg.train.evaluate_test and task.has_split("test") else "val"
-    classes = list(run.meta["classes"])
-    temperature = run.meta.get("temperature")
-    segmentation = run.cfg.task == "segmentation"
+    cfg, meta = task.cfg, task.meta()
+    split = "test" if cfg.train.evaluate_test and task.has_split("test") else "val"
+    classes = list(meta["classes"])
+    segmentation = cfg.task == "segmentation"
     ignore = IGNORE if segmentation else None
-    meters = [
-        ClassMeter(len(classes), run.precision.device, ignore_index=ignore)
-        for _ in range(1 + (temperature is not None))
-    ]
+    device = next(model.parameters()).device
+    meters = [ClassMeter(len(classes), device, ignore_index=ignore) for _ in range(1 + (temperature is not None))]
     kept: list[tuple[Tensor, Tensor]] = []  # segmentation: (prediction, confidence) of the first images
-    for logits, targets in task.split_logits(run.model, split):
+    for logits, targets in task.split_logits(model, split):
         meters[0].update(logits, targets)
         scaled = logits if temperature is None else scale_logits(logits, temperature)
         if temperature is not None:
@@ -85,7 +94,7 @@ def checkpoint_findings(run_dir: Path, segmentation_images: int = OVERLAY_IMAGES
             confidence, prediction = scaled[: segmentation_images - len(kept)].softmax(dim=1).max(dim=1)
             kept += list(zip(prediction.cpu(), confidence.cpu()))
     findings = Findings(
-        checkpoint=f"last.pt (step {run.meta['step']})",
+        checkpoint=f"last.pt (step {step})",
         split=split,
         classes=classes,
         per_class=meters[0].rows(classes),
@@ -101,11 +110,49 @@ def checkpoint_findings(run_dir: Path, segmentation_images: int = OVERLAY_IMAGES
             predictions=[p for p, _ in kept],
             confidences=[c for _, c in kept],
             names=[dataset.name(i) for i in range(len(kept))],
-            palette=[tuple(c) for c in run.meta["palette"]],
+            palette=[tuple(c) for c in meta["palette"]],
         )
     if not segmentation:
         findings.thumbnails = _hardest(Path(run_dir), task)
     return findings
+
+
+def checkpoint_findings(run_dir: Path) -> Findings:
+    """:func:`collect_findings` of ``last.pt``, its task rebuilt from the run's config (the slow way: it
+    loads the data and the model), for a run without ``findings.pt``."""
+    from trustmatch.run.loaded_run import load_run_model  # the tasks, the data loaders, torchvision: only here
+
+    run = load_run_model(Path(run_dir) / "last.pt")
+    task = run.task(run.cfg, run.precision)
+    return collect_findings(task, run.model, Path(run_dir), int(run.meta["step"]), run.meta.get("temperature"))
+
+
+def save_findings(findings: Findings, run_dir: Path, step: int) -> Path:
+    """``findings.pt``, written atomically: plain containers and tensors, read back with ``weights_only``."""
+    state = {"step": step, **asdict(findings)}
+    atomic_write_bytes(Path(run_dir) / FILE, lambda file: torch.save(state, file))
+    return Path(run_dir) / FILE
+
+
+def saved_findings(run_dir: Path, step: int) -> Findings | None:
+    """The findings the run wrote at its end, where they belong to ``step`` (the step of ``final``); None
+    where the run wrote none, wrote them before a resume took it further, or the file cannot be read
+    (derived data: the caller computes them again from ``last.pt``)."""
+    path = Path(run_dir) / FILE
+    if not path.is_file():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 (a cut or foreign file holds nothing last.pt cannot give again)
+        return None
+    if not isinstance(state, dict) or state.pop("step", None) != step:
+        return None
+    overlays, thumbnails = state.pop("overlays"), state.pop("thumbnails")
+    return Findings(
+        **state,
+        overlays=None if overlays is None else Overlays(**overlays),
+        thumbnails={split: Thumbnails(**t) for split, t in thumbnails.items()},
+    )
 
 
 def describe_scaling(findings: Findings) -> str:

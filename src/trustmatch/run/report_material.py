@@ -10,7 +10,7 @@ from typing import Any
 
 from trustmatch.core.errors import UserError
 from trustmatch.reporting.run_comparison import read_metrics
-from trustmatch.run.checkpoint_findings import Findings, checkpoint_findings
+from trustmatch.run.checkpoint_findings import Findings, checkpoint_findings, saved_findings
 from trustmatch.run.run_directory import TRAIN_LOG
 
 __all__ = ["RunMaterial", "load_material"]
@@ -53,7 +53,8 @@ def _train_log(path: Path) -> list[dict[str, Any]]:
 
 
 def load_material(path: Path, label: str | None = None, checkpoint: bool = True) -> RunMaterial:
-    """A finished run's files and, with ``checkpoint`` and a ``last.pt``, its checkpoint's findings."""
+    """A finished run's files and, with ``checkpoint``, its final model's findings: the ``findings.pt`` the
+    run wrote at its end, or else one pass of its ``last.pt``."""
     path = Path(path)
     metrics = read_metrics(path)
     if metrics.get("final") is None:
@@ -64,6 +65,8 @@ def load_material(path: Path, label: str | None = None, checkpoint: bool = True)
     material = RunMaterial(label or path.name, path, metrics, _train_log(path / TRAIN_LOG), None)
     if not checkpoint:
         material.findings_note = "not computed"
+    elif (saved := saved_findings(path, metrics.get("steps"))) is not None:
+        material.findings = saved
     elif not (path / "last.pt").is_file():
         material.findings_note = "no last.pt in the run directory: they need the final checkpoint"
     else:

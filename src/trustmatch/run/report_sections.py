@@ -22,10 +22,10 @@ from trustmatch.reporting.report_figures import (
     risk_coverage_figure,
     thumbnails_figure,
 )
+from trustmatch.reporting.task_display import DISPLAYS
 from trustmatch.run.checkpoint_findings import describe_scaling
 from trustmatch.run.report_material import RunMaterial
 from trustmatch.run.run_directory import TRAIN_LOG
-from trustmatch.tasks import TASKS
 
 NOT_RECORDED = "not recorded by this run"
 DASH = "—"
@@ -148,8 +148,8 @@ def _bins(entry: Any) -> dict | None:
 def reliability(runs: Sequence[RunMaterial]) -> Section:
     def blocks(run: RunMaterial) -> list[str]:
         m = run.metrics
-        unit = TASKS.get(run.task).diagram_unit
-        ece_key = TASKS.get(run.task).calibration_metric
+        unit = DISPLAYS[run.task].diagram_unit
+        ece_key = DISPLAYS[run.task].calibration_metric
         panels = []
         if _bins(m.get("final_bins")) is not None:
             panels.append(ReliabilityPanel(f"final{unit}", _bins(m["final_bins"]), m["final"].get(ece_key)))
@@ -246,7 +246,7 @@ def pseudo_labels(runs: Sequence[RunMaterial]) -> Section:
             shown.append(note("pseudo-label accuracy not logged: the unlabeled images' true labels are unknown"))
         history = run.metrics.get("history") or []
         if history:
-            curves = TASKS.get(run.task).curves
+            curves = DISPLAYS[run.task].curves
             caption = "validation and report split over the run's evaluations"
             shown.append(_png(curves_figure(history, curves), f"evaluation history of {run.label}", caption))
         else:

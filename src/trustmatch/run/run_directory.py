@@ -20,7 +20,8 @@ from trustmatch.core.fileio import atomic_write_text
 
 # what a run writes into its directory: a failed start removes these, never anything else
 RUN_FILES = (
-    "config.yaml", "metrics.json", "train_log.jsonl", "last.pt", "best.pt", "tensorboard", "*.png", "*.csv", ".*.tmp"
+    "config.yaml", "metrics.json", "train_log.jsonl", "last.pt", "best.pt", "findings.pt", "tensorboard", "*.png",
+    "*.csv", ".*.tmp",
 )  # fmt: skip
 TRAIN_LOG = "train_log.jsonl"  # one line per train.log_every: the averages TensorBoard gets, without it
 

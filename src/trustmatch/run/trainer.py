@@ -33,6 +33,7 @@ from trustmatch.evaluation.temperature import Temperature
 from trustmatch.models.weights import check_source
 from trustmatch.run.artefacts import write_diagram, write_final_plots
 from trustmatch.run.checkpoint import CHECKPOINT_VERSION, load_checkpoint, save_checkpoint
+from trustmatch.run.checkpoint_findings import collect_findings, save_findings
 from trustmatch.run.compiled_step import check_cuda_graphs, compile_step
 from trustmatch.run.ema import ModelEMA
 from trustmatch.run.nonfinite import NonFiniteLoss, NonFinitePolicy
@@ -376,11 +377,16 @@ class Trainer:
 
     def _write_final_outputs(self, test: Evaluation, final: dict[str, float]) -> None:
         """The final model's files: the task's own on every process (it may use collectives), then
-        on the main process its diagrams and curves, metrics.json, and the TensorBoard log closed."""
+        on the main process its diagrams and curves, the report's findings (one more pass over the report
+        split, so that the report needs neither the data nor the model), metrics.json, and the TensorBoard
+        log closed."""
         self.task.write_final(self.ema.module, self.run_dir)
 
         def write() -> None:
             write_final_plots(self.task, test, self.record.temperature, self.record.history, self.run_dir, self.step)
+            temperature = self.record.temperature_at(self.step)
+            findings = collect_findings(self.task, self.ema.module, self.run_dir, self.step, temperature)
+            save_findings(findings, self.run_dir, self.step)
             self.directory.write_metrics(self.metrics(final))
             self.directory.close()
 

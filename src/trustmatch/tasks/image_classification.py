@@ -21,6 +21,7 @@ from trustmatch.evaluation.metrics import ClassificationMeter
 from trustmatch.evaluation.temperature import Temperature, fit_temperature, scale_logits
 from trustmatch.methods.weak_to_strong import Batch
 from trustmatch.models import MODELS, is_segmentation_model
+from trustmatch.reporting.task_display import DISPLAYS
 from trustmatch.tasks.task import Evaluation, SSLTask, StepOutput
 
 SPLITS = ("val", "test")
@@ -69,9 +70,10 @@ def _channels(values: tuple[float, ...], channels: int) -> tuple[float, ...]:
 
 class ClassificationTask(SSLTask):
     primary = "accuracy"
-    calibration_metric = "ece_15"
+    calibration_metric = DISPLAYS["classification"].calibration_metric
     nll_metric = "nll"
-    curves = (("accuracy", "accuracy"), ("ece_15", "ECE (15 bins)"))
+    diagram_unit = DISPLAYS["classification"].diagram_unit
+    curves = DISPLAYS["classification"].curves
 
     def __init__(self, cfg: Config, precision: Precision) -> None:
         super().__init__(cfg, precision)

@@ -32,6 +32,7 @@ from trustmatch.evaluation.temperature import Temperature, fit_class_temperature
 from trustmatch.methods.unimatch_step import SegBatch
 from trustmatch.models import SEGMENTATION_MODELS, is_segmentation_model
 from trustmatch.reporting.plots import segmentation_overlays
+from trustmatch.reporting.task_display import DISPLAYS
 from trustmatch.tasks.task import Evaluation, SSLTask, StepOutput
 
 SPLITS = ("val", "test")
@@ -40,10 +41,10 @@ OVERLAY_IMAGES = 4
 
 class SegmentationTask(SSLTask):
     primary = "miou"
-    calibration_metric = "pixel_ece_15"
+    calibration_metric = DISPLAYS["segmentation"].calibration_metric
     nll_metric = "pixel_nll"
-    diagram_unit = ", per pixel"  # every labeled pixel of the split is one sample
-    curves = (("miou", "mIoU"), ("pixel_ece_15", "pixel ECE (15 bins)"))
+    diagram_unit = DISPLAYS["segmentation"].diagram_unit
+    curves = DISPLAYS["segmentation"].curves
     certify_bound = "betting"  # an image's pixel error rate lies in [0, 1]: not a binomial count
     certify_unit = (
         "image (its mean raw pixel confidence, before any temperature; precision: the pixel accuracy of its "
