@@ -1,6 +1,8 @@
 """Shared test set-up. Every test runs by default (CI runs them all); the end-to-end runs marked
 ``slow`` can be left out for a quick pass with ``pytest -m "not slow"``."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -26,3 +28,14 @@ def _fewer_digitscenes_test_scenes(request: pytest.FixtureRequest, monkeypatch: 
     Tests that check the split itself are marked ``all_test_scenes``; subprocess runs see all 300."""
     if request.node.get_closest_marker("all_test_scenes") is None:
         monkeypatch.setattr("trustmatch.data.digitscenes.TEST_SCENES", SMALL_TEST_SCENES)
+
+
+@pytest.fixture(scope="module")
+def classifier(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A run of the small CNN on a user's class folders (two validation images), for predict and evaluate."""
+    from test_bad_inputs import pets, train_folder
+    from trustmatch.cli import main
+
+    root = tmp_path_factory.mktemp("classifier")
+    assert main(train_folder(pets(root / "pets"), root / "run")) == 0
+    return root / "run"

@@ -234,13 +234,6 @@ def test_segmentation_folder_bad_mask(tmp_path: Path, capsys: pytest.CaptureFixt
 
 
 @pytest.fixture(scope="module")
-def classifier(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("classifier")
-    assert main(train_folder(pets(root / "pets"), root / "run")) == 0
-    return root / "run"
-
-
-@pytest.fixture(scope="module")
 def segmenter(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("segmenter")
     assert main(train_seg(seg_folders(root / "seg"), root / "run")) == 0

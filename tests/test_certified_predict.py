@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from test_bad_inputs import BLUE, RED, pets, save, seg_folders, train_folder, train_seg
+from test_bad_inputs import BLUE, RED, save, seg_folders, train_seg
 from trustmatch.cli import main
 from trustmatch.config.schema import DataConfig
 from trustmatch.core.labels import IGNORE
@@ -25,13 +25,6 @@ from trustmatch.run.loaded_run import checkpoint_path, load_run_model
 # two validation images certify little: a low target at a lenient delta is what they can hold
 LENIENT = ["--precision", "0.1", "--delta", "0.5"]
 SEG_LENIENT = ["--precision", "0.05", "--delta", "0.9"]  # random masks: the tiny network's pixels are 2/3 wrong
-
-
-@pytest.fixture(scope="module")
-def classifier(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("classifier")
-    assert main(train_folder(pets(root / "pets"), root / "run")) == 0
-    return root / "run"
 
 
 @pytest.fixture(scope="module")
