@@ -14,6 +14,7 @@ import json
 import shutil
 import subprocess
 import sys
+from dataclasses import astuple
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -25,9 +26,11 @@ from PIL import Image
 from trustmatch.cli import main
 from trustmatch.config import load_config
 from trustmatch.evaluation.metrics import ClassificationMeter, SegmentationMeter
+from trustmatch.reporting.task_display import DISPLAYS
 from trustmatch.run.checkpoint_findings import FILE as FINDINGS
 from trustmatch.run.checkpoint_findings import checkpoint_findings, saved_findings
 from trustmatch.run.trainer import Trainer
+from trustmatch.tasks import TASKS
 
 SECTIONS = [
     "runs",
@@ -233,8 +236,12 @@ def test_labels_and_one_line_refusals(
     shutil.copytree(run, unfinished)
     metrics = json.loads((unfinished / "metrics.json").read_text())
     (unfinished / "metrics.json").write_text(json.dumps({**metrics, "final": None}))
+    unknown = tmp_path / "unknown"
+    shutil.copytree(run, unknown)
+    (unknown / "metrics.json").write_text(json.dumps({**metrics, "task": "detection"}))
     cases = [
         ([str(run), str(unfinished)], "unfinished"),
+        ([str(unknown)], "a run of task 'detection', which this trustmatch does not know"),
         ([str(run), str(tmp_path / "missing")], "not a trustmatch run directory"),
         ([str(run), "--labels", "a", "b"], "--labels gave 2 names for 1 run directories"),
     ]
@@ -273,7 +280,7 @@ def real_page(real_runs: tuple[Path, Path], tmp_path_factory: pytest.TempPathFac
 
 @pytest.mark.slow
 def test_page_of_real_runs(real_runs: tuple[Path, Path], real_page: Path) -> None:
-    """The checkpoint pass: per-class values agree with metrics.json; thumbnails, overlays and the CSL scatter."""
+    """The findings the runs wrote: per-class values agree with metrics.json; thumbnails, overlays, CSL scatter."""
     html = real_page.read_text()
     assert len(html.encode()) < MAX_BYTES
     page = Page(html)
@@ -311,14 +318,46 @@ def test_findings_the_run_wrote_equal_a_pass_of_last_pt(real_runs: tuple[Path, P
             assert saved.thumbnails[split].captions == thumbs.captions
         assert (saved.overlays is None) == (fresh.overlays is None)
         if fresh.overlays is not None:
-            for name in ("images", "predictions", "confidences", "masks"):
+            for name in ("images", "predictions", "masks"):
                 assert all(map(torch.equal, getattr(saved.overlays, name), getattr(fresh.overlays, name))), name
+            for kept, computed in zip(saved.overlays.confidences, fresh.overlays.confidences, strict=True):
+                torch.testing.assert_close(kept, computed, rtol=0, atol=1e-3)  # stored as float16
             assert saved.overlays.names == fresh.overlays.names and saved.overlays.palette == fresh.overlays.palette
         assert saved_findings(run, step - 1) is None  # a resumed run went on after they were written
         copy = tmp_path / run.name
         copy.mkdir()
         (copy / FINDINGS).write_bytes((run / FINDINGS).read_bytes()[:100])
         assert saved_findings(copy, step) is None
+        state = torch.load(run / FINDINGS, weights_only=True)
+        torch.save({**state, "format": state["format"] + 1}, copy / FINDINGS)  # another trustmatch's layout
+        assert saved_findings(copy, step) is None
+
+
+def test_a_failed_findings_pass_costs_the_report_its_speed_not_the_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The pass comes after metrics.json: when it fails the run is still finished, and the page passes last.pt."""
+
+    def fail(*args: object, **kwargs: object) -> None:
+        raise OSError("disk full")
+
+    monkeypatch.setattr("trustmatch.run.trainer.collect_findings", fail)
+    run = tmp_path / "run"
+    with pytest.warns(UserWarning, match=r"findings.pt not written \(OSError: disk full\)"):
+        Trainer(load_config("digits-fixmatch", TINY), run, progress=False).fit()
+    assert json.loads((run / "metrics.json").read_text())["final"] is not None and not (run / FINDINGS).exists()
+    passes = []
+    monkeypatch.setattr("trustmatch.run.report_material.checkpoint_findings", lambda path: passes.append(path))
+    assert main(["report", str(run), "--html", "--out", str(tmp_path / "out")]) == 0
+    assert passes == [run]
+
+
+def test_every_task_has_its_display() -> None:
+    """The page draws a task from ``reporting.task_display``; the task classes take their attributes from it."""
+    assert set(DISPLAYS) == set(TASKS.names())
+    for name, display in DISPLAYS.items():
+        task = TASKS.get(name)
+        assert (task.calibration_metric, task.curves, task.diagram_unit) == astuple(display)
 
 
 def test_the_page_imports_neither_the_tasks_nor_torchvision() -> None:

@@ -27,6 +27,7 @@ from trustmatch.methods.unimatch_step import (
 )
 from trustmatch.models.output import Output
 from trustmatch.run.checkpoint import load_checkpoint
+from trustmatch.run.checkpoint_findings import saved_findings
 from trustmatch.run.trainer import Trainer
 
 SMALL = [
@@ -237,9 +238,11 @@ def test_digitscenes_run_directory(tmp_path: Path, method: str) -> None:
         "reliability_final_calibrated.png",
         "curves.png",
         "overlays.png",
+        "findings.pt",
     ]:
         assert (run / name).is_file(), name
     saved = json.loads((run / "metrics.json").read_text())
+    assert saved_findings(run, saved["steps"]) is not None  # what the HTML report reads, of the final step
     final = saved["final"]
     assert 0.0 <= final["miou"] <= 1.0 and 0.0 <= final["pixel_ece_15"] <= 1.0
     assert set(final["per_class_iou"]) == {"background", *map(str, range(10))}

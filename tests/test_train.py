@@ -16,6 +16,7 @@ from trustmatch.core.errors import UserError
 from trustmatch.core.lr_schedules import cosine_factor
 from trustmatch.methods.step_output import Regularizer
 from trustmatch.run.checkpoint import load_checkpoint
+from trustmatch.run.checkpoint_findings import saved_findings
 from trustmatch.run.trainer import Trainer
 
 TIME_KEYS = {"elapsed", "elapsed_s", "wall_time_s"}  # wall-clock time is the one thing a resume may change
@@ -61,9 +62,11 @@ def test_every_method_writes_a_complete_run_directory(tmp_path: Path, method: st
         "reliability_best.png",
         "reliability_final.png",
         "curves.png",
+        "findings.pt",
     ]:
         assert (run / name).is_file(), name
     saved = json.loads((run / "metrics.json").read_text())
+    assert saved_findings(run, saved["steps"]) is not None  # what the HTML report reads, of the final step
     assert METRIC_KEYS <= set(saved["final"]) and METRIC_KEYS <= set(saved["best"])
     assert [h["step"] for h in saved["history"]] == [3, 6]
     assert all(0.0 <= saved["final"][k] <= 1.0 for k in ["accuracy", "ece_15", "ece_10", "mce_15"])

@@ -1,7 +1,5 @@
 """``python -m trustmatch`` (and ``torchrun -m trustmatch train ...``) run the CLI."""
 
-import sys
+from trustmatch.cli import console_main
 
-from trustmatch.cli import main
-
-sys.exit(main())
+console_main()

@@ -10,6 +10,7 @@ from typing import Any
 
 from trustmatch.core.errors import UserError
 from trustmatch.reporting.run_comparison import read_metrics
+from trustmatch.reporting.task_display import DISPLAYS
 from trustmatch.run.checkpoint_findings import Findings, checkpoint_findings, saved_findings
 from trustmatch.run.run_directory import TRAIN_LOG
 
@@ -62,6 +63,9 @@ def load_material(path: Path, label: str | None = None, checkpoint: bool = True)
             f"{path} is unfinished (no final metrics yet): "
             f"wait for it, or continue it with `trustmatch train --resume {path}`"
         )
+    if metrics.get("task", "classification") not in DISPLAYS:
+        known = ", ".join(DISPLAYS)
+        raise UserError(f"{path} is a run of task {metrics['task']!r}, which this trustmatch does not know ({known})")
     material = RunMaterial(label or path.name, path, metrics, _train_log(path / TRAIN_LOG), None)
     if not checkpoint:
         material.findings_note = "not computed"
