@@ -35,12 +35,27 @@ def _producers() -> list[threading.Thread]:
     return [t for t in threading.enumerate() if t.name.startswith(THREAD_NAME)]
 
 
-@pytest.mark.parametrize("task", ["classification", "segmentation"])
-def test_prefetched_batches_are_the_sequential_ones(tmp_path: Path, task: str) -> None:
-    """Four batches through the producer (three built in its thread) against four built in turn from the
-    same state: the same tensors in the same order, and the same state after them once the producer closes."""
-    trainer = _trainer(task, tmp_path / "run", "on")
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@pytest.mark.parametrize(
+    ("task", "device"),
+    [
+        ("classification", "cpu"),
+        ("segmentation", "cpu"),
+        pytest.param("classification", "cuda", marks=[pytest.mark.cuda, CUDA]),
+        pytest.param("segmentation", "cuda", marks=[pytest.mark.cuda, CUDA]),
+    ],
+)
+def test_prefetched_batches_are_the_sequential_ones(tmp_path: Path, task: str, device: str) -> None:
+    """Four batches through the producer (three built in its thread; on CUDA on its side stream) against four
+    built in turn from the same state: the same tensors in the same order, and the same state after them once
+    the producer closes."""
+    name, overrides = CONFIGS[task]
+    cfg = load_config(name, [*overrides, "train.prefetch=on", f"train.device={device}"])
+    trainer = Trainer(cfg, tmp_path / "run", progress=False)
     source = trainer.batches
+    assert (source._stream is not None) == (device == "cuda")
     start = source.state()
     sequential = [trainer.task.next_batch(trainer.aug_rng) for _ in range(4)]
     after = source.state()
