@@ -16,8 +16,9 @@ from test_segmentation_train import SMALL
 from test_train import TINY, assert_same_state, check_torchrun_resume
 from trustmatch.cli import main
 from trustmatch.config import load_config
+from trustmatch.core.errors import UserError
 from trustmatch.run.checkpoint import load_checkpoint
-from trustmatch.run.prefetch import THREAD_NAME, tensors
+from trustmatch.run.prefetch import THREAD_NAME, prefetch_enabled, tensors
 from trustmatch.run.trainer import Trainer
 
 CONFIGS = {
@@ -127,10 +128,15 @@ def test_an_error_in_the_producer_surfaces_in_the_trainer_with_its_traceback(tmp
     assert calls[0] == threading.main_thread().name and calls[2].startswith(THREAD_NAME)  # raised in the thread
     assert "broken_next_batch" in [frame.name for frame in traceback.extract_tb(error.value.__traceback__)]
     assert trainer.step == 2 and not _producers()
+    assert trainer.task.streams["lb_stream"].position == 2 * 8  # rewound to before the failed batch (TINY: 8)
 
 
-def test_prefetch_is_checked_and_auto_is_off_on_the_cpu(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert not _trainer("classification", tmp_path / "auto", "auto").batches.prefetch
+def test_prefetch_is_checked_and_auto_is_on_on_the_cpu(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert _trainer("classification", tmp_path / "auto", "auto").batches.prefetch
+    mps, cfg = torch.device("mps"), load_config("digits-fixmatch", ["train.prefetch=on"])
+    with pytest.raises(UserError, match="train.prefetch=on is not verified on MPS"):
+        prefetch_enabled(cfg, mps)
+    assert not prefetch_enabled(load_config("digits-fixmatch"), mps)  # auto
     assert main(["train", "digits-fixmatch", "train.prefetch=yes", "--out", str(tmp_path / "bad")]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "train.prefetch" in err and "'auto'" in err

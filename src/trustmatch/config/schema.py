@@ -162,7 +162,7 @@ class TrainConfig:
     prefetch: str = opt(
         "auto",
         "build the next batch in a background thread while the step runs (pinned memory and a side stream on "
-        "CUDA): on, off, or auto (on with CUDA; off on the CPU, where the thread competes with the step's)",
+        "CUDA): on, off, or auto (on with CUDA and the CPU, off on MPS)",
     )
 
 
