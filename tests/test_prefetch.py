@@ -82,7 +82,7 @@ def _stop_at_step_3(trainer: Trainer, signum: int) -> None:
 
     def hook(step: int, val: dict[str, float]) -> None:
         if step == 3:
-            assert trainer.batches._pending is not None  # the checkpoint was written rewound
+            assert trainer.batches.ahead  # so the checkpoint was written rewound
             os.kill(os.getpid(), signum)
 
     trainer.evaluation_hooks.append(hook)

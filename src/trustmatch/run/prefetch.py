@@ -73,6 +73,11 @@ class BatchSource:
         self._executor: ThreadPoolExecutor | None = None
         self._pending: tuple[Future[tuple[Any, Any]], dict[str, Any]] | None = None  # (batch being built, state before)
 
+    @property
+    def ahead(self) -> bool:
+        """Whether a batch is being built (or was built) ahead of its step."""
+        return self._pending is not None
+
     def state(self) -> dict[str, Any]:
         return {
             "generator": self.generator.get_state(),
