@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from test_segmentation_train import SMALL
+from test_segmentation_train import SMALL, _folder_args, _folders
 from test_train import TINY, assert_same_state, check_torchrun_resume
 from trustmatch.cli import main
 from trustmatch.config import load_config
@@ -44,15 +44,20 @@ CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
     [
         ("classification", "cpu"),
         ("segmentation", "cpu"),
+        ("files", "cpu"),
         pytest.param("classification", "cuda", marks=[pytest.mark.cuda, CUDA]),
         pytest.param("segmentation", "cuda", marks=[pytest.mark.cuda, CUDA]),
     ],
 )
 def test_prefetched_batches_are_the_sequential_ones(tmp_path: Path, task: str, device: str) -> None:
-    """Four batches through the producer (three built in its thread; on CUDA on its side stream) against four
-    built in turn from the same state: the same tensors in the same order, and the same state after them once
-    the producer closes."""
-    name, overrides = CONFIGS[task]
+    """Four batches through the producer (three built in its thread; on CUDA on its side stream; for files, read
+    and decoded in the data workers it hands them to) against four built in turn from the same state: the same
+    tensors in the same order, and the same state after them once the producer closes."""
+    if task == "files":  # JPEG / PNG folders decoded and cropped in 2 worker threads, from the producer's
+        _folders(tmp_path)
+        name, overrides = "digitscenes-unimatch", [*_folder_args(tmp_path), "data.workers=2", "train.threads=1"]
+    else:
+        name, overrides = CONFIGS[task]
     cfg = load_config(name, [*overrides, "train.prefetch=on", f"train.device={device}"])
     trainer = Trainer(cfg, tmp_path / "run", progress=False)
     source = trainer.batches
