@@ -75,6 +75,7 @@ if [[ " $SECTIONS " == *" step "* ]]; then
   if [[ $COMPILE == 1 ]]; then step compile off --compile; fi  # one compile per trainer: the base step only
   if [[ $GRAPHS == 0 ]]; then echo "=== no train.cuda_graphs in this tree: graphs not timed"
   elif [[ $DEVICE == cuda ]]; then step graphs off --compile --train cuda_graphs=true; fi
+  step prefetch off --prefetch 8  # 8 steps in a row per round without and with train.prefetch=on
 fi
 
 seg() {  # seg VARIANT EXTRA...: the Pascal UniMatch step and the release's (fp32 as released, and bf16)
@@ -87,6 +88,7 @@ if [[ " $SECTIONS " == *" seg "* ]]; then
   seg bf16-eager
   seg fp32-eager --set train.amp=false
   if [[ $COMPILE == 1 ]]; then seg bf16-compile --compile; fi
+  seg bf16-prefetch --prefetch 4  # the file pipeline built in the producer thread during the step
 fi
 
 echo "gpu.sh: done in $SECONDS s; JSON in $OUT"

@@ -6,6 +6,7 @@
         --models deeplabv3plus_r101 deeplabv3plus_r101_deepstem          # smp's R101 beside UniMatch's network
     python benchmarks/seg_step_time.py --shape pascal --methods unimatch --crop 97 --batch 2 \
         --peer unimatch unimatch-bf16 --tag peer-unimatch                  # the release's step beside
+    python benchmarks/seg_step_time.py --shape digitscenes --methods unimatch --prefetch 4 --tag prefetch
 
 Shapes: ``digitscenes`` (the shipped digitscenes-<method> config: segnet_small, 8 + 8 at 64 px) and
 ``pascal`` (UniMatch's Pascal step: DeepLabV3+ R101, 8 labeled + 8 unlabeled at crop 321, read from
@@ -21,7 +22,8 @@ peak resident memory, so compare networks' memory from runs with one ``--models`
 runs the UniMatch release's Pascal iteration (``../shared/peers/unimatch/unimatch_step.py``: its
 DeepLabV3+ R101, its losses and SGD, synthetic batch on the device: model only) at the same crop and
 batch in this process, one step per round after the project's (``peers.py``); each row gets the
-per-round ratio release step / project step.
+per-round ratio release step / project step. ``--prefetch N`` also times N consecutive steps per round without
+and with ``train.prefetch=on`` (a second trainer per method), as ``step_time.py --prefetch`` does.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ import torch
 from PIL import Image
 
 from peers import InterleavedPeer, peer_args, peer_summaries
-from step_time import machine, print_peers, side_by_side, time_ms, write_json
+from step_time import consecutive_ms, machine, prefetch_gain, print_peers, side_by_side, time_ms, write_json
 from trustmatch.config import load_config
 from trustmatch.run.trainer import Trainer
 
@@ -64,7 +66,9 @@ def _write_pascal_like_folder(root: Path, images: int = 64) -> None:
     (root / "train" / "classes.txt").write_text("".join(f"c{k}\n" for k in range(21)))
 
 
-def build_trainer(method: str, model: str | None, args: argparse.Namespace, tmp: Path) -> Trainer:
+def build_trainer(
+    method: str, model: str | None, args: argparse.Namespace, tmp: Path, prefetch: str = "auto"
+) -> Trainer:
     if args.shape == "digitscenes":
         config, extra = f"digitscenes-{method}", []
     else:
@@ -76,8 +80,8 @@ def build_trainer(method: str, model: str | None, args: argparse.Namespace, tmp:
     overrides += [f"model.name={model}"] if model else []
     overrides += [f"data.crop_size={args.crop}"] if args.crop else []
     overrides += [f"train.batch_size={args.batch}"] if args.batch else []
-    overrides += args.set
-    return Trainer(load_config(config, overrides), tmp / f"run-{method}-{model}", progress=False)
+    overrides += [*args.set, f"train.prefetch={prefetch}"]
+    return Trainer(load_config(config, overrides), tmp / f"run-{method}-{model}-{prefetch}", progress=False)
 
 
 def _folder_args(root: Path) -> list[str]:
@@ -109,6 +113,7 @@ def main() -> int:
     p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="more config overrides")
     p.add_argument("--peer", nargs="+", default=[], choices=["unimatch", "unimatch-bf16"], help="Pascal shape only")
     p.add_argument("--peers-dir", type=Path, default=None, help="the peer bundles (default: ../shared/peers)")
+    p.add_argument("--prefetch", type=int, default=0, metavar="N", help="time N consecutive steps, prefetch off/on")
     p.add_argument("--tag", default="")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = p.parse_args()
@@ -117,10 +122,14 @@ def main() -> int:
 
     with tempfile.TemporaryDirectory() as tmp:
         runs = [(method, model) for method in args.methods for model in args.models]
-        trainers = {_name(m, net): build_trainer(m, net, args, Path(tmp)) for m, net in runs}
+        base = "off" if args.prefetch else "auto"
+        trainers = {_name(m, net): build_trainer(m, net, args, Path(tmp), base) for m, net in runs}
+        prefetching = (
+            {_name(m, net): build_trainer(m, net, args, Path(tmp), "on") for m, net in runs} if args.prefetch else {}
+        )
         device = next(iter(trainers.values())).device
         batches = {m: t.next_batch() for m, t in trainers.items()}
-        times = {m: {"step": [], "model_only": [], "batch": []} for m in trainers}
+        times = {m: {"step": [], "model_only": [], "batch": [], "loop": [], "loop_prefetch": []} for m in trainers}
         first = next(iter(trainers.values()))
         shape = ["--crop", str(first.cfg.data.crop_size), "--batch", str(first.cfg.train.batch_size)]
         peers = {
@@ -139,6 +148,9 @@ def main() -> int:
                     "model_only": time_ms(lambda: trainer.optimize(batches[method]), device),  # noqa: B023
                     "batch": time_ms(trainer.next_batch, device),
                 }
+                if args.prefetch:
+                    t["loop"] = consecutive_ms(trainer, args.prefetch, device)
+                    t["loop_prefetch"] = consecutive_ms(prefetching[method], args.prefetch, device)
                 if round_ >= args.warmup:
                     for name, value in t.items():
                         times[method][name].append(value)
@@ -157,6 +169,16 @@ def main() -> int:
             row[f"{name}_ms"] = round(statistics.median(t[name]), 1)
             row[f"{name}_min_ms"] = round(min(t[name]), 1)
         row["batch_share_of_step"] = round(statistics.median(b / s for b, s in zip(t["batch"], t["step"])), 3)
+        if args.prefetch:
+            for name in ("loop", "loop_prefetch"):
+                row[f"{name}_ms"], row[f"{name}_min_ms"] = round(statistics.median(t[name]), 1), round(min(t[name]), 1)
+            row["prefetch_gain"] = prefetch_gain(t["loop"], t["loop_prefetch"])
+            print(
+                f"{method:<40} {args.prefetch} steps in a row, per step: prefetch off {row['loop_ms']:9.1f} ms "
+                f"(min {row['loop_min_ms']:.1f}) | on {row['loop_prefetch_ms']:9.1f} ms "
+                f"(min {row['loop_prefetch_min_ms']:.1f}) | off / on {row['prefetch_gain']['off_over_on']}x",
+                flush=True,
+            )
         rows.append(row)
         print(
             f"{method:<40} step {row['step_ms']:9.1f} ms (min {row['step_min_ms']:.1f}) | model only "
@@ -177,6 +199,7 @@ def main() -> int:
         "workers": args.workers,
         "compile": args.compile,
         "overrides": args.set,
+        "prefetch_steps": args.prefetch,
         "warmup": args.warmup,
         "repeats": args.repeats,
         "crop": args.crop or None,

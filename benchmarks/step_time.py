@@ -5,6 +5,7 @@
     python benchmarks/step_time.py --methods fixmatch softmatch --precisions bf16 \
         --calibratemix off faithful efficient --tag calibratemix
     python benchmarks/step_time.py --methods fixmatch --precisions bf16 --peer usb --tag peer-usb
+    python benchmarks/step_time.py --methods fixmatch --precisions bf16 --prefetch 4 --tag prefetch
 
 Shape: 64 labeled + 7 x 64 unlabeled images, 32 px, weak and strong views (960 images through the
 network per step). "with data" times the whole step: gathering indices from the in-memory uint8 set,
@@ -18,6 +19,11 @@ With ``--peer usb`` (``usb-amp``: USB's own ``--amp``, fp16 + GradScaler, CUDA o
 step (``../shared/peers/usb/fixmatch_step.py``: its WRN-28-2, SGD, scheduler and EMA update, the batch
 already on the device) runs in this process too, one step per round after the project's (``peers.py``),
 and each project row gets the per-round ratio USB step / project step.
+With ``--prefetch N``, each (method, precision) also runs as a second trainer with ``train.prefetch=on`` (the
+first gets ``off``), and every round times N consecutive steps of each, as ``fit`` runs them (with prefetch,
+batch k+1 is built in the producer thread during step k; the first batch of the N is built in turn, so the
+gain is at most (N - 1) / N of the batch's time), per step; the prefetch gain is the median of per-round
+ratios off / on.
 """
 
 from __future__ import annotations
@@ -63,7 +69,9 @@ def _synthetic(cfg: DataConfig) -> SourceData:
     )
 
 
-def _build(method: str, precision: str, mode: str, args: argparse.Namespace, root: Path) -> Trainer:
+def _build(
+    method: str, precision: str, mode: str, args: argparse.Namespace, root: Path, prefetch: str = "auto"
+) -> Trainer:
     cfg = Config(
         calibratemix=CalibrateMixConfig(mode=mode, warmup=0.0),
         seed=0,
@@ -78,11 +86,12 @@ def _build(method: str, precision: str, mode: str, args: argparse.Namespace, roo
             compile=args.compile,
             amp=PRECISIONS[precision],
             channels_last=not args.no_channels_last,
+            prefetch=prefetch,
         ),
     )
     extra = parse_overrides([f"train.{item}" for item in args.train]).get("train", {})
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **extra))
-    return Trainer(cfg, root / f"{method}-{precision}-{mode}", progress=False)
+    return Trainer(cfg, root / f"{method}-{precision}-{mode}-{prefetch}", progress=False)
 
 
 def cpu_name() -> str:
@@ -145,6 +154,26 @@ def time_ms(fn: Callable[[], object], device: torch.device) -> float:
     return (time.perf_counter() - start) * 1000
 
 
+def consecutive_ms(trainer: Trainer, steps: int, device: torch.device) -> float:
+    """Per step, ``steps`` consecutive updates as ``fit`` runs them: with ``train.prefetch`` each builds the
+    next batch ahead, in the producer thread, but the last (nothing is left building after the timing)."""
+
+    def run() -> None:
+        for i in range(steps):
+            trainer.train_step(more=i + 1 < steps)
+
+    return time_ms(run, device) / steps
+
+
+def prefetch_gain(off: list[float], on: list[float]) -> dict[str, float]:
+    """Steps without the producer over steps with it, timed in the same rounds: median of per-round
+    ratios and min over min (above 1: prefetch is faster)."""
+    return {
+        "off_over_on": round(statistics.median(a / b for a, b in zip(off, on)), 3),
+        "off_over_on_min": round(min(off) / min(on), 3),
+    }
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--methods", nargs="+", default=CLASSIFIERS, choices=CLASSIFIERS)
@@ -160,6 +189,7 @@ def main() -> int:
     p.add_argument("--train", nargs="+", default=[], metavar="KEY=VALUE", help="more train.* settings")
     p.add_argument("--peer", nargs="+", default=[], choices=["usb", "usb-amp"], help="time USB's step beside")
     p.add_argument("--peers-dir", type=Path, default=None, help="the peer bundles (default: ../shared/peers)")
+    p.add_argument("--prefetch", type=int, default=0, metavar="N", help="time N consecutive steps, prefetch off/on")
     p.add_argument("--tag", default="", help="suffix of the JSON file name (step_time-<device>[-<tag>].json)")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = p.parse_args()
@@ -170,11 +200,13 @@ def main() -> int:
 
     with tempfile.TemporaryDirectory() as tmp:
         keys = [(m, pr, c) for m in args.methods for pr in args.precisions for c in args.calibratemix]
-        trainers = {key: _build(*key, args, Path(tmp)) for key in keys}
+        base = "off" if args.prefetch else "auto"
+        trainers = {key: _build(*key, args, Path(tmp), base) for key in keys}
+        prefetching = {key: _build(*key, args, Path(tmp), "on") for key in keys} if args.prefetch else {}
         batches = {key: trainer.next_batch() for key, trainer in trainers.items()}
         device = next(iter(trainers.values())).device
         times: dict[tuple[str, str, str], dict[str, list[float]]] = {
-            k: {"with_data": [], "model_only": [], "views": []} for k in keys
+            k: {"with_data": [], "model_only": [], "views": [], "loop": [], "loop_prefetch": []} for k in keys
         }
         threads = torch.get_num_threads()
         peers = {
@@ -191,6 +223,9 @@ def main() -> int:
                     "model_only": time_ms(lambda: trainer.optimize(batches[key]), device),  # noqa: B023
                     "views": time_ms(trainer.next_batch, device),
                 }
+                if args.prefetch:
+                    t["loop"] = consecutive_ms(trainer, args.prefetch, device)
+                    t["loop_prefetch"] = consecutive_ms(prefetching[key], args.prefetch, device)
                 if round_ >= args.warmup:
                     for name, value in t.items():
                         times[key][name].append(value)
@@ -216,6 +251,17 @@ def main() -> int:
         ):
             row[label] = round(statistics.median(t[name]), 1)
             row[label.replace("_ms", "_min_ms")] = round(min(t[name]), 1)
+        if args.prefetch:
+            for name in ("loop", "loop_prefetch"):
+                row[f"{name}_ms"], row[f"{name}_min_ms"] = round(statistics.median(t[name]), 1), round(min(t[name]), 1)
+            row["prefetch_gain"] = prefetch_gain(t["loop"], t["loop_prefetch"])
+            print(
+                f"{method:<11} {precision} {mode:<9}  {args.prefetch} steps in a row, per step: prefetch off "
+                f"{row['loop_ms']:9.1f} ms (min {row['loop_min_ms']:.1f}) | on {row['loop_prefetch_ms']:9.1f} ms "
+                f"(min {row['loop_prefetch_min_ms']:.1f}) | off / on {row['prefetch_gain']['off_over_on']}x "
+                "(median of per-round ratios)",
+                flush=True,
+            )
         rows.append(row)
         print(
             f"{method:<11} {precision} {mode:<9}  with data {row['with_data_ms']:9.1f} ms"
@@ -263,11 +309,13 @@ def main() -> int:
         **machine(device),
         "compile": args.compile,
         "train_settings": args.train,
+        "prefetch_steps": args.prefetch,
         "channels_last": not args.no_channels_last,
         "strong_ops": args.strong_ops,
         "warmup": args.warmup,
         "repeats": args.repeats,
-        "order": "interleaved: each round times every (method, precision): whole step, model only, batch + views",
+        "order": "interleaved: each round times every (method, precision): whole step, model only, batch + views "
+        "(and with --prefetch, N steps in a row without then with train.prefetch=on)",
         "results": rows,
         "speedups": speedups,
         "calibratemix_cost": costs,

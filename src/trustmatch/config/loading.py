@@ -26,6 +26,7 @@ from trustmatch.config.schema import (
     NONFINITE_POLICIES,
     OPTIMIZERS,
     PIXEL_TEMPERATURES,
+    PREFETCH_MODES,
     Config,
 )
 from trustmatch.core.errors import UserError
@@ -176,6 +177,7 @@ def _validate(cfg: Config, given: set[str]) -> None:
         (cfg.train.log_every >= 1, "train.log_every", "at least 1"),
         (cfg.train.save_every >= 0, "train.save_every", "0 (only at evaluations) or more"),
         (cfg.train.nonfinite in NONFINITE_POLICIES, "train.nonfinite", " or ".join(map(repr, NONFINITE_POLICIES))),
+        (cfg.train.prefetch in PREFETCH_MODES, "train.prefetch", " or ".join(map(repr, PREFETCH_MODES))),
         (0.0 <= cfg.train.ema < 1.0, "train.ema", "in [0, 1)"),
         (cfg.train.eval_batch_size >= 1, "train.eval_batch_size", "at least 1"),
         (cfg.train.threads is None or cfg.train.threads >= 1, "train.threads", "None or at least 1"),

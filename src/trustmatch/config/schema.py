@@ -16,6 +16,7 @@ from trustmatch.methods.calibratemix import CalibrateMixConfig
 
 DEFAULT_METHOD = "fixmatch"
 NONFINITE_POLICIES = ("stop", "skip")
+PREFETCH_MODES = ("auto", "on", "off")
 PIXEL_TEMPERATURES = ("scalar", "per_class", "off")
 OPTIMIZERS = ("sgd", "adamw")
 INTERPOLATIONS = ("bilinear", "bicubic")
@@ -158,6 +159,11 @@ class TrainConfig:
         False, "CUDA: compile the step and replay it as CUDA graphs (refused where a setting keeps it from capture)"
     )
     threads: int | None = opt(None, "torch intra-op threads on CPU (None: torch's default)")
+    prefetch: str = opt(
+        "auto",
+        "build the next batch in a background thread while the step runs (pinned memory and a side stream on "
+        "CUDA): on, off, or auto (on with CUDA and the CPU, off on MPS)",
+    )
 
 
 @dataclass

@@ -197,8 +197,9 @@ def affine_thetas(op_ids: Tensor, magnitudes: Tensor, height: int, width: int) -
 
 
 def to_device(t: Tensor, device: torch.device) -> Tensor:
-    """Move small CPU parameters to ``device``; on CUDA via pinned memory, so no stream sync."""
-    if device.type != "cuda":
+    """Move CPU tensors (parameters, gathered images, labels, indices) to ``device``; on CUDA via pinned memory,
+    so no stream sync."""
+    if device.type != "cuda" or t.device.type != "cpu":
         return t.to(device)
     return t.pin_memory().to(device, non_blocking=True)
 

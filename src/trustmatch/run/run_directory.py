@@ -26,7 +26,14 @@ RUN_FILES = (
 TRAIN_LOG = "train_log.jsonl"  # one line per train.log_every: the averages TensorBoard gets, without it
 
 # what --resume may change: none of them changes the steps already taken
-RESUME_KEYS = ("train.steps", "train.eval_every", "train.log_every", "train.save_every", "train.nonfinite")
+RESUME_KEYS = (
+    "train.steps",
+    "train.eval_every",
+    "train.log_every",
+    "train.save_every",
+    "train.nonfinite",
+    "train.prefetch",
+)
 
 
 class RunDirectory:

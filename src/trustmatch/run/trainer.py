@@ -38,6 +38,7 @@ from trustmatch.run.compiled_step import check_cuda_graphs, compile_step
 from trustmatch.run.ema import ModelEMA
 from trustmatch.run.nonfinite import NonFiniteLoss, NonFinitePolicy
 from trustmatch.run.optim import build_optimizer, build_scheduler
+from trustmatch.run.prefetch import BatchSource, prefetch_enabled
 from trustmatch.run.progress import Progress
 from trustmatch.run.run_checkpoint import RunCheckpoint, whole_checkpoint
 from trustmatch.run.run_directory import RunDirectory
@@ -98,6 +99,13 @@ class Trainer:
             **{f"regularizer.{name}": r for name, r in self.task.regularizers.items()},
         }
         self.checkpoint = RunCheckpoint(self.parts, self.aug_rng, self.device, self.task.regularizers)
+        self.batches = BatchSource(
+            lambda: self.task.next_batch(self.aug_rng),
+            self.aug_rng,
+            self.task.batch_parts(),
+            self.device,
+            prefetch_enabled(cfg, self.device),
+        )
         last = self.run_dir / "last.pt"
         self.nonfinite = NonFinitePolicy(cfg.train.nonfinite, self.model, self.parts, self.task.regularizers, last)
         self.signals = StopSignals()
@@ -136,8 +144,10 @@ class Trainer:
         return meta if temperature is None else {**meta, "temperature": temperature}
 
     def _save_last(self) -> None:
-        """``last.pt``: every part, every process's RNG streams (by rank) and the run's record."""
-        self.checkpoint.save(self.run_dir / "last.pt", self._meta(), self.record.state())
+        """``last.pt``: every part, every process's RNG streams (by rank) and the run's record; the data
+        streams as before a batch built ahead (it is built again on resume)."""
+        with self.batches.rewound():
+            self.checkpoint.save(self.run_dir / "last.pt", self._meta(), self.record.state())
         self.saved_step = self.step
 
     def _restore(self, path: Path) -> None:
@@ -170,10 +180,12 @@ class Trainer:
     # ------------------------------------------------------------------ training
 
     def next_batch(self) -> Any:
-        return self.task.next_batch(self.aug_rng)
+        return self.batches.next()
 
-    def train_step(self) -> StepOutput:
-        return self.optimize(self.next_batch())
+    def train_step(self, more: bool = False) -> StepOutput:
+        """One update on the next batch; with ``train.prefetch``, ``more`` (another step follows) builds the
+        batch after it in the background meanwhile."""
+        return self.optimize(self.batches.next(more))
 
     def optimize(self, batch: Any) -> StepOutput:
         """Forward, backward and update on a prepared batch (the part the speed benchmark isolates).
@@ -244,6 +256,7 @@ class Trainer:
                     self.directory.unmake()  # (a diverged run keeps its logs)
                 raise
             finally:
+                self.batches.close()  # no thread outlives fit; a batch built ahead is dropped, its state rewound
                 progress.close()
             if self.step < t.steps:
                 self.record.elapsed = time.perf_counter() - start
@@ -260,7 +273,7 @@ class Trainer:
         sums: dict[str, torch.Tensor] = {}
         count = 0
         while self.step < end and self.signals.stopping() is None:
-            logs = self.train_step().logs  # the step's logits are not kept alive through the next step
+            logs = self.train_step(more=self.step + 1 < end).logs  # the logits are not kept through the next step
             for k, v in logs.items():  # summed on the device, read once per log interval
                 sums[k] = sums.get(k, 0.0) + v.detach().float()
             count += bool(logs)

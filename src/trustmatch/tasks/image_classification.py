@@ -15,7 +15,7 @@ from trustmatch.core import distributed as dist
 from trustmatch.core.errors import UserError
 from trustmatch.core.precision import Precision
 from trustmatch.data import load_ssl_data
-from trustmatch.data.views import Views
+from trustmatch.data.views import Views, to_device
 from trustmatch.evaluation.forward import iter_logits
 from trustmatch.evaluation.metrics import ClassificationMeter
 from trustmatch.evaluation.temperature import Temperature, fit_temperature, scale_logits
@@ -114,19 +114,20 @@ class ClassificationTask(SSLTask):
         return model
 
     def next_batch(self, generator: torch.Generator) -> Batch:
-        """Gather the next labeled (and unlabeled) batch and build its views on the device."""
+        """Gather the next labeled (and unlabeled) batch and build its views on the device (copies from pinned
+        memory on CUDA: none waits)."""
         d, dev, layout = self.data, self.device, self.precision.layout
         idx_lb = self.streams["lb_stream"].next()
-        x_lb = self.views.weak(d.labeled.images[idx_lb].to(dev, non_blocking=True), generator)
-        batch = Batch(layout(x_lb), d.labeled.labels[idx_lb].to(dev), idx_lb.to(dev))
+        x_lb = self.views.weak(to_device(d.labeled.images[idx_lb], dev), generator)
+        batch = Batch(layout(x_lb), to_device(d.labeled.labels[idx_lb], dev), to_device(idx_lb, dev))
         if self.selector is not None:
             idx_ulb = self.streams["ulb_stream"].next()
-            u = d.unlabeled.images[idx_ulb].to(dev, non_blocking=True)
+            u = to_device(d.unlabeled.images[idx_ulb], dev)
             batch.u_weak = layout(self.views.weak(u, generator))
             batch.u_strong = layout(self.views.strong(u, generator))
-            batch.idx_ulb = idx_ulb.to(dev)
+            batch.idx_ulb = to_device(idx_ulb, dev)
             if self.ulb_labels_known:
-                batch.y_ulb = d.unlabeled.labels[idx_ulb].to(dev)
+                batch.y_ulb = to_device(d.unlabeled.labels[idx_ulb], dev)
         return batch
 
     def method_step(self, model: nn.Module, batch: Batch, step: int, total_steps: int) -> StepOutput:

@@ -24,6 +24,7 @@ from trustmatch.core.labels import IGNORE
 from trustmatch.core.precision import Precision
 from trustmatch.data.seg_sets import SegmentationSet, load_segmentation_data
 from trustmatch.data.segviews import SegViews
+from trustmatch.data.views import to_device
 from trustmatch.evaluation.forward import segment
 from trustmatch.evaluation.kept_batches import KeptBatches
 from trustmatch.evaluation.metrics import SegmentationMeter
@@ -86,7 +87,7 @@ class SegmentationTask(SSLTask):
         self, dataset: SegmentationSet, stream: str, generator: torch.Generator
     ) -> tuple[Tensor, Tensor, Tensor | None]:
         crops = self.views.crops(dataset, self.streams[stream].next(), generator, self.cfg.data.workers)
-        return tuple(t if t is None else t.to(self.device, non_blocking=True) for t in crops)  # type: ignore[return-value]
+        return tuple(t if t is None else to_device(t, self.device) for t in crops)  # type: ignore[return-value]
 
     def next_batch(self, generator: torch.Generator) -> SegBatch:
         """Labeled crops; with a semi-supervised method also u's weak view, its strong views CutMixed with

@@ -110,7 +110,13 @@ class Task(ABC):
 
     @abstractmethod
     def next_batch(self, generator: torch.Generator) -> Any:
-        """The next training batch with its views, on the device; randomness from ``generator``."""
+        """The next training batch with its views, on the device; randomness from ``generator``. A pure
+        function of ``generator`` and ``batch_parts``: the trainer may call it in a background thread."""
+
+    def batch_parts(self) -> dict[str, Stateful]:
+        """The parts ``next_batch`` advances besides the generator (the index streams): what a batch built
+        ahead of its step rewinds for a checkpoint (``run/prefetch.py``)."""
+        return {}
 
     @abstractmethod
     def step(self, model: nn.Module, batch: Any, step: int, total_steps: int) -> StepOutput:
@@ -244,6 +250,9 @@ class SSLTask(Task):
             self.regularizers[CALIBRATEMIX] = CalibrateMix(
                 self.cfg.calibratemix, num_labeled, num_unlabeled, num_classes, second_pass
             )
+
+    def batch_parts(self) -> dict[str, Stateful]:
+        return dict(self.streams)
 
     def state_parts(self) -> dict[str, Stateful]:
         parts: dict[str, Stateful] = {"lb_stream": self.streams["lb_stream"]}
