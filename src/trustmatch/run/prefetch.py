@@ -4,7 +4,9 @@ A batch is a pure function of the run's augmentation generator and the task's ba
 streams, ``Task.batch_parts``). Before the producer builds batch t+1 it snapshots both, so that a
 checkpoint saved after step t (inside ``rewound``) holds the state from which t+1 is built again on
 resume: a resumed run equals an uninterrupted one, with the producer or without. Torch ops release the
-GIL, so the thread builds on the CPU while the main thread computes.
+GIL, so the thread builds on the CPU while the main thread computes. Building a batch must call no
+collective: under torchrun the producer's would interleave with the step's in another order on each
+process and hang them (the tasks' batches call none; the distributed tests' aligned views do, with it off).
 
 On CUDA the tasks copy from pinned memory without blocking, and the producer runs its device work (the
 views) on a side stream; the consumer's stream waits on an event recorded after it, and every tensor
