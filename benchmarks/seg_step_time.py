@@ -40,7 +40,7 @@ import torch
 from PIL import Image
 
 from peers import InterleavedPeer, peer_args, peer_summaries
-from step_time import consecutive_ms, machine, prefetch_gain, print_peers, side_by_side, time_ms, write_json
+from step_time import add_prefetch, consecutive_ms, machine, print_peers, side_by_side, time_ms, write_json
 from trustmatch.config import load_config
 from trustmatch.run.trainer import Trainer
 
@@ -170,15 +170,7 @@ def main() -> int:
             row[f"{name}_min_ms"] = round(min(t[name]), 1)
         row["batch_share_of_step"] = round(statistics.median(b / s for b, s in zip(t["batch"], t["step"])), 3)
         if args.prefetch:
-            for name in ("loop", "loop_prefetch"):
-                row[f"{name}_ms"], row[f"{name}_min_ms"] = round(statistics.median(t[name]), 1), round(min(t[name]), 1)
-            row["prefetch_gain"] = prefetch_gain(t["loop"], t["loop_prefetch"])
-            print(
-                f"{method:<40} {args.prefetch} steps in a row, per step: prefetch off {row['loop_ms']:9.1f} ms "
-                f"(min {row['loop_min_ms']:.1f}) | on {row['loop_prefetch_ms']:9.1f} ms "
-                f"(min {row['loop_prefetch_min_ms']:.1f}) | off / on {row['prefetch_gain']['off_over_on']}x",
-                flush=True,
-            )
+            print(f"{method:<40} {add_prefetch(row, t, args.prefetch)}", flush=True)
         rows.append(row)
         print(
             f"{method:<40} step {row['step_ms']:9.1f} ms (min {row['step_min_ms']:.1f}) | model only "

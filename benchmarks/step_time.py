@@ -174,6 +174,18 @@ def prefetch_gain(off: list[float], on: list[float]) -> dict[str, float]:
     }
 
 
+def add_prefetch(row: dict[str, object], times: dict[str, list[float]], steps: int) -> str:
+    """The ``--prefetch`` columns of a result row (per-step medians and mins, the gain), and its line."""
+    for name in ("loop", "loop_prefetch"):
+        row[f"{name}_ms"], row[f"{name}_min_ms"] = round(statistics.median(times[name]), 1), round(min(times[name]), 1)
+    row["prefetch_gain"] = gain = prefetch_gain(times["loop"], times["loop_prefetch"])
+    return (
+        f"{steps} steps in a row, per step: prefetch off {row['loop_ms']:9.1f} ms (min {row['loop_min_ms']:.1f}) "
+        f"| on {row['loop_prefetch_ms']:9.1f} ms (min {row['loop_prefetch_min_ms']:.1f}) "
+        f"| off / on {gain['off_over_on']}x (median of per-round ratios)"
+    )
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--methods", nargs="+", default=CLASSIFIERS, choices=CLASSIFIERS)
@@ -252,16 +264,7 @@ def main() -> int:
             row[label] = round(statistics.median(t[name]), 1)
             row[label.replace("_ms", "_min_ms")] = round(min(t[name]), 1)
         if args.prefetch:
-            for name in ("loop", "loop_prefetch"):
-                row[f"{name}_ms"], row[f"{name}_min_ms"] = round(statistics.median(t[name]), 1), round(min(t[name]), 1)
-            row["prefetch_gain"] = prefetch_gain(t["loop"], t["loop_prefetch"])
-            print(
-                f"{method:<11} {precision} {mode:<9}  {args.prefetch} steps in a row, per step: prefetch off "
-                f"{row['loop_ms']:9.1f} ms (min {row['loop_min_ms']:.1f}) | on {row['loop_prefetch_ms']:9.1f} ms "
-                f"(min {row['loop_prefetch_min_ms']:.1f}) | off / on {row['prefetch_gain']['off_over_on']}x "
-                "(median of per-round ratios)",
-                flush=True,
-            )
+            print(f"{method:<11} {precision} {mode:<9}  {add_prefetch(row, t, args.prefetch)}", flush=True)
         rows.append(row)
         print(
             f"{method:<11} {precision} {mode:<9}  with data {row['with_data_ms']:9.1f} ms"
