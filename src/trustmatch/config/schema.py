@@ -162,7 +162,8 @@ class TrainConfig:
     prefetch: str = opt(
         "auto",
         "build the next batch in a background thread while the step runs (pinned memory and a side stream on "
-        "CUDA): on, off, or auto (on with CUDA and the CPU, off on MPS)",
+        "CUDA, where it also holds the next batch in GPU memory): on, off, or auto (on on the CPU; off with CUDA "
+        "until measured there, and on MPS)",
     )
 
 

@@ -34,13 +34,14 @@ THREAD_NAME = "prefetch"
 
 
 def prefetch_enabled(cfg: Config, device: torch.device) -> bool:
-    """``train.prefetch``: ``auto`` is on with CUDA and on the CPU (measured on 2 cores: from no gain on the
-    WRN-28-2 step to 1.1x on small steps; README, Speed), off on MPS, where ``on`` is refused: ops from a
-    second thread are not verified there."""
+    """``train.prefetch``: ``auto`` is on on the CPU only (measured on 2 cores: from no gain on the WRN-28-2
+    step to 1.1x on small steps; README, Speed). With CUDA it is not measured yet, and it holds the next
+    batch and its views' temporaries in GPU memory beside the step's: ``on`` there until ``gpu.sh`` has timed
+    it. On MPS ``on`` is refused: ops from a second thread are not verified there."""
     mode = cfg.train.prefetch
     if mode == "on" and device.type == "mps":
         raise UserError("train.prefetch=on is not verified on MPS (ops from a second thread): set train.prefetch=off")
-    return mode == "on" or (mode == "auto" and device.type in ("cuda", "cpu"))
+    return mode == "on" or (mode == "auto" and device.type == "cpu")
 
 
 def tensors(obj: Any) -> Iterator[Tensor]:
@@ -146,11 +147,13 @@ class BatchSource:
         """Stop the thread. A batch built ahead is dropped and the state rewound to before it, so the
         generator and parts are where the consumed batches left them (a later ``next`` builds it again).
         An error in that batch is dropped with it: it was never asked for."""
-        if self._pending is not None:
-            future, before = self._pending
-            self._pending = None
-            wait([future])
-            self.load(before)
-        if self._executor is not None:
-            self._executor.shutdown(wait=True)
-            self._executor = None
+        try:
+            if self._pending is not None:  # cleared only once rewound: a second Ctrl-C here leaves it to redo
+                future, before = self._pending
+                wait([future])
+                self.load(before)
+                self._pending = None
+        finally:
+            if self._executor is not None:
+                self._executor.shutdown(wait=True)
+                self._executor = None

@@ -111,7 +111,8 @@ class Task(ABC):
     @abstractmethod
     def next_batch(self, generator: torch.Generator) -> Any:
         """The next training batch with its views, on the device; randomness from ``generator``. A pure
-        function of ``generator`` and ``batch_parts``: the trainer may call it in a background thread."""
+        function of ``generator`` and ``batch_parts``: the trainer may call it in a background thread, so it
+        calls no collective (under torchrun the producer's would interleave with the step's and hang)."""
 
     def batch_parts(self) -> dict[str, Stateful]:
         """The parts ``next_batch`` advances besides the generator (the index streams): what a batch built
