@@ -79,7 +79,7 @@ def collect_findings(
     """One pass of the final EMA ``model`` over the split ``final`` was scored on (test; validation where the
     run held test out or has none), and the data map's hardest images where the run wrote one."""
     cfg, meta = task.cfg, task.meta()
-    split = "test" if cfg.train.evaluate_test and task.has_split("test") else "val"
+    split = task.report_split
     classes = list(meta["classes"])
     segmentation = cfg.task == "segmentation"
     ignore = IGNORE if segmentation else None

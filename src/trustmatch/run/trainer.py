@@ -316,9 +316,8 @@ class Trainer:
 
     @property
     def report_split(self) -> str:
-        """The split behind `final` and `test`: the test split, or validation where a task has none or
-        ``train.evaluate_test`` is false (the test split is then never read)."""
-        return "test" if self.cfg.train.evaluate_test and self.task.has_split("test") else "val"
+        """The split behind `final` and `test` (``Task.report_split``)."""
+        return self.task.report_split
 
     def evaluate(self, split: str, temperature: Temperature | None = None) -> Evaluation:
         """The EMA model on ``split``, streamed and sharded over processes (and temperature-scaled)."""

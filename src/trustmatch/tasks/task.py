@@ -164,6 +164,12 @@ class Task(ABC):
     def has_split(self, split: str) -> bool:
         """Whether ``split`` exists and holds samples (no validation split: no ``best``)."""
 
+    @property
+    def report_split(self) -> str:
+        """The split behind `final` and `test`: the test split, or validation where the task has none or
+        ``train.evaluate_test`` is false (the test split is then never read)."""
+        return "test" if self.cfg.train.evaluate_test and self.has_split("test") else "val"
+
     @abstractmethod
     def split_sizes(self) -> dict[str, int]:
         """Samples per split, recorded in metrics.json."""
